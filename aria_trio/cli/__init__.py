@@ -1,0 +1,136 @@
+"""The `aria` command: `aria serve` runs the runtime; the other verbs talk to it over its socket."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import trio
+
+from .. import __version__
+from ..config import RUNTIME_SETTINGS, ConfigError, Setting, default_config_path, resolve
+from ..rpc import Channel, RpcError
+
+T = TypeVar("T")
+
+
+class Context:
+    """What the group's options give the client verbs."""
+
+    def __init__(self, socket: str | None, as_json: bool, timeout: float) -> None:
+        self._socket = socket
+        self.as_json = as_json
+        self.timeout = timeout
+
+    @property
+    def socket(self) -> str:
+        if self._socket:
+            return self._socket
+        try:
+            return str(resolve([RUNTIME_SETTINGS[0]], {}, config_path=default_config_path())["socket"])
+        except ConfigError as exc:
+            raise click.ClickException(str(exc)) from None
+
+    def run(self, fn: Callable[[Channel], Awaitable[T]]) -> T:
+        """Connect, run fn(channel), and turn an RPC error into a message and an exit status."""
+
+        async def main() -> T:
+            async with Channel.connect(self.socket) as channel:
+                return await fn(channel)
+
+        try:
+            return trio.run(main)
+        except RpcError as exc:
+            info = exc.error_info()
+            request_id = info.metadata.get("request_id") if info is not None else None
+            where = f", request id {request_id}" if request_id else ""
+            click.echo(f"error: {exc.message} ({exc.code.name}{where})", err=True)
+            sys.exit(1)
+
+    def output(self, value: Any, text: str | None = None) -> None:
+        if self.as_json or text is None:
+            click.echo(json.dumps(value, indent=None if self.as_json else 2, sort_keys=True))
+        else:
+            click.echo(text)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="aria")
+@click.option(
+    "--socket",
+    metavar="PATH",
+    envvar="ARIA_RUNTIME_SOCK",
+    help="The runtime's socket [env ARIA_RUNTIME_SOCK; default ~/.aria/runtime.sock].",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds to wait for an answer.")
+@click.pass_context
+def main(ctx: click.Context, socket: str | None, as_json: bool, timeout: float) -> None:
+    """Aria: a local runtime for AI agents, served over gRPC on a Unix socket."""
+    ctx.obj = Context(socket, as_json, timeout)
+
+
+def _settings_options(settings: tuple[Setting, ...]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A click option per setting, its help naming the environment variable and config key."""
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        for s in reversed(settings):
+            default = s.default()
+            kind: Any = click.Choice(s.choices) if s.choices else None
+            fn = click.option(
+                s.flag,
+                s.name,
+                type=kind,
+                default=None,
+                metavar=s.name.upper() if not s.choices else None,
+                help=f"{s.help} [env {s.env}; config {s.name}; default {default}]",
+            )(fn)
+        return fn
+
+    return decorate
+
+
+@main.command()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Settings file [env ARIA_CONFIG; default ~/.aria/config.toml]. Flags beat environment beats file.",
+)
+@_settings_options(RUNTIME_SETTINGS)
+@click.pass_context
+def serve(ctx: click.Context, /, config_path: Path | None, **flags: Any) -> None:
+    """Run the runtime daemon in the foreground until SIGTERM or SIGINT.
+
+    Serves aria.v1 (and the legacy aria.* names), grpc.health.v1 and server reflection on a Unix
+    socket. Tells systemd when it is ready ($NOTIFY_SOCKET). At SIGTERM/SIGINT it stops taking
+    calls, gives in-flight ones --grace seconds, ends streams with UNAVAILABLE, removes its
+    socket and exits 0; a second signal cuts the grace short.
+    """
+    from .. import logs
+    from ..daemon import StartupError
+    from ..daemon import serve as serve_daemon
+
+    if flags.get("socket") is None and ctx.obj._socket:
+        flags["socket"] = ctx.obj._socket  # `aria --socket X serve`
+    try:
+        settings = resolve(RUNTIME_SETTINGS, flags, config_path=config_path or default_config_path())
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    logs.setup(settings["log_level"], settings["log_format"])
+    try:
+        trio.run(serve_daemon, settings)
+    except StartupError as exc:
+        click.echo(f"aria serve: {exc}", err=True)
+        sys.exit(1)
+    except PermissionError as exc:
+        click.echo(f"aria serve: {exc.strerror}: {exc.filename}", err=True)
+        sys.exit(1)
+
+
+from . import client  # noqa: E402,F401  (registers the client verbs)

@@ -1,0 +1,132 @@
+"""Client verbs: `aria health`, `aria prefs ...`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+from google.protobuf import json_format, struct_pb2
+from grpc_health.v1 import health_pb2
+
+from ..proto.aria.v1 import user_preference_pb2 as prefs_pb
+from ..rpc import Channel
+from . import Context, main
+
+PREFS = "/aria.v1.UserPreferenceService/"
+
+
+@main.command()
+@click.pass_obj
+def health(obj: Context) -> None:
+    """Ask the runtime whether it is serving (exit 0 if so, 1 if not)."""
+
+    async def ask(channel: Channel) -> health_pb2.HealthListResponse:
+        return await channel.unary(
+            "/grpc.health.v1.Health/List",
+            health_pb2.HealthListRequest(),
+            health_pb2.HealthListResponse,
+            timeout=obj.timeout,
+        )
+
+    answer = obj.run(ask)
+    statuses = {
+        name: health_pb2.HealthCheckResponse.ServingStatus.Name(s.status) for name, s in answer.statuses.items()
+    }
+    overall = statuses.get("", "UNKNOWN")
+    text = "\n".join([overall] + [f"  {name}: {status}" for name, status in sorted(statuses.items()) if name])
+    obj.output({"status": overall, "services": {k: v for k, v in statuses.items() if k}}, text)
+    sys.exit(0 if overall == "SERVING" else 1)
+
+
+@main.group()
+def prefs() -> None:
+    """Read and change your preferences (llm.model, llm.temperature, llm.base_url, ...)."""
+
+
+def _as_dict(message: prefs_pb.UserPreferences) -> dict[str, Any]:
+    return json_format.MessageToDict(message.preferences)
+
+
+def _number_or_value(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+@prefs.command("get")
+@click.argument("key", required=False)
+@click.pass_obj
+def prefs_get(obj: Context, key: str | None) -> None:
+    """Print all preferences, or the value of KEY."""
+
+    async def get(channel: Channel) -> prefs_pb.UserPreferences:
+        return await channel.unary(
+            PREFS + "GetUserPreferences",
+            prefs_pb.GetUserPreferencesRequest(),
+            prefs_pb.UserPreferences,
+            timeout=obj.timeout,
+        )
+
+    values = {k: _number_or_value(v) for k, v in _as_dict(obj.run(get)).items()}
+    if key is None:
+        obj.output(
+            values, "\n".join(f"{k} = {json.dumps(v)}" for k, v in sorted(values.items())) or "(no preferences set)"
+        )
+    elif key in values:
+        value = values[key]
+        obj.output(value, value if isinstance(value, str) else json.dumps(value))
+    else:
+        click.echo(f"error: {key} is not set", err=True)
+        sys.exit(1)
+
+
+def _update(obj: Context, updates: dict[str, Any]) -> None:
+    async def update(channel: Channel) -> prefs_pb.UserPreferences:
+        struct = struct_pb2.Struct()
+        struct.update(updates)
+        return await channel.unary(
+            PREFS + "UpdateUserPreferences",
+            prefs_pb.UpdateUserPreferencesRequest(updates=struct),
+            prefs_pb.UserPreferences,
+            timeout=obj.timeout,
+        )
+
+    values = {k: _number_or_value(v) for k, v in _as_dict(obj.run(update)).items()}
+    key = next(iter(updates))
+    if key in values:
+        obj.output(values, f"{key} = {json.dumps(values[key])}")
+    else:
+        obj.output(values, f"{key} removed")
+
+
+@prefs.command("set")
+@click.argument("key")
+@click.argument("value")
+@click.option("--string", "as_string", is_flag=True, help="Store VALUE as a string even if it reads as JSON.")
+@click.pass_obj
+def prefs_set(obj: Context, key: str, value: str, as_string: bool) -> None:
+    """Set KEY to VALUE. VALUE is read as JSON when it is JSON (0.7, true, {"a": 1}), else as text.
+
+    \b
+    Examples:
+      aria prefs set llm.model llama3.1
+      aria prefs set llm.temperature 0.2
+      aria prefs set llm.base_url http://127.0.0.1:11434/v1
+    """
+    parsed: Any = value
+    if not as_string:
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = value
+    if parsed is None:
+        raise click.UsageError("null removes a key: use `aria prefs unset KEY`")
+    _update(obj, {key: parsed})
+
+
+@prefs.command("unset")
+@click.argument("key")
+@click.pass_obj
+def prefs_unset(obj: Context, key: str) -> None:
+    """Remove KEY."""
+    _update(obj, {key: None})

@@ -1,0 +1,166 @@
+"""Settings of the daemons: defaults, then ~/.aria/config.toml, then ARIA_* variables, then flags.
+
+Each setting is declared once (name, type, default, environment variable, help); the CLI builds
+its flags and its --help from these declarations, so every setting is documented where it is set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+MiB = 1024 * 1024
+
+
+def aria_home() -> Path:
+    return Path(os.path.expanduser("~")) / ".aria"
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    name: str  # config.toml key and --flag (underscores become dashes)
+    type: Callable[[str], Any]
+    default: Callable[[], Any]
+    env: str
+    help: str
+    choices: Sequence[str] = ()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+class ConfigError(Exception):
+    """A setting has a value we cannot use; the message names the setting and where it came from."""
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise ValueError("must not be negative")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError("must be positive")
+    return value
+
+
+def _path(text: str) -> Path:
+    return Path(os.path.expanduser(str(text)))
+
+
+RUNTIME_SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "socket",
+        _path,
+        lambda: aria_home() / "runtime.sock",
+        "ARIA_RUNTIME_SOCK",
+        "Unix socket to serve on (mode 0600, folder 0700).",
+    ),
+    Setting("data_dir", _path, aria_home, "ARIA_DATA_DIR", "Folder of the runtime's database (runtime.db)."),
+    Setting("grace", _positive_float, lambda: 10.0, "ARIA_GRACE", "Seconds in-flight calls get to finish at shutdown."),
+    Setting(
+        "log_level",
+        str,
+        lambda: "info",
+        "ARIA_LOG_LEVEL",
+        "Least severe log level written.",
+        ("debug", "info", "warning", "error"),
+    ),
+    Setting(
+        "log_format",
+        str,
+        lambda: "auto",
+        "ARIA_LOG_FORMAT",
+        "json (one object a line), console, or auto (console on a terminal).",
+        ("auto", "json", "console"),
+    ),
+    Setting(
+        "max_message_bytes",
+        _positive_int,
+        lambda: 4 * MiB,
+        "ARIA_MAX_MESSAGE_BYTES",
+        "Largest gRPC message taken or sent.",
+    ),
+    Setting(
+        "max_concurrent_streams",
+        _positive_int,
+        lambda: 128,
+        "ARIA_MAX_CONCURRENT_STREAMS",
+        "Calls one connection may have open at once.",
+    ),
+    Setting(
+        "max_connections",
+        _positive_int,
+        lambda: 256,
+        "ARIA_MAX_CONNECTIONS",
+        "Client connections served at once; more wait to be accepted.",
+    ),
+)
+
+
+def default_config_path() -> Path:
+    return Path(os.environ["ARIA_CONFIG"]) if os.environ.get("ARIA_CONFIG") else aria_home() / "config.toml"
+
+
+def load_file(path: Path, section: str | None = None) -> dict[str, Any]:
+    """The settings of config.toml: top-level keys, or the keys of [section] when given."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        return {}
+    except (tomllib.TOMLDecodeError, OSError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+    if section is not None:
+        table = data.get(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: [{section}] must be a table")
+        return table
+    return {k: v for k, v in data.items() if not isinstance(v, dict)}
+
+
+def resolve(
+    settings: Sequence[Setting],
+    flags: Mapping[str, Any],
+    *,
+    config_path: Path,
+    section: str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """One value per setting: a flag if given, else the environment, else the file, else the default."""
+    environ = os.environ if environ is None else environ
+    file_values = load_file(config_path, section)
+    known = {s.name for s in settings}
+    unknown = sorted(set(file_values) - known)
+    if unknown:
+        raise ConfigError(
+            f"{config_path}: unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
+            f"(known: {', '.join(sorted(known))})"
+        )
+    out: dict[str, Any] = {}
+    for s in settings:
+        if flags.get(s.name) is not None:
+            raw, origin = flags[s.name], s.flag
+        elif environ.get(s.env):
+            raw, origin = environ[s.env], f"${s.env}"
+        elif s.name in file_values:
+            raw, origin = file_values[s.name], f"{s.name} in {config_path}"
+        else:
+            out[s.name] = s.default()
+            continue
+        try:
+            value = s.type(str(raw))
+        except ValueError as exc:
+            raise ConfigError(f"{origin}: {raw!r} is not a valid {s.name.replace('_', ' ')} ({exc})") from None
+        if s.choices and value not in s.choices:
+            raise ConfigError(f"{origin}: {raw!r} is not one of {', '.join(s.choices)}")
+        out[s.name] = value
+    return out

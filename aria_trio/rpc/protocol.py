@@ -1,0 +1,263 @@
+"""purerpc's sans-io gRPC protocol engine, made safe for a long-running daemon.
+
+purerpc 0.8.0 splits into a protocol layer (`grpclib.connection.GRPCConnection`: HTTP/2 through
+h2, gRPC framing, headers) and an anyio socket layer (`GRPCSocket`, `ConnectionHandler`). We keep
+the protocol layer and drive it from our own Trio loops (server.py, client.py), so none of the
+socket layer's defects (see research/purerpc.md) apply. The subclasses here fix the protocol
+layer's remaining ones without monkeypatching:
+
+* a peer's RST_STREAM becomes a `StreamReset` event (purerpc drops it);
+* an oversized, badly compressed or undecodable message fails only its own call
+  (`StreamFailed`) instead of killing the connection, and its flow-control credit is returned;
+* DATA for a call we already finished is acknowledged and dropped instead of raising KeyError;
+* gzip is decoded as gzip (purerpc used zlib framing), and decompressed size is capped;
+* malformed request headers fail only that stream (`BadRequestHeaders`);
+* the connection window is a bound we choose, not purerpc's fixed 1 GiB;
+* the client keeps `grpc-status-details-bin` (purerpc drops every grpc-* trailer).
+
+These touch purerpc internals, so the exact versions are pinned and checked here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from typing import Any
+
+import h2
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import hpack.table
+import purerpc
+from purerpc.grpclib.buffers import MessageReadBuffer
+from purerpc.grpclib.config import GRPCConfiguration
+from purerpc.grpclib.connection import GRPCConnection
+from purerpc.grpclib.events import MessageReceived, RequestReceived, ResponseEnded, ResponseReceived
+from purerpc.grpclib.exceptions import MessageTooLargeError, ProtocolError, UnsupportedMessageEncodingError
+from purerpc.grpclib.headers import HeaderDict, b64decode
+from purerpc.grpclib.status import StatusCode
+
+if purerpc.__version__ != "0.8.0" or not h2.__version__.startswith("3."):
+    raise ImportError(
+        f"aria_trio.rpc is written against purerpc 0.8.0 and h2 3.x internals; found purerpc "
+        f"{purerpc.__version__} and h2 {h2.__version__} (reinstall with the pinned versions)"
+    )
+
+# Encodings a request may use. Responses are never compressed.
+ACCEPT_ENCODING = "identity,deflate,gzip"
+SUPPORTED_ENCODINGS = frozenset({None, "identity", "deflate", "gzip"})
+
+
+@dataclasses.dataclass
+class StreamReset:
+    """The peer sent RST_STREAM: it no longer wants the call."""
+
+    stream_id: int
+    error_code: int
+
+
+@dataclasses.dataclass
+class StreamFailed:
+    """A message of this stream could not be read; only this call fails."""
+
+    stream_id: int
+    code: StatusCode
+    message: str
+
+
+@dataclasses.dataclass
+class BadRequestHeaders:
+    """The request headers are not a valid gRPC request; only this stream is refused."""
+
+    stream_id: int
+    reason: str
+
+
+class _MessageReadBuffer(MessageReadBuffer):  # type: ignore[misc]
+    def decompress(self, data: bytes) -> bytes:
+        encoding = self._message_encoding
+        if encoding not in ("gzip", "deflate"):
+            raise UnsupportedMessageEncodingError(f"unsupported message encoding: {encoding}")
+        # gzip is RFC 1952 (wbits=31); "deflate" in gRPC is the zlib format (wbits=15).
+        d = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+        limit = self._max_message_length
+        out = d.decompress(data, limit + 1)
+        if len(out) > limit or d.unconsumed_tail:
+            raise MessageTooLargeError(f"decompressed message larger than the maximum of {limit} bytes")
+        return out
+
+
+def _read_failure(exc: Exception) -> tuple[StatusCode, str]:
+    if isinstance(exc, MessageTooLargeError):
+        return StatusCode.RESOURCE_EXHAUSTED, str(exc).replace("Received message", "message")
+    if isinstance(exc, UnsupportedMessageEncodingError):
+        return StatusCode.UNIMPLEMENTED, str(exc)
+    return StatusCode.INTERNAL, "could not decompress the request message"
+
+
+class _IndexedHeaderTable(hpack.table.HeaderTable):  # type: ignore[misc]
+    """hpack 3 (the series h2 3 needs) finds a header by scanning all 61 static entries, for
+    every header of every message: about half of a unary call's CPU. Same answers, from dicts."""
+
+    _STATIC_EXACT: dict[tuple[bytes, bytes], int] = {}
+    _STATIC_NAME: dict[bytes, int] = {}
+    for _i, (_n, _v) in enumerate(hpack.table.HeaderTable.STATIC_TABLE, start=1):
+        _STATIC_EXACT.setdefault((_n, _v), _i)
+        _STATIC_NAME.setdefault(_n, _i)
+    del _i, _n, _v
+
+    def search(self, name: bytes, value: bytes) -> tuple[int, bytes, bytes | None] | None:
+        index = self._STATIC_EXACT.get((name, value))
+        if index is not None:
+            return index, name, value
+        index = self._STATIC_NAME.get(name)
+        partial = None if index is None else (index, name, None)
+        offset = hpack.table.HeaderTable.STATIC_TABLE_LENGTH + 1
+        for i, (n, v) in enumerate(self.dynamic_entries):
+            if n == name:
+                if v == value:
+                    return i + offset, n, v
+                if partial is None:
+                    partial = (i + offset, n, None)
+        return partial
+
+
+class _GracefulH2Connection(h2.connection.H2Connection):  # type: ignore[misc]
+    """Two fixes to h2 3.x's reading of the peer's frames (h2 4 is not supported by purerpc)."""
+
+    def _receive_window_update_frame(self, frame: Any) -> Any:
+        # RFC 9113 6.9: a WINDOW_UPDATE may arrive for a stream that is already closed, and must
+        # not be treated as an error. h2 3.x raises once it has forgotten the stream, which
+        # killed the connection as soon as calls overlapped.
+        try:
+            return super()._receive_window_update_frame(frame)
+        except h2.exceptions.StreamClosedError:
+            return [], []
+
+    def _receive_goaway_frame(self, frame: Any) -> Any:
+        # h2 3.x treats any GOAWAY it receives as the end: it closes its state machine and throws
+        # away our queued frames, so calls still in flight cannot finish. A GOAWAY with NO_ERROR
+        # only means "no new streams": report it and let both sides finish what they started.
+        if frame.error_code != 0:
+            return super()._receive_goaway_frame(frame)
+        event = h2.events.ConnectionTerminated()
+        event.error_code = h2.errors.ErrorCodes.NO_ERROR
+        event.last_stream_id = frame.last_stream_id
+        event.additional_data = frame.additional_data or None
+        return [], [event]
+
+
+@dataclasses.dataclass
+class GoAway:
+    """The peer will take no stream above `last_stream_id`."""
+
+    last_stream_id: int
+    error_code: int
+
+
+class _Connection(GRPCConnection):  # type: ignore[misc]
+    """Behaviour shared by both ends."""
+
+    def __init__(self, config: GRPCConfiguration, *, max_concurrent_streams: int, connection_window: int):
+        # purerpc reads MAX_CONCURRENT_STREAMS from the class while building its settings.
+        self.MAX_CONCURRENT_STREAMS = max_concurrent_streams
+        self._connection_window = connection_window
+        super().__init__(config)
+        self.h2_connection = _GracefulH2Connection(
+            h2.config.H2Configuration(
+                client_side=config.client_side,
+                header_encoding="utf-8",
+                # The headers we send are built here, lower-case and well-formed (custom metadata
+                # passes purerpc's sanitize_headers); checking them again costs a sixth of a call.
+                validate_outbound_headers=False,
+                normalize_outbound_headers=False,
+            )
+        )
+        self.h2_connection.encoder.header_table = _IndexedHeaderTable()
+        self.h2_connection.clear_outbound_data_buffer()
+        self._set_h2_connection_local_settings()
+
+    def _connection_terminated(self, event: h2.events.ConnectionTerminated) -> list[Any]:
+        return [GoAway(event.last_stream_id or 0, int(event.error_code or 0))]
+
+    def initiate_connection(self) -> None:
+        self.h2_connection.initiate_connection()
+        # h2's default connection window is 64 KiB; the per-stream windows are 2x the largest
+        # message. Credit comes back only as handlers consume messages, so this bounds what one
+        # connection can make us buffer in all.
+        extra = self._connection_window - self.h2_connection.inbound_flow_control_window
+        if extra > 0:
+            self.h2_connection.increment_flow_control_window(extra)
+
+    def _stream_reset(self, event: h2.events.StreamReset) -> list[Any]:
+        self.message_read_buffers.pop(event.stream_id, None)
+        return [StreamReset(event.stream_id, int(event.error_code or 0))]
+
+    def _data_received(self, event: h2.events.DataReceived) -> list[Any]:
+        sid = event.stream_id
+        buffer = self.message_read_buffers.get(sid)
+        if buffer is None:
+            # The call is already finished here: drop the data but return its credit.
+            self.h2_connection.acknowledge_received_data(event.flow_controlled_length, sid)
+            return []
+        try:
+            buffer.data_received(event.data, event.flow_controlled_length)
+            messages = buffer.read_all_complete_messages_flowcontrol()
+        except (ProtocolError, zlib.error) as exc:
+            del self.message_read_buffers[sid]
+            self.h2_connection.acknowledge_received_data(event.flow_controlled_length, sid)
+            return [StreamFailed(sid, *_read_failure(exc))]
+        return [MessageReceived(sid, data, length) for data, length in messages]
+
+
+class ServerConnection(_Connection):
+    def _request_received(self, event: h2.events.RequestReceived) -> list[Any]:
+        try:
+            if event.stream_ended:
+                raise ProtocolError("request ended before any message was sent")
+            request = RequestReceived.parse_from_stream_id_and_headers_destructive(
+                event.stream_id, HeaderDict(event.headers)
+            )
+        except (ProtocolError, KeyError, ValueError) as exc:
+            return [BadRequestHeaders(event.stream_id, str(exc) or type(exc).__name__)]
+        self.message_read_buffers[event.stream_id] = _MessageReadBuffer(
+            request.message_encoding, self.config.max_message_length
+        )
+        return [request]
+
+
+class ClientConnection(_Connection):
+    def _response_received(self, event: h2.events.ResponseReceived) -> list[Any]:
+        headers = HeaderDict(event.headers)
+        details = headers.pop("grpc-status-details-bin", None)
+        try:
+            received = ResponseReceived.parse_from_stream_id_and_headers_destructive(event.stream_id, headers)
+            if not event.stream_ended:
+                self.message_read_buffers[event.stream_id] = _MessageReadBuffer(
+                    received.message_encoding, self.config.max_message_length
+                )
+                return [received]
+            # Trailers-Only: the status and the custom trailers came in the one HEADERS frame.
+            ended = ResponseEnded.parse_from_stream_id_and_headers_destructive(event.stream_id, headers)
+        except (ProtocolError, KeyError, ValueError) as exc:
+            return [StreamFailed(event.stream_id, StatusCode.INTERNAL, f"malformed response headers: {exc}")]
+        ended.custom_metadata = received.custom_metadata + ended.custom_metadata
+        ended.status_details_bin = _details(details)
+        return [received, ended]
+
+    def _trailers_received(self, event: h2.events.TrailersReceived) -> list[Any]:
+        headers = HeaderDict(event.headers)
+        details = headers.pop("grpc-status-details-bin", None)
+        try:
+            ended = ResponseEnded.parse_from_stream_id_and_headers_destructive(event.stream_id, headers)
+        except (ProtocolError, KeyError, ValueError) as exc:
+            return [StreamFailed(event.stream_id, StatusCode.INTERNAL, f"malformed response trailers: {exc}")]
+        ended.status_details_bin = _details(details)
+        return [ended]
+
+
+def _details(raw: Any) -> bytes | None:
+    return b64decode(raw) if isinstance(raw, str) else None

@@ -1,0 +1,728 @@
+"""A gRPC server on a Unix socket: purerpc's protocol engine driven by Trio.
+
+One task reads the socket and feeds the protocol engine, one task writes whatever the engine has
+to send, and every call runs in its own task inside the connection's nursery, under its own
+cancel scope. That scope is how a call ends early: the client's deadline (DEADLINE_EXCEEDED), the
+client's RST_STREAM or disconnect (nothing to send), a message that could not be read (its own
+status), or shutdown (UNAVAILABLE). Whatever ends a call, its unread messages are acknowledged so
+the connection's flow-control credit comes back.
+
+Bounds, and what happens at each:
+* message size (`max_message_length`, 4 MiB): a larger request fails that call with
+  RESOURCE_EXHAUSTED; a larger response fails it with RESOURCE_EXHAUSTED too.
+* concurrent streams per connection (`max_concurrent_streams`): advertised in SETTINGS; clients
+  queue further calls (a peer that ignores the setting gets a connection error from h2).
+* connections (`max_connections`): further clients wait in the listen backlog until one closes.
+* buffered request bytes: per stream, the HTTP/2 window (2x the largest message); per connection,
+  `connection_window`. A client sending faster than its handler reads simply waits for credit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import math
+import os
+import socket
+import stat
+import struct
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+import h2.errors
+import h2.exceptions
+import structlog
+import trio
+from google.protobuf import message as pb_message
+from google.protobuf.descriptor import ServiceDescriptor
+from hyperframe.frame import GoAwayFrame
+from purerpc.grpclib.config import GRPCConfiguration
+from purerpc.grpclib.events import MessageReceived, RequestEnded, RequestReceived, WindowUpdated
+from purerpc.grpclib.exceptions import ProtocolError as PurerpcProtocolError
+from purerpc.grpclib.headers import sanitize_headers
+
+from .. import errors
+from .context import CallContext, PeerCred
+from .protocol import (
+    ACCEPT_ENCODING,
+    SUPPORTED_ENCODINGS,
+    BadRequestHeaders,
+    ServerConnection,
+    StreamFailed,
+    StreamReset,
+)
+from .status import RpcError, StatusCode, b64, encode_message, from_exception, status_details
+
+log = structlog.get_logger("aria.rpc")
+
+RECEIVE_SIZE = 256 * 1024
+MiB = 1024 * 1024
+
+Authenticate = Callable[[CallContext], Awaitable[None]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    path: str
+    request_type: Any
+    response_type: Any
+    client_streaming: bool
+    server_streaming: bool
+    # impl.Method(request_or_requests, ctx) -> response | async iterator of responses.
+    # None: the service is known but this method is not built yet (UNIMPLEMENTED, said plainly).
+    handler: Callable[..., Any] | None
+    authenticated: bool
+
+
+def methods_of(
+    descriptor: ServiceDescriptor,
+    impl: object,
+    *,
+    service_name: str | None = None,
+    authenticated: bool = True,
+    message_classes: Callable[[Any], Any] | None = None,
+) -> list[Method]:
+    """The methods of a service from its descriptor; `impl` provides those it implements.
+
+    A method `impl` inherits from a purerpc-generated Servicer base (which only raises
+    NotImplementedError) counts as not implemented."""
+    from google.protobuf import message_factory
+
+    get_class = message_classes or message_factory.GetMessageClass
+    name = service_name or descriptor.full_name
+    out = []
+    for m in descriptor.methods:
+        fn = getattr(impl, m.name, None)
+        if fn is not None and _is_generated_stub(type(impl), m.name):
+            fn = None
+        out.append(
+            Method(
+                path=f"/{name}/{m.name}",
+                request_type=get_class(m.input_type),
+                response_type=get_class(m.output_type),
+                client_streaming=m.client_streaming,
+                server_streaming=m.server_streaming,
+                handler=fn,
+                authenticated=authenticated,
+            )
+        )
+    return out
+
+
+def _is_generated_stub(cls: type, name: str) -> bool:
+    for klass in cls.__mro__:
+        if name in vars(klass):
+            return klass.__module__.endswith("_grpc")
+    return False
+
+
+def peer_credentials(sock: Any) -> PeerCred | None:
+    try:
+        if sock.family != socket.AF_UNIX:
+            return None
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return PeerCred(*struct.unpack("3i", raw))
+    except OSError:
+        return None
+
+
+class Server:
+    def __init__(
+        self,
+        *,
+        max_message_length: int = 4 * MiB,
+        max_concurrent_streams: int = 128,
+        max_connections: int = 256,
+        connection_window: int = 64 * MiB,
+        error_domain: str = "aria.v1",
+        authenticate: Authenticate | None = None,
+    ) -> None:
+        self.max_message_length = max_message_length
+        self.max_concurrent_streams = max_concurrent_streams
+        self.max_connections = max_connections
+        self.connection_window = max(connection_window, 2 * max_message_length + 5)
+        self.error_domain = error_domain
+        self.authenticate = authenticate
+        self.methods: dict[str, Method] = {}
+        self.path: str | None = None
+        self._connections: set[_Connection] = set()
+        self._listener: trio.SocketListener | None = None
+        self._accept_scope = trio.CancelScope()
+        self._shutting_down = False
+        self._active_calls = 0
+        self._idle = trio.Event()
+        self.stats = {"connections": 0, "calls": 0, "internal_errors": 0}
+
+    # -- registration -----------------------------------------------------------------------------
+
+    def add_methods(self, methods: Iterable[Method]) -> None:
+        for m in methods:
+            if m.path in self.methods:
+                raise ValueError(f"{m.path} registered twice")
+            self.methods[m.path] = m
+
+    def add_service(
+        self, descriptor: ServiceDescriptor, impl: object, *, aliases: Iterable[str] = (), authenticated: bool = True
+    ) -> None:
+        """Serve `impl` as `descriptor.full_name` and under each alias (e.g. a legacy package)."""
+        for name in (descriptor.full_name, *aliases):
+            self.add_methods(methods_of(descriptor, impl, service_name=name, authenticated=authenticated))
+
+    @property
+    def service_names(self) -> list[str]:
+        return sorted({path.split("/")[1] for path in self.methods})
+
+    # -- listening --------------------------------------------------------------------------------
+
+    async def serve(self, path: str, *, mode: int = 0o600, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen on `path` until shutdown() (or cancellation); the socket file goes with us."""
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            _unlink_socket(path)  # the caller made sure no live server owns it
+            await sock.bind(path)
+            os.chmod(path, mode)
+            sock.listen(min(socket.SOMAXCONN, 1024))
+        except BaseException:
+            sock.close()
+            raise
+        identity = os.stat(path)
+        self.path = path
+        self._listener = trio.SocketListener(sock)
+        slots = trio.Semaphore(self.max_connections)
+        try:
+            async with trio.open_nursery() as nursery:
+                with self._accept_scope:
+                    task_status.started()
+                    while True:
+                        await slots.acquire()  # at the cap, new clients wait in the backlog
+                        try:
+                            stream = await self._listener.accept()
+                        except trio.ClosedResourceError:
+                            slots.release()
+                            break
+                        except OSError as exc:  # EMFILE and friends: back off, keep serving
+                            slots.release()
+                            log.warning("accept failed", error=os.strerror(exc.errno or 0))
+                            await trio.sleep(0.1)
+                            continue
+                        nursery.start_soon(self._serve_connection, stream, slots)
+                await self._close_listener(identity)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._close_listener(identity)
+
+    async def _close_listener(self, identity: os.stat_result | None = None) -> None:
+        if self._listener is not None:
+            await self._listener.aclose()
+        if self.path is not None and identity is not None:
+            try:
+                st = os.stat(self.path)
+                if (st.st_ino, st.st_dev) == (identity.st_ino, identity.st_dev):
+                    os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+    async def _serve_connection(self, stream: trio.SocketStream, slots: trio.Semaphore) -> None:
+        self.stats["connections"] += 1
+        conn = _Connection(self, stream)
+        self._connections.add(conn)
+        try:
+            await conn.run()
+        finally:
+            self._connections.discard(conn)
+            slots.release()
+
+    # -- shutdown ---------------------------------------------------------------------------------
+
+    async def shutdown(self, grace: float = 10.0) -> None:
+        """Stop accepting, let unary and client-streaming calls finish within `grace` seconds,
+        end server streams at once, then everything left, with UNAVAILABLE; close connections."""
+        self._shutting_down = True
+        self._accept_scope.cancel()
+        if self._listener is not None:
+            await self._listener.aclose()  # new clients: connection refused from now on
+        for conn in list(self._connections):
+            conn.goaway()
+            conn.abort_calls(StatusCode.UNAVAILABLE, "server shutting down", streams_only=True)
+        with trio.move_on_after(grace):
+            await self._wait_idle()
+        for conn in list(self._connections):
+            conn.abort_calls(StatusCode.UNAVAILABLE, "server shutting down")
+        with trio.move_on_after(1.0):
+            await self._wait_idle()
+        for conn in list(self._connections):
+            conn.close()
+
+    async def _wait_idle(self) -> None:
+        if self._active_calls:
+            await self._idle.wait()
+
+    def _call_started(self) -> None:
+        self._active_calls += 1
+        self.stats["calls"] += 1
+
+    def _call_ended(self) -> None:
+        self._active_calls -= 1
+        if self._active_calls == 0 and self._shutting_down:
+            self._idle.set()
+
+
+def _unlink_socket(path: str) -> None:
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+        else:
+            raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+    except FileNotFoundError:
+        pass
+
+
+_END = object()  # end of the client's messages
+
+
+class _Connection:
+    def __init__(self, server: Server, stream: trio.SocketStream) -> None:
+        self.server = server
+        self.stream = stream
+        self.peer = peer_credentials(stream.socket)
+        config = GRPCConfiguration(client_side=False, max_message_length=server.max_message_length)
+        self.proto = ServerConnection(
+            config,
+            max_concurrent_streams=server.max_concurrent_streams,
+            connection_window=server.connection_window,
+        )
+        self.h2 = self.proto.h2_connection
+        self.calls: dict[int, _Call] = {}
+        self._fd = stream.socket.fileno()
+        self._backlog = b""  # bytes the socket did not take yet; only the writer sends them
+        self._writer_busy = False
+        self._wake = trio.Event()
+        self._closing = False
+        self._goaway_last: int | None = None
+        self._nursery: trio.Nursery | None = None
+
+    def kick(self) -> None:
+        """Wake the writer: the protocol engine has bytes to send."""
+        self._wake.set()
+
+    def flush(self) -> None:
+        """Send what the protocol engine has now, from this task, if the socket takes it.
+
+        Saves the writer task a wake-up per call (a scheduler round on the critical path). Bytes
+        the socket does not take at once, or any while the writer is busy, go through the writer,
+        so the order on the wire is kept."""
+        if self._writer_busy or self._backlog or self._closing:
+            self.kick()
+            return
+        data = self.proto.data_to_send()
+        if not data:
+            return
+        try:
+            sent = os.write(self._fd, data)  # the socket is non-blocking (trio made it so)
+        except OSError:  # full (EAGAIN) or broken: the writer waits, or finds out and closes
+            sent = 0
+        if sent < len(data):
+            self._backlog = data[sent:]
+            self.kick()
+
+    async def run(self) -> None:
+        self.proto.initiate_connection()
+        if self.server._shutting_down:
+            self.goaway()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._write_loop)
+                await self._read_loop()
+                # The peer is gone (or broke the protocol): no call can answer any more.
+                nursery.cancel_scope.cancel()
+        except Exception:
+            log.warning("connection ended with an error", exc_info=True)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.stream.aclose()
+
+    async def _read_loop(self) -> None:
+        while True:
+            try:
+                data = await self.stream.receive_some(RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            if not data:
+                return
+            try:
+                events = self.proto.receive_data(data)
+            except (h2.exceptions.ProtocolError, PurerpcProtocolError) as exc:
+                # h2 has queued a GOAWAY; let the writer send it, then close.
+                log.info("connection closed: HTTP/2 protocol error from peer", error=repr(exc), exc_info=True)
+                self.close()
+                return
+            for event in events:
+                self._dispatch(event)
+            self.flush()
+
+    async def _write_loop(self) -> None:
+        try:
+            while True:
+                self._wake = trio.Event()
+                data = self._backlog + self.proto.data_to_send()
+                self._backlog = b""
+                if data:
+                    self._writer_busy = True
+                    await self.stream.send_all(data)
+                    self._writer_busy = False
+                elif self._closing:
+                    break
+                else:
+                    await self._wake.wait()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the peer went away
+        assert self._nursery is not None
+        self._nursery.cancel_scope.cancel()
+
+    def _dispatch(self, event: Any) -> None:
+        kind = type(event)
+        if kind is MessageReceived or kind is RequestEnded:
+            call = self.calls.get(event.stream_id)
+            if call is not None:
+                call.put(event if kind is MessageReceived else _END)
+            elif kind is MessageReceived:
+                self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+        elif kind is RequestReceived:
+            self._start_call(event)
+        elif kind is WindowUpdated:
+            if event.stream_id == 0:
+                for call in self.calls.values():
+                    call.window_opened()
+            elif (call := self.calls.get(event.stream_id)) is not None:
+                call.window_opened()
+        elif kind is StreamReset:
+            if (call := self.calls.get(event.stream_id)) is not None:
+                call.reset_by_peer()
+        elif kind is StreamFailed:
+            if (call := self.calls.get(event.stream_id)) is not None:
+                call.abort(event.code, event.message)
+        elif kind is BadRequestHeaders:
+            log.info("refused a malformed request", stream_id=event.stream_id, reason=event.reason)
+            self._reset(event.stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+
+    def _reset(self, stream_id: int, code: h2.errors.ErrorCodes) -> None:
+        try:
+            self.h2.reset_stream(stream_id, code)
+        except h2.exceptions.StreamClosedError:
+            pass
+        self.proto.message_read_buffers.pop(stream_id, None)
+
+    def _start_call(self, event: RequestReceived) -> None:
+        if self._goaway_last is not None and event.stream_id > self._goaway_last:
+            self._reset(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)  # clients retry these
+            return
+        assert self._nursery is not None
+        call = _Call(self, event)
+        self.calls[event.stream_id] = call
+        self.server._call_started()
+        self._nursery.start_soon(call.run)
+
+    def goaway(self) -> None:
+        """Tell the client no new calls will be taken; calls already started go on.
+
+        h2 3.x's close_connection() moves its state machine to CLOSED, after which every frame of
+        the in-flight calls is a protocol error, so the frame is queued directly instead."""
+        if self._goaway_last is not None:
+            return
+        self._goaway_last = self.h2.highest_inbound_stream_id
+        frame = GoAwayFrame(stream_id=0, last_stream_id=self._goaway_last, error_code=0)
+        self.h2._data_to_send += frame.serialize()
+        self.kick()
+
+    def abort_calls(self, code: StatusCode, message: str, *, streams_only: bool = False) -> None:
+        for call in list(self.calls.values()):
+            if not streams_only or (call.method is not None and call.method.server_streaming):
+                call.abort(code, message)
+
+    def close(self) -> None:
+        """Send what is queued, then close the connection."""
+        self._closing = True
+        self.kick()
+
+
+class _Call:
+    __slots__ = (
+        "_aborted",
+        "_headers_sent",
+        "_inbox",
+        "_remote_closed",
+        "_reset",
+        "_waiter",
+        "_window",
+        "conn",
+        "ctx",
+        "event",
+        "method",
+        "scope",
+        "sid",
+    )
+
+    def __init__(self, conn: _Connection, event: RequestReceived) -> None:
+        self.conn = conn
+        self.sid = event.stream_id
+        self.event = event
+        path = f"/{event.service_name}/{event.method_name}"
+        self.method = conn.server.methods.get(path)
+        deadline = math.inf
+        if event.timeout is not None:
+            deadline = trio.current_time() + event.timeout.total_seconds()
+        self.scope = trio.CancelScope(deadline=deadline)
+        self.ctx = CallContext(path, event.custom_metadata, conn.peer, deadline)
+        self._inbox: deque[Any] = deque()
+        self._waiter: trio.Event | None = None
+        self._window: trio.Event | None = None
+        self._headers_sent = False
+        self._remote_closed = False
+        self._reset = False
+        self._aborted: tuple[StatusCode, str] | None = None
+
+    # -- events from the reader --------------------------------------------------------------------
+
+    def put(self, item: Any) -> None:
+        # Unbounded deque, bounded in bytes by the stream's flow-control window: a client cannot
+        # send more until the handler consumes (and we acknowledge) what is here.
+        if item is _END:
+            self._remote_closed = True
+        self._inbox.append(item)
+        if self._waiter is not None:
+            self._waiter.set()
+
+    def window_opened(self) -> None:
+        if self._window is not None:
+            self._window.set()
+
+    def reset_by_peer(self) -> None:
+        self._reset = True
+        self._remote_closed = True
+        self.scope.cancel()
+
+    def abort(self, code: StatusCode, message: str) -> None:
+        if self._aborted is None:
+            self._aborted = (code, message)
+        self.scope.cancel()
+
+    # -- the handler's side ------------------------------------------------------------------------
+
+    async def receive(self) -> Any:
+        """The next request message, or None after the client's last one."""
+        while not self._inbox:
+            self._waiter = trio.Event()
+            await self._waiter.wait()
+            self._waiter = None
+        item = self._inbox[0]
+        if item is _END:
+            return None
+        self._inbox.popleft()
+        self.conn.h2.acknowledge_received_data(item.flow_controlled_length, self.sid)
+        self.conn.kick()
+        try:
+            return self.method.request_type.FromString(item.data)  # type: ignore[union-attr]
+        except pb_message.DecodeError:
+            name = self.method.request_type.DESCRIPTOR.full_name  # type: ignore[union-attr]
+            raise RpcError(
+                StatusCode.INVALID_ARGUMENT,
+                f"the request is not a valid {name} message",
+                reason="MALFORMED_REQUEST",
+                fields={"request": f"not a valid {name}"},
+            ) from None
+
+    async def requests(self) -> Any:
+        while (msg := await self.receive()) is not None:
+            yield msg
+
+    async def send(self, msg: Any, *, last: bool = False) -> None:
+        """Queue one response message; waits only for flow-control credit. `last`: the status
+        follows at once, so skip the checkpoint that lets the writer send this message alone."""
+        data = msg.SerializeToString()
+        if len(data) > self.conn.server.max_message_length:
+            raise RpcError(
+                StatusCode.RESOURCE_EXHAUSTED,
+                f"the response is larger than the maximum message size ({self.conn.server.max_message_length} bytes)",
+            )
+        if not self._headers_sent:
+            self._send_headers()
+        payload = memoryview(struct.pack(">?I", False, len(data)) + data)
+        proto = self.conn.proto
+        while payload:
+            window = proto.flow_control_window(self.sid)
+            if window <= 0:
+                self._window = trio.Event()
+                await self._window.wait()
+                self._window = None
+                continue
+            chunk, payload = payload[:window], payload[window:]
+            self.conn.h2.send_data(self.sid, bytes(chunk))
+            self.conn.kick()
+        if not last:
+            await trio.lowlevel.checkpoint()
+
+    def _send_headers(self) -> None:
+        self._headers_sent = True
+        headers = [
+            (":status", "200"),
+            ("content-type", "application/grpc+proto"),
+            ("grpc-accept-encoding", ACCEPT_ENCODING),
+        ]
+        headers.extend(sanitize_headers(self.ctx.initial_metadata))
+        self.conn.h2.send_headers(self.sid, headers)
+
+    def _send_status(
+        self, code: StatusCode, message: str, reason: str, fields: dict[str, str], metadata: dict[str, str]
+    ) -> None:
+        if self._headers_sent:
+            headers = []
+        else:
+            headers = [(":status", "200"), ("content-type", "application/grpc+proto")]
+            headers.extend(sanitize_headers(self.ctx.initial_metadata))
+        headers.append(("grpc-status", str(code.value)))
+        if message:
+            headers.append(("grpc-message", encode_message(message)))
+        if code is not StatusCode.OK:
+            if code is StatusCode.UNIMPLEMENTED:
+                headers.append(("grpc-accept-encoding", ACCEPT_ENCODING))
+            details = status_details(
+                code,
+                message,
+                domain=self.conn.server.error_domain,
+                reason=reason,
+                metadata={**metadata, "request_id": self.ctx.request_id},
+                fields=fields,
+            )
+            headers.append(("grpc-status-details-bin", b64(details)))
+        headers.append(("x-request-id", self.ctx.request_id))
+        headers.extend(sanitize_headers(self.ctx.trailing_metadata))
+        h2c = self.conn.h2
+        try:
+            h2c.send_headers(self.sid, headers, end_stream=True)
+            if not self._remote_closed:
+                # We are done before the client is (e.g. a failed upload): tell it to stop.
+                h2c.reset_stream(self.sid, h2.errors.ErrorCodes.NO_ERROR)
+        except h2.exceptions.StreamClosedError:
+            pass  # the client already reset the stream
+        self.conn.flush()
+
+    # -- the call's task ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        server = self.conn.server
+        started = trio.current_time()
+        code, message, reason = StatusCode.CANCELLED, "", "CANCELLED"  # unless we get further
+        fields: dict[str, str] = {}
+        metadata: dict[str, str] = {}
+        try:
+            with self.scope:
+                try:
+                    await self._invoke()
+                    code, reason = StatusCode.OK, "OK"
+                except Exception as exc:
+                    err = _to_rpc_error(_single(exc), self)
+                    code, message, reason = err.code, err.message, err.reason
+                    fields, metadata = err.fields, err.metadata
+            if self.scope.cancelled_caught:
+                if self._reset:
+                    code, message, reason = StatusCode.CANCELLED, "cancelled by the client", "CANCELLED"
+                elif self._aborted is not None:
+                    code, message = self._aborted
+                    reason = code.name
+                else:
+                    code, message, reason = StatusCode.DEADLINE_EXCEEDED, "deadline exceeded", "DEADLINE_EXCEEDED"
+            if not self._reset:
+                self._send_status(code, message, reason, fields, metadata)
+        finally:
+            self._close()
+            server._call_ended()
+            identity = self.ctx.identity
+            log.info(
+                "rpc",
+                method=self.ctx.method,
+                code=code.name,
+                duration_ms=round((trio.current_time() - started) * 1000, 3),
+                request_id=self.ctx.request_id,
+                peer_uid=self.conn.peer.uid if self.conn.peer else None,
+                user=identity.user if identity else None,
+            )
+
+    async def _invoke(self) -> None:
+        method = self.method
+        if method is None:
+            raise RpcError(StatusCode.UNIMPLEMENTED, f"unknown method {self.ctx.method}", reason="UNKNOWN_METHOD")
+        if method.handler is None:
+            raise RpcError(
+                StatusCode.UNIMPLEMENTED,
+                f"{self.ctx.method} is part of the API but not implemented by this server yet",
+                reason="NOT_IMPLEMENTED_YET",
+            )
+        if self.event.message_encoding not in SUPPORTED_ENCODINGS:
+            raise RpcError(
+                StatusCode.UNIMPLEMENTED,
+                f"unsupported message encoding {self.event.message_encoding!r}; this server accepts {ACCEPT_ENCODING}",
+                reason="UNSUPPORTED_ENCODING",
+            )
+        server = self.conn.server
+        if method.authenticated and server.authenticate is not None:
+            await server.authenticate(self.ctx)
+        if method.client_streaming:
+            request: Any = self.requests()
+        else:
+            request = await self.receive()
+            if request is None:
+                raise RpcError(
+                    StatusCode.INVALID_ARGUMENT, "the request message is missing", reason="MALFORMED_REQUEST"
+                )
+            if await self.receive() is not None:  # like grpc-core: the whole request, then the handler
+                raise RpcError(
+                    StatusCode.INVALID_ARGUMENT,
+                    "more than one request message for a unary method",
+                    reason="MALFORMED_REQUEST",
+                )
+        try:
+            if method.server_streaming:
+                responses = method.handler(request, self.ctx)
+                try:
+                    async for response in responses:
+                        await self.send(response)
+                finally:
+                    await responses.aclose()
+            else:
+                await self.send(await method.handler(request, self.ctx), last=True)
+        finally:
+            if method.client_streaming:
+                await request.aclose()
+
+    def _close(self) -> None:
+        """Forget the stream and give back the credit of every message nobody read."""
+        conn = self.conn
+        conn.calls.pop(self.sid, None)
+        conn.proto.message_read_buffers.pop(self.sid, None)
+        unread = sum(item.flow_controlled_length for item in self._inbox if item is not _END)
+        self._inbox.clear()
+        if unread:
+            conn.h2.acknowledge_received_data(unread, self.sid)
+            conn.kick()
+
+
+def _single(exc: BaseException) -> BaseException:
+    """The one error inside (nested) single-member exception groups, else the group."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _to_rpc_error(exc: BaseException, call: _Call) -> RpcError:
+    if isinstance(exc, RpcError):
+        return exc
+    if isinstance(exc, errors.AriaError):
+        return from_exception(exc)
+    if isinstance(exc, h2.exceptions.StreamClosedError):
+        call._reset = True  # the client is gone; there is nobody to answer
+        return RpcError(StatusCode.CANCELLED, "client went away")
+    call.conn.server.stats["internal_errors"] += 1
+    log.error("handler failed", method=call.ctx.method, request_id=call.ctx.request_id, exc_info=exc)
+    return RpcError(StatusCode.INTERNAL, f"internal error (request id {call.ctx.request_id})", reason="INTERNAL")

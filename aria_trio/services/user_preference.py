@@ -1,0 +1,30 @@
+"""aria.v1.UserPreferenceService: the caller's own preferences."""
+
+from __future__ import annotations
+
+from google.protobuf import json_format, struct_pb2
+
+from ..preferences import Preferences, masked
+from ..proto.aria.v1 import user_preference_grpc
+from ..proto.aria.v1 import user_preference_pb2 as pb
+from ..rpc import CallContext
+
+
+def _response(prefs: dict[str, object]) -> pb.UserPreferences:
+    struct = struct_pb2.Struct()
+    struct.update(masked(prefs))
+    return pb.UserPreferences(preferences=struct)
+
+
+class UserPreferenceService(user_preference_grpc.UserPreferenceServiceServicer):  # type: ignore[misc]
+    def __init__(self, preferences: Preferences) -> None:
+        self.preferences = preferences
+
+    async def GetUserPreferences(self, request: pb.GetUserPreferencesRequest, ctx: CallContext) -> pb.UserPreferences:
+        return _response(await self.preferences.get(ctx.user))
+
+    async def UpdateUserPreferences(
+        self, request: pb.UpdateUserPreferencesRequest, ctx: CallContext
+    ) -> pb.UserPreferences:
+        updates = json_format.MessageToDict(request.updates)  # null values come back as None
+        return _response(await self.preferences.update(ctx.user, updates))

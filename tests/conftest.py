@@ -1,0 +1,149 @@
+"""Fixtures: the Probe service in-process, and the real daemon as a subprocess on a real socket."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import structlog
+
+from aria_trio import logs
+from aria_trio.rpc import Server
+
+from probe import Probe, make_server
+
+logs.setup("debug", "json")
+
+
+@pytest.fixture
+def sock_dir() -> Iterator[Path]:
+    """A short folder for sockets (AF_UNIX paths are limited to 107 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="aria-t-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@dataclasses.dataclass
+class RunningProbe:
+    probe: Probe
+    server: Server
+    path: str
+
+
+@pytest.fixture
+async def probe_server(nursery: Any, sock_dir: Path) -> RunningProbe:
+    probe = Probe()
+    server = make_server(probe)
+    path = str(sock_dir / "probe.sock")
+    await nursery.start(server.serve, path)
+    return RunningProbe(probe, server, path)
+
+
+@pytest.fixture
+def captured_logs() -> Iterator[list[dict[str, Any]]]:
+    with structlog.testing.capture_logs() as captured:
+        yield captured
+
+
+# -- the real daemon -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Daemon:
+    proc: subprocess.Popen[bytes]
+    socket: Path
+    data_dir: Path
+    log_path: Path
+
+    def channel(self, **options: Any) -> grpc.Channel:
+        return grpc.insecure_channel("unix:" + str(self.socket), options=list(options.items()))
+
+    def logs(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log_path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                out.append({"event": "non-json", "line": line})
+        return out
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+
+def start_daemon(folder: Path, *args: str, env: dict[str, str] | None = None, wait: bool = True) -> Daemon:
+    socket = folder / "run" / "runtime.sock"
+    data_dir = folder / "data"
+    log_path = folder / f"daemon-{time.monotonic_ns()}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "aria_trio",
+                "serve",
+                "--socket",
+                str(socket),
+                "--data-dir",
+                str(data_dir),
+                "--log-format",
+                "json",
+                "--log-level",
+                "debug",
+                *args,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            env={**os.environ, "HOME": str(folder), **(env or {})},
+        )
+    daemon = Daemon(proc, socket, data_dir, log_path)
+    if wait:
+        wait_ready(daemon)
+    return daemon
+
+
+def wait_ready(daemon: Daemon, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if daemon.proc.poll() is not None:
+            raise RuntimeError(f"daemon exited with {daemon.proc.returncode}:\n{daemon.log_path.read_text()}")
+        if any(entry.get("event") == "serving" for entry in daemon.logs()):
+            return
+        time.sleep(0.02)
+    daemon.stop(signal.SIGKILL)
+    raise RuntimeError(f"daemon not ready after {timeout}s:\n{daemon.log_path.read_text()}")
+
+
+@pytest.fixture
+def daemon(sock_dir: Path) -> Iterator[Daemon]:
+    d = start_daemon(sock_dir)
+    yield d
+    d.stop()
+
+
+@pytest.fixture
+def daemon_factory(sock_dir: Path) -> Iterator[Any]:
+    started: list[Daemon] = []
+
+    def start(*args: str, **kwargs: Any) -> Daemon:
+        d = start_daemon(sock_dir, *args, **kwargs)
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        d.stop(signal.SIGKILL)

@@ -1,0 +1,98 @@
+"""The SQLite store: WAL, foreign keys, recorded migrations, every table later issues need."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+
+import pytest
+
+from aria_trio.store import Store
+from aria_trio.store.db import migrate
+from aria_trio.store.migrations import MIGRATIONS
+
+TABLES = {
+    "sessions",
+    "messages",
+    "tasks",
+    "task_status_history",
+    "task_output",
+    "containers",
+    "notifications",
+    "notification_sequences",
+    "tool_executions",
+    "bundles",
+    "agents",
+    "tools",
+    "user_preferences",
+    "api_keys",
+    "audit_log",
+    "schema_migrations",
+}
+
+
+async def test_wal_foreign_keys_and_migrations(tmp_path):
+    store = await Store.open(tmp_path / "s.db")
+    try:
+
+        def facts(db):
+            return (
+                db.execute("PRAGMA journal_mode").fetchone()[0],
+                db.execute("PRAGMA foreign_keys").fetchone()[0],
+                set(db.table_names()),
+                [tuple(r) for r in db.execute("SELECT version, name FROM schema_migrations ORDER BY version")],
+                {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")},
+            )
+
+        mode, fks, tables, applied, indexes = await store.run(facts)
+        assert mode == "wal" and fks == 1
+        assert TABLES <= tables
+        assert applied == [(v, n) for v, n, _ in MIGRATIONS]
+        assert {
+            "tasks_by_user",
+            "tasks_by_session",
+            "tasks_by_status",
+            "sessions_by_user",
+            "audit_log_by_actor",
+        } <= indexes
+        assert await store.run(migrate) == []  # applying again changes nothing
+    finally:
+        await store.close()
+
+
+async def test_foreign_keys_are_enforced(tmp_path):
+    store = await Store.open(tmp_path / "f.db")
+    try:
+
+        def orphan(db):
+            db.execute("INSERT INTO messages (id, session_id, seq, role, created_at) VALUES ('m', 'nope', 1, 2, 0)")
+
+        with pytest.raises(sqlite3.IntegrityError):
+            await store.run(orphan)
+    finally:
+        await store.close()
+
+
+async def test_store_calls_never_run_on_the_event_loop_thread(tmp_path):
+    store = await Store.open(tmp_path / "t.db")
+    try:
+        loop_thread = threading.get_ident()
+        seen = await store.run(lambda db: threading.get_ident())
+        assert seen != loop_thread
+    finally:
+        await store.close()
+
+
+async def test_reopening_keeps_data_and_schema(tmp_path):
+    store = await Store.open(tmp_path / "r.db")
+    await store.run(
+        lambda db: db.execute(
+            "INSERT INTO user_preferences (user_id, preferences_json, updated_at) VALUES ('u', '{}', 1)"
+        )
+    )
+    await store.close()
+    again = await Store.open(tmp_path / "r.db")
+    try:
+        assert await again.run(lambda db: db.execute("SELECT count(*) FROM user_preferences").fetchone()[0]) == 1
+    finally:
+        await again.close()
