@@ -344,10 +344,18 @@ class _Connection:
                 await self.stream.aclose()
 
     async def _read_loop(self) -> None:
+        # Reads the non-blocking socket directly and waits for readability only when it is empty:
+        # the same as SocketStream.receive_some, without its layers, on the path of every call.
+        fd = self._fd
+        busy = 0  # batches read without waiting: a peer that never pauses must not starve the rest
         while True:
             try:
-                data = await self.stream.receive_some(RECEIVE_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = os.read(fd, RECEIVE_SIZE)
+            except BlockingIOError:
+                busy = 0
+                await trio.lowlevel.wait_readable(fd)
+                continue
+            except OSError:  # ECONNRESET and friends: the peer is gone
                 return
             if not data:
                 return
@@ -355,12 +363,16 @@ class _Connection:
                 events = self.proto.receive_data(data)
             except (h2.exceptions.ProtocolError, PurerpcProtocolError) as exc:
                 # h2 has queued a GOAWAY; let the writer send it, then close.
-                log.info("connection closed: HTTP/2 protocol error from peer", error=repr(exc), exc_info=True)
+                log.info("connection closed: HTTP/2 protocol error from peer", error=repr(exc))
                 self.close()
                 return
             for event in events:
                 self._dispatch(event)
             self.flush()
+            busy += 1
+            if busy >= 4:
+                busy = 0
+                await trio.lowlevel.checkpoint()
 
     async def _write_loop(self) -> None:
         try:
@@ -521,7 +533,8 @@ class _Call:
             return None
         self._inbox.popleft()
         self.conn.h2.acknowledge_received_data(item.flow_controlled_length, self.sid)
-        self.conn.kick()
+        if self.conn.h2._data_to_send:  # credit is sent back in batches (half a window)
+            self.conn.kick()
         try:
             return self.method.request_type.FromString(item.data)  # type: ignore[union-attr]
         except pb_message.DecodeError:
@@ -565,12 +578,9 @@ class _Call:
 
     def _send_headers(self) -> None:
         self._headers_sent = True
-        headers = [
-            (":status", "200"),
-            ("content-type", "application/grpc+proto"),
-            ("grpc-accept-encoding", ACCEPT_ENCODING),
-        ]
-        headers.extend(sanitize_headers(self.ctx.initial_metadata))
+        headers = [(":status", "200"), ("content-type", "application/grpc+proto")]
+        if self.ctx.initial_metadata:
+            headers.extend(sanitize_headers(self.ctx.initial_metadata))
         self.conn.h2.send_headers(self.sid, headers)
 
     def _send_status(
@@ -580,7 +590,8 @@ class _Call:
             headers = []
         else:
             headers = [(":status", "200"), ("content-type", "application/grpc+proto")]
-            headers.extend(sanitize_headers(self.ctx.initial_metadata))
+            if self.ctx.initial_metadata:
+                headers.extend(sanitize_headers(self.ctx.initial_metadata))
         headers.append(("grpc-status", str(code.value)))
         if message:
             headers.append(("grpc-message", encode_message(message)))
@@ -597,7 +608,8 @@ class _Call:
             )
             headers.append(("grpc-status-details-bin", b64(details)))
         headers.append(("x-request-id", self.ctx.request_id))
-        headers.extend(sanitize_headers(self.ctx.trailing_metadata))
+        if self.ctx.trailing_metadata:
+            headers.extend(sanitize_headers(self.ctx.trailing_metadata))
         h2c = self.conn.h2
         try:
             h2c.send_headers(self.sid, headers, end_stream=True)
