@@ -35,7 +35,7 @@ from .harness import BenchError, ServerProcess, progress, run_load, run_script, 
 DURATION_S = 4.0
 WARMUP_CALLS = 300
 CONCURRENCY = 32
-ROUNDS = 2
+ROUNDS = 3
 MODES = ("sequential", "concurrent")
 SERVERS = ("aria", "grpcio")
 SEED = {"llm.model": "llama3.1", "llm.temperature": 0.2, "llm.api_key": "sk-test-0123456789abcdef", "ui.theme": "dark"}

@@ -36,6 +36,7 @@ import structlog
 import trio
 from google.protobuf import message as pb_message
 from google.protobuf.descriptor import ServiceDescriptor
+from hpack import NeverIndexedHeaderTuple
 from hyperframe.frame import GoAwayFrame
 from purerpc.grpclib.config import GRPCConfiguration
 from purerpc.grpclib.events import MessageReceived, RequestEnded, RequestReceived, WindowUpdated
@@ -566,14 +567,15 @@ class _Call:
         while payload:
             window = proto.flow_control_window(self.sid)
             if window <= 0:
+                self.conn.kick()  # what is queued must reach the client before it grants more
                 self._window = trio.Event()
                 await self._window.wait()
                 self._window = None
                 continue
             chunk, payload = payload[:window], payload[window:]
             self.conn.h2.send_data(self.sid, bytes(chunk))
-            self.conn.kick()
         if not last:
+            self.conn.kick()
             await trio.lowlevel.checkpoint()
 
     def _send_headers(self) -> None:
@@ -594,7 +596,7 @@ class _Call:
                 headers.extend(sanitize_headers(self.ctx.initial_metadata))
         headers.append(("grpc-status", str(code.value)))
         if message:
-            headers.append(("grpc-message", encode_message(message)))
+            headers.append(NeverIndexedHeaderTuple("grpc-message", encode_message(message)))
         if code is not StatusCode.OK:
             if code is StatusCode.UNIMPLEMENTED:
                 headers.append(("grpc-accept-encoding", ACCEPT_ENCODING))
@@ -606,8 +608,10 @@ class _Call:
                 metadata={**metadata, "request_id": self.ctx.request_id},
                 fields=fields,
             )
-            headers.append(("grpc-status-details-bin", b64(details)))
-        headers.append(("x-request-id", self.ctx.request_id))
+            headers.append(NeverIndexedHeaderTuple("grpc-status-details-bin", b64(details)))
+        # Values that differ on every call stay out of the HPACK table, or they would evict the
+        # ones that repeat (and make every lookup scan the whole table).
+        headers.append(NeverIndexedHeaderTuple("x-request-id", self.ctx.request_id))
         if self.ctx.trailing_metadata:
             headers.extend(sanitize_headers(self.ctx.trailing_metadata))
         h2c = self.conn.h2
