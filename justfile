@@ -11,15 +11,15 @@ default:
 
 # Run the runtime daemon in the foreground (flags: aria serve --help).
 serve *args:
-    aria serve "$@"
+    @aria serve "$@"
 
 # Run the test suite (arguments go to pytest).
 test *args:
-    pytest "$@"
+    @pytest "$@"
 
 # Run the benchmarks; results in bench/results/ (arguments: benchmark names).
 bench *args:
-    python -m bench "$@"
+    @python -m bench "$@"
 
 # Regenerate the protobuf and purerpc code from proto/ into aria_trio/proto/.
 proto:

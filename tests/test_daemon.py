@@ -35,7 +35,10 @@ def test_socket_and_folder_are_private(daemon):
     assert stat.S_IMODE(os.stat(daemon.socket).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(daemon.socket.parent).st_mode) == 0o700
     assert stat.S_ISSOCK(os.stat(daemon.socket).st_mode)
-    assert stat.S_IMODE(os.stat(daemon.data_dir / "runtime.db").st_mode) == 0o600
+    with daemon.channel() as ch:
+        get_prefs(ch)  # the WAL and its index exist once the database is used
+    for path in daemon.data_dir.iterdir():
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, path
 
 
 def test_stale_socket_file_is_replaced(sock_dir):

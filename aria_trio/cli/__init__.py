@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -123,6 +124,7 @@ def serve(ctx: click.Context, /, config_path: Path | None, **flags: Any) -> None
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     logs.setup(settings["log_level"], settings["log_format"])
+    os.umask(0o077)  # the database holds API keys: every file the daemon makes is its user's alone
     try:
         trio.run(serve_daemon, settings)
     except StartupError as exc:
