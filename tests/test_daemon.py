@@ -106,7 +106,8 @@ def test_signal_stops_streams_with_unavailable_and_exits_zero(sock_dir, sig):
     assert d.stop(sig) == 0
     watcher.join(10)
     assert time.monotonic() - started < 5  # streams do not hold shutdown for the grace period
-    assert seen[0] == health_pb2.HealthCheckResponse.SERVING
+    # the watcher saw SERVING, then NOT_SERVING at the signal, then its stream ended UNAVAILABLE
+    assert seen == [health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING]
     assert errors and errors[0][0] == grpc.StatusCode.UNAVAILABLE
     assert "STOPPING=1" in notify.recv(4096).decode().splitlines()
     assert not d.socket.exists()
