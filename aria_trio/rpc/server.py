@@ -35,6 +35,7 @@ import h2.exceptions
 import structlog
 import trio
 from google.protobuf import message as pb_message
+from google.protobuf import message_factory
 from google.protobuf.descriptor import ServiceDescriptor
 from hpack import NeverIndexedHeaderTuple
 from hyperframe.frame import GoAwayFrame
@@ -82,15 +83,12 @@ def methods_of(
     *,
     service_name: str | None = None,
     authenticated: bool = True,
-    message_classes: Callable[[Any], Any] | None = None,
 ) -> list[Method]:
     """The methods of a service from its descriptor; `impl` provides those it implements.
 
     A method `impl` inherits from a purerpc-generated Servicer base (which only raises
     NotImplementedError) counts as not implemented."""
-    from google.protobuf import message_factory
-
-    get_class = message_classes or message_factory.GetMessageClass
+    get_class = message_factory.GetMessageClass
     name = service_name or descriptor.full_name
     out = []
     for m in descriptor.methods:
