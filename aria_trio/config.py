@@ -106,6 +106,77 @@ RUNTIME_SETTINGS: tuple[Setting, ...] = (
 )
 
 
+QUILT_SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "socket",
+        _path,
+        lambda: aria_home() / "quilt.sock",
+        "QUILT_SOCK",
+        "Unix socket to serve on (mode 0600, folder 0700).",
+    ),
+    Setting(
+        "data_dir",
+        _path,
+        lambda: aria_home() / "quilt",
+        "QUILT_DATA_DIR",
+        "Folder of quilt's database, containers, output and bundles.",
+    ),
+    Setting(
+        "sandbox",
+        str,
+        lambda: "bubblewrap",
+        "QUILT_SANDBOX",
+        "bubblewrap, or none: NO isolation at all (only when asked).",
+        ("bubblewrap", "none"),
+    ),
+    Setting(
+        "grace", _positive_float, lambda: 10.0, "QUILT_GRACE", "Seconds in-flight calls get to finish at shutdown."
+    ),
+    Setting(
+        "stop_grace",
+        _positive_float,
+        lambda: 10.0,
+        "QUILT_STOP_GRACE",
+        "Seconds between SIGTERM and SIGKILL when a container stops.",
+    ),
+    Setting(
+        "memory_bytes",
+        _positive_int,
+        lambda: 512 * MiB,
+        "QUILT_MEMORY_BYTES",
+        "Default memory limit of a container or tool run.",
+    ),
+    Setting("pids", _positive_int, lambda: 256, "QUILT_PIDS", "Default limit on the processes of a container."),
+    Setting(
+        "max_output_bytes",
+        _positive_int,
+        lambda: 64 * MiB,
+        "QUILT_MAX_OUTPUT_BYTES",
+        "Output kept per task and per container.",
+    ),
+    Setting("max_bundle_bytes", _positive_int, lambda: 512 * MiB, "QUILT_MAX_BUNDLE_BYTES", "Largest bundle accepted."),
+    Setting(
+        "tool_timeout", _positive_float, lambda: 60.0, "QUILT_TOOL_TIMEOUT", "Default seconds a tool run may take."
+    ),
+    Setting(
+        "log_level",
+        str,
+        lambda: "info",
+        "QUILT_LOG_LEVEL",
+        "Least severe log level written.",
+        ("debug", "info", "warning", "error"),
+    ),
+    Setting(
+        "log_format",
+        str,
+        lambda: "auto",
+        "QUILT_LOG_FORMAT",
+        "json, console, or auto (console on a terminal).",
+        ("auto", "json", "console"),
+    ),
+)
+
+
 def default_config_path() -> Path:
     return Path(os.environ["ARIA_CONFIG"]) if os.environ.get("ARIA_CONFIG") else aria_home() / "config.toml"
 

@@ -147,3 +147,66 @@ def daemon_factory(sock_dir: Path) -> Iterator[Any]:
     yield start
     for d in started:
         d.stop(signal.SIGKILL)
+
+
+# -- the real quilt daemon -------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Quilt:
+    proc: subprocess.Popen[bytes]
+    socket: Path
+    data_dir: Path
+    log_path: Path
+
+    def channel(self) -> grpc.Channel:
+        return grpc.insecure_channel("unix:" + str(self.socket))
+
+    def logs(self) -> list[dict[str, Any]]:
+        return Daemon.logs(self)  # type: ignore[arg-type]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+
+def start_quilt(folder: Path, *args: str, env: dict[str, str] | None = None, wait: bool = True) -> Quilt:
+    socket = folder / "run" / "quilt.sock"
+    data_dir = folder / "quilt"
+    log_path = folder / f"quilt-{time.monotonic_ns()}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "aria_trio",
+                "quilt",
+                "serve",
+                "--socket",
+                str(socket),
+                "--data-dir",
+                str(data_dir),
+                "--log-format",
+                "json",
+                "--log-level",
+                "debug",
+                "--stop-grace",
+                "2",
+                *args,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            env={**os.environ, "HOME": str(folder), **(env or {})},
+        )
+    quilt = Quilt(proc, socket, data_dir, log_path)
+    if wait:
+        wait_ready(quilt)  # type: ignore[arg-type]
+    return quilt
+
+
+@pytest.fixture
+def quilt(sock_dir: Path) -> Iterator[Quilt]:
+    q = start_quilt(sock_dir)
+    yield q
+    q.stop()

@@ -13,7 +13,7 @@ import click
 import trio
 
 from .. import __version__
-from ..config import RUNTIME_SETTINGS, ConfigError, Setting, default_config_path, resolve
+from ..config import QUILT_SETTINGS, RUNTIME_SETTINGS, ConfigError, Setting, default_config_path, resolve
 from ..rpc import Channel, RpcError
 
 T = TypeVar("T")
@@ -24,23 +24,24 @@ class Context:
 
     def __init__(self, socket: str | None, as_json: bool, timeout: float) -> None:
         self._socket = socket
+        self.quilt_socket_flag: str | None = None  # set by `aria quilt --socket`
         self.as_json = as_json
         self.timeout = timeout
 
     @property
     def socket(self) -> str:
-        if self._socket:
-            return self._socket
-        try:
-            return str(resolve([RUNTIME_SETTINGS[0]], {}, config_path=default_config_path())["socket"])
-        except ConfigError as exc:
-            raise click.ClickException(str(exc)) from None
+        return self._socket or str(_configured(RUNTIME_SETTINGS, None)["socket"])
 
-    def run(self, fn: Callable[[Channel], Awaitable[T]]) -> T:
-        """Connect, run fn(channel), and turn an RPC error into a message and an exit status."""
+    @property
+    def quilt_socket(self) -> str:
+        return self.quilt_socket_flag or str(_configured(QUILT_SETTINGS, "quilt")["socket"])
+
+    def run(self, fn: Callable[[Channel], Awaitable[T]], socket: str | None = None) -> T:
+        """Connect (to the runtime, or `socket`), run fn(channel), and turn an RPC error into a
+        message and an exit status."""
 
         async def main() -> T:
-            async with Channel.connect(self.socket) as channel:
+            async with Channel.connect(socket or self.socket) as channel:
                 return await fn(channel)
 
         try:
@@ -59,6 +60,13 @@ class Context:
             click.echo(text)
 
 
+def _configured(declared: tuple[Setting, ...], section: str | None) -> dict[str, Any]:
+    try:
+        return resolve(declared, {}, config_path=default_config_path(), section=section)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="aria")
 @click.option(
@@ -75,8 +83,11 @@ def main(ctx: click.Context, socket: str | None, as_json: bool, timeout: float) 
     ctx.obj = Context(socket, as_json, timeout)
 
 
-def _settings_options(settings: tuple[Setting, ...]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def settings_options(
+    settings: tuple[Setting, ...], section: str | None = None
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """A click option per setting, its help naming the environment variable and config key."""
+    where = f"[{section}] " if section else ""
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         for s in reversed(settings):
@@ -88,22 +99,53 @@ def _settings_options(settings: tuple[Setting, ...]) -> Callable[[Callable[..., 
                 type=kind,
                 default=None,
                 metavar=s.name.upper() if not s.choices else None,
-                help=f"{s.help} [env {s.env}; config {s.name}; default {default}]",
+                help=f"{s.help} [env {s.env}; config {where}{s.name}; default {default}]",
             )(fn)
         return fn
 
     return decorate
 
 
-@main.command()
-@click.option(
+CONFIG_OPTION = click.option(
     "--config",
     "config_path",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
     help="Settings file [env ARIA_CONFIG; default ~/.aria/config.toml]. Flags beat environment beats file.",
 )
-@_settings_options(RUNTIME_SETTINGS)
+
+
+def run_daemon(
+    name: str,
+    declared: tuple[Setting, ...],
+    flags: dict[str, Any],
+    config_path: Path | None,
+    section: str | None,
+    serve_fn: Callable[[dict[str, Any]], Awaitable[None]],
+) -> None:
+    """Resolve the settings, set up logging, run `serve_fn` under trio; startup errors exit 1."""
+    from .. import logs
+    from ..lifecycle import StartupError
+
+    try:
+        settings = resolve(declared, flags, config_path=config_path or default_config_path(), section=section)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    logs.setup(settings["log_level"], settings["log_format"])
+    os.umask(0o077)  # databases hold API keys and bundles: every file made is this user's alone
+    try:
+        trio.run(serve_fn, settings)
+    except StartupError as exc:
+        click.echo(f"{name}: {exc}", err=True)
+        sys.exit(1)
+    except PermissionError as exc:
+        click.echo(f"{name}: {exc.strerror}: {exc.filename}", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@CONFIG_OPTION
+@settings_options(RUNTIME_SETTINGS)
 @click.pass_context
 def serve(ctx: click.Context, /, config_path: Path | None, **flags: Any) -> None:
     """Run the runtime daemon in the foreground until SIGTERM or SIGINT.
@@ -113,26 +155,11 @@ def serve(ctx: click.Context, /, config_path: Path | None, **flags: Any) -> None
     calls, gives in-flight ones --grace seconds, ends streams with UNAVAILABLE, removes its
     socket and exits 0; a second signal cuts the grace short.
     """
-    from .. import logs
-    from ..daemon import StartupError
     from ..daemon import serve as serve_daemon
 
     if flags.get("socket") is None and ctx.obj._socket:
         flags["socket"] = ctx.obj._socket  # `aria --socket X serve`
-    try:
-        settings = resolve(RUNTIME_SETTINGS, flags, config_path=config_path or default_config_path())
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
-    logs.setup(settings["log_level"], settings["log_format"])
-    os.umask(0o077)  # the database holds API keys: every file the daemon makes is its user's alone
-    try:
-        trio.run(serve_daemon, settings)
-    except StartupError as exc:
-        click.echo(f"aria serve: {exc}", err=True)
-        sys.exit(1)
-    except PermissionError as exc:
-        click.echo(f"aria serve: {exc.strerror}: {exc.filename}", err=True)
-        sys.exit(1)
+    run_daemon("aria serve", RUNTIME_SETTINGS, flags, config_path, None, serve_daemon)
 
 
-from . import client  # noqa: E402,F401  (registers the client verbs)
+from . import client, quilt  # noqa: E402,F401  (they register their verbs)

@@ -35,7 +35,10 @@ def _connect(path: Path) -> sqlite_utils.Database:
     return sqlite_utils.Database(conn)
 
 
-def migrate(db: sqlite_utils.Database) -> list[int]:
+Migrations = list[tuple[int, str, str]]
+
+
+def migrate(db: sqlite_utils.Database, migrations: Migrations = MIGRATIONS) -> list[int]:
     """Apply the migrations not applied yet, each in its own transaction; return their numbers."""
     db.execute(
         "CREATE TABLE IF NOT EXISTS schema_migrations "
@@ -43,7 +46,7 @@ def migrate(db: sqlite_utils.Database) -> list[int]:
     )
     done = {row[0] for row in db.execute("SELECT version FROM schema_migrations")}
     applied = []
-    for version, name, sql in MIGRATIONS:
+    for version, name, sql in migrations:
         if version in done:
             continue
         # executescript commits first, so the migration and its record go in one script.
@@ -61,11 +64,13 @@ class Store:
         self._limiter = trio.CapacityLimiter(1)
 
     @classmethod
-    async def open(cls, path: Path) -> Store:
+    async def open(cls, path: Path, migrations: Migrations = MIGRATIONS) -> Store:
+        """Open (or create) the database at `path` and bring its schema up to date."""
+
         def setup() -> sqlite_utils.Database:
             db = _connect(path)
             try:
-                migrate(db)
+                migrate(db, migrations)
             except BaseException:
                 db.conn.close()
                 raise

@@ -1,0 +1,1 @@
+"""Quilt: the internal daemon that runs containers (bubblewrap sandboxes) and keeps bundles."""

@@ -1,0 +1,329 @@
+"""The bundle store: uploads streamed to disk while hashed, checked, then kept by content hash.
+
+An upload goes to a temporary file chunk by chunk (each chunk written and hashed, blake3 and
+sha256, in a worker thread), so memory stays bounded whatever the size. Only when the declared
+size, the checksums and the archive with its manifest are all right is the file fsynced and
+renamed to objects/<blake3[:2]>/<blake3>.aria; anything else, or an interrupted upload, deletes
+the temporary file. The same bytes uploaded twice are stored once (the id is their blake3).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import zipfile
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import blake3
+import structlog
+import trio
+
+from .. import errors
+from ..bundle_manifest import Agent, InvalidBundle, Manifest, Tool, inspect_bundle
+from ..store import Store
+from . import store as table
+from .engine import now_us
+
+log = structlog.get_logger("quilt.bundles")
+
+MAX_PAGE = 1000
+DEFAULT_PAGE = 50
+
+
+@dataclass
+class Metadata:
+    filename: str
+    size_bytes: int
+    sha256: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Checksum:
+    sha256: str = ""
+    blake3: str = ""
+
+
+@dataclass
+class Bundle:
+    id: str
+    name: str
+    version: str
+    filename: str
+    size_bytes: int
+    sha256: str
+    layout: str
+    manifest: dict[str, Any]
+    tools: list[Tool]
+    agents: list[Agent]
+    labels: dict[str, str]
+    created_at: int
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Bundle:
+        return cls(
+            row["id"],
+            row["name"],
+            row["version"],
+            row["filename"],
+            row["size_bytes"],
+            row["sha256"],
+            row["layout"],
+            json.loads(row["manifest_json"]),
+            [Tool(**t) for t in json.loads(row["tools_json"])],
+            [Agent(**a) for a in json.loads(row["agents_json"])],
+            json.loads(row["labels_json"]),
+            row["created_at"],
+        )
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "version": self.version,
+            "filename": self.filename,
+            "size_bytes": self.size_bytes,
+            "sha256": self.sha256,
+            "layout": self.layout,
+            "manifest_json": table.dumps(self.manifest),
+            "tools_json": table.dumps([dataclasses.asdict(t) for t in self.tools]),
+            "agents_json": table.dumps([dataclasses.asdict(a) for a in self.agents]),
+            "labels_json": table.dumps(self.labels),
+            "created_at": self.created_at,
+        }
+
+
+class _Upload:
+    """The temporary file of one upload and its running hashes (used from worker threads)."""
+
+    def __init__(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix="upload-", suffix=".part", dir=folder)
+        self.file = os.fdopen(fd, "wb")
+        self.path = Path(name)
+        self.blake3 = blake3.blake3()
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def write(self, chunk: bytes) -> None:
+        self.file.write(chunk)
+        self.blake3.update(chunk)
+        self.sha256.update(chunk)
+        self.size += len(chunk)
+
+    def finish(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+
+    def discard(self) -> None:
+        self.file.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+class BundleStore:
+    def __init__(self, root: Path, store: Store, max_bytes: int) -> None:
+        self.root = root
+        self.store = store
+        self.max_bytes = max_bytes
+
+    def object_path(self, bundle_id: str) -> Path:
+        return self.root / "objects" / bundle_id[:2] / f"{bundle_id}.aria"
+
+    async def upload(self, items: AsyncIterator[Metadata | bytes | Checksum]) -> Bundle:
+        """`items`: the metadata, then chunks, then optionally a checksum (an upload stream)."""
+        first = await anext(items, None)
+        if not isinstance(first, Metadata):
+            raise errors.InvalidArgument(
+                "the first message of an upload must be its metadata",
+                reason="METADATA_FIRST",
+                fields={"metadata": "missing"},
+            )
+        meta = first
+        if meta.size_bytes > self.max_bytes:
+            raise errors.ResourceExhausted(
+                f"the bundle is {meta.size_bytes} bytes; at most {self.max_bytes} are accepted",
+                reason="BUNDLE_TOO_LARGE",
+            )
+        upload = await trio.to_thread.run_sync(_Upload, self.root / "incoming")
+        try:
+            checksum = Checksum()
+            async for item in items:
+                if isinstance(item, Metadata):
+                    raise errors.InvalidArgument("metadata may only come first", fields={"metadata": "repeated"})
+                if isinstance(item, Checksum):
+                    checksum = item
+                    if await anext(items, None) is not None:
+                        raise errors.InvalidArgument(
+                            "the checksum must be the last message", fields={"checksum": "not last"}
+                        )
+                    break
+                if upload.size + len(item) > meta.size_bytes:
+                    raise errors.InvalidArgument(
+                        f"more bytes than the {meta.size_bytes} declared",
+                        reason="SIZE_MISMATCH",
+                        fields={"size_bytes": "exceeded"},
+                    )
+                await trio.to_thread.run_sync(upload.write, item)
+            if upload.size != meta.size_bytes:
+                raise errors.InvalidArgument(
+                    f"size mismatch: {meta.size_bytes} bytes declared, {upload.size} received",
+                    reason="SIZE_MISMATCH",
+                    fields={"size_bytes": "does not match"},
+                )
+            digest, sha = upload.blake3.hexdigest(), upload.sha256.hexdigest()
+            for name, want, got in (
+                ("sha256", meta.sha256, sha),
+                ("sha256", checksum.sha256, sha),
+                ("blake3", checksum.blake3, digest),
+            ):
+                if want and want.lower() != got:
+                    raise errors.InvalidArgument(
+                        f"{name} checksum mismatch: expected {want.lower()}, got {got}",
+                        reason="CHECKSUM_MISMATCH",
+                        fields={name: "mismatch"},
+                    )
+            await trio.to_thread.run_sync(upload.finish)
+            manifest = await _inspect(upload.path)
+            bundle = Bundle(
+                digest,
+                manifest.name,
+                manifest.version,
+                meta.filename,
+                upload.size,
+                sha,
+                manifest.layout,
+                manifest.raw,
+                manifest.tools,
+                manifest.agents,
+                meta.labels,
+                now_us(),
+            )
+            existing = await self.store.run(table.get, "bundles", digest)
+            if existing is not None:
+                await trio.to_thread.run_sync(upload.discard)
+                log.info("bundle uploaded again: stored once", bundle=digest)
+                return Bundle.from_row(existing)
+            await trio.to_thread.run_sync(self._keep, upload.path, self.object_path(digest))
+            await self.store.run(table.upsert, "bundles", bundle.row())
+            log.info("bundle stored", bundle=digest, name=manifest.name, bytes=upload.size)
+            return bundle
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(upload.discard)  # nothing left behind, whatever happened
+
+    @staticmethod
+    def _keep(part: Path, final: Path) -> None:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(part, final)
+        fd = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)  # the rename itself must survive a crash too
+        finally:
+            os.close(fd)
+
+    async def get(self, bundle_id: str) -> Bundle:
+        row = await self.store.run(table.get, "bundles", bundle_id)
+        if row is None:
+            raise errors.NotFound(f"no bundle {bundle_id!r}", reason="BUNDLE_NOT_FOUND")
+        return Bundle.from_row(row)
+
+    async def page(self, page_size: int, token: str) -> tuple[list[Bundle], str]:
+        size = min(page_size or DEFAULT_PAGE, MAX_PAGE)
+        after = _decode_token(token) if token else None
+        rows = await self.store.run(table.bundles_page, size + 1, after)
+        more = len(rows) > size
+        rows = rows[:size]
+        next_token = _encode_token(rows[-1]["created_at"], rows[-1]["id"]) if more else ""
+        return [Bundle.from_row(r) for r in rows], next_token
+
+    async def delete(self, bundle_id: str) -> None:
+        await self.get(bundle_id)
+        await self.store.run(table.delete, "bundles", bundle_id)
+        await trio.to_thread.run_sync(self._remove_files, bundle_id)
+        log.info("bundle deleted", bundle=bundle_id)
+
+    def _remove_files(self, bundle_id: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.object_path(bundle_id).unlink()
+        shutil.rmtree(self.root / "unpacked" / bundle_id, ignore_errors=True)
+
+    async def validate(self, bundle_id: str) -> str:
+        """Check a stored bundle again; "" when it is fine, else what is wrong."""
+        bundle = await self.get(bundle_id)
+        path = self.object_path(bundle_id)
+
+        def hashes() -> tuple[str, str] | None:
+            try:
+                with open(path, "rb") as f:
+                    b, s = blake3.blake3(), hashlib.sha256()
+                    while chunk := f.read(1024 * 1024):
+                        b.update(chunk)
+                        s.update(chunk)
+                return b.hexdigest(), s.hexdigest()
+            except FileNotFoundError:
+                return None
+
+        found = await trio.to_thread.run_sync(hashes)
+        if found is None:
+            return "the bundle's file is missing from the store"
+        if found != (bundle.id, bundle.sha256):
+            return "the stored bytes no longer match their hashes (the file was damaged)"
+        try:
+            await _inspect(path)
+        except errors.InvalidArgument as exc:
+            return exc.message
+        return ""
+
+    async def unpacked(self, bundle_id: str) -> Path:
+        """The bundle's files (the inner archive's, for the nested layout), unpacked once."""
+        bundle = await self.get(bundle_id)
+        target = self.root / "unpacked" / bundle_id
+        if not await trio.to_thread.run_sync(target.is_dir):
+            await trio.to_thread.run_sync(_unpack, self.object_path(bundle_id), target, bundle.layout)
+        return target
+
+
+async def _inspect(path: Path) -> Manifest:
+    try:
+        return await trio.to_thread.run_sync(inspect_bundle, str(path))
+    except InvalidBundle as exc:
+        raise errors.InvalidArgument(str(exc), reason="INVALID_BUNDLE", fields={"bundle": str(exc)}) from None
+
+
+def _unpack(archive: Path, target: Path, layout: str) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".unpack-", dir=target.parent))
+    try:
+        with zipfile.ZipFile(archive) as outer:
+            if layout == "nested":
+                with outer.open("bundle.zip") as inner_file, zipfile.ZipFile(inner_file) as inner:
+                    inner.extractall(staging)  # member names were checked at upload
+            else:
+                outer.extractall(staging)
+        os.rename(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _encode_token(created_at: int, bundle_id: str) -> str:
+    return base64.urlsafe_b64encode(json.dumps([created_at, bundle_id]).encode()).decode()
+
+
+def _decode_token(token: str) -> tuple[int, str]:
+    try:
+        created_at, bundle_id = json.loads(base64.urlsafe_b64decode(token.encode()))
+        return int(created_at), str(bundle_id)
+    except (ValueError, TypeError):
+        raise errors.InvalidArgument("invalid page token", fields={"page_token": "invalid"}) from None

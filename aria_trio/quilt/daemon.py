@@ -1,0 +1,98 @@
+"""`aria quilt serve`: the container daemon's life, under one Trio nursery."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import structlog
+import trio
+
+from ..lifecycle import StartupError, claim, serve_until_signal
+from ..proto.quilt.v1 import quilt_pb2
+from ..rpc import Health, Server, add_reflection
+from ..rpc.health import DESCRIPTOR as HEALTH
+from ..rpc.health import SERVING
+from ..store import Store
+from . import limits
+from .bundles import BundleStore
+from .engine import Engine, Settings
+from .images import Images
+from .sandbox import Sandbox
+from .service import BundlesService, ContainersService, SystemService, TasksService
+from .store import MIGRATIONS
+from .tools import ToolRunner
+
+log = structlog.get_logger("quilt.daemon")
+
+
+async def serve(settings: dict[str, Any]) -> None:
+    data_dir: Path = settings["data_dir"]
+    mode = await trio.to_thread.run_sync(limits.detect)
+    try:
+        sandbox = Sandbox.detect(settings["sandbox"], mode)
+    except FileNotFoundError as exc:
+        raise StartupError(str(exc)) from None
+    if sandbox.kind == "none":
+        log.warning(
+            "SANDBOX IS OFF: --sandbox=none runs every command as this user, unisolated, with full access "
+            "to this machine; use it only for development"
+        )
+    log.info("sandbox", sandbox=sandbox.kind, bwrap=sandbox.bwrap, limits=mode.name)
+    if mode.name == "rlimits":
+        log.warning("cgroups are not writable here: limits fall back to rlimits (per process, weaker)")
+    lock_fd = await trio.to_thread.run_sync(claim, settings["socket"], data_dir)
+    try:
+        store = await Store.open(data_dir / "quilt.db", MIGRATIONS)
+        try:
+            os.chmod(store.path, 0o600)
+            await _run(settings, store, sandbox)
+        finally:
+            with trio.CancelScope(shield=True):
+                await store.close()
+    finally:
+        os.close(lock_fd)
+
+
+async def _run(settings: dict[str, Any], store: Store, sandbox: Sandbox) -> None:
+    data_dir: Path = settings["data_dir"]
+    engine = Engine(
+        store,
+        sandbox,
+        Images(data_dir / "images"),
+        Settings(
+            data_dir=data_dir,
+            max_output_bytes=settings["max_output_bytes"],
+            default_memory_bytes=settings["memory_bytes"],
+            default_pids=settings["pids"],
+            stop_grace=settings["stop_grace"],
+        ),
+    )
+    bundles = BundleStore(data_dir / "bundles", store, settings["max_bundle_bytes"])
+    runner = ToolRunner(
+        sandbox, bundles, data_dir / "tools", settings["tool_timeout"], settings["memory_bytes"], settings["pids"]
+    )
+    server = Server(error_domain="quilt.v1")
+    health = Health()
+    server.add_service(HEALTH, health, authenticated=False)
+    services = quilt_pb2.DESCRIPTOR.services_by_name
+    for name, impl in (
+        ("Containers", ContainersService(engine)),
+        ("Tasks", TasksService(engine)),
+        ("Bundles", BundlesService(bundles, runner)),
+        ("System", SystemService(engine, bundles)),
+    ):
+        server.add_service(services[name], impl, authenticated=False)
+        health.set(f"quilt.v1.{name}", SERVING)
+    add_reflection(server)
+    await serve_until_signal(
+        server,
+        health,
+        str(settings["socket"]),
+        settings["grace"],
+        background=[engine.run],
+        on_stop=engine.shutdown,
+        sandbox=sandbox.kind,
+        limits=sandbox.limits.name,
+    )

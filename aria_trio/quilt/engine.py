@@ -1,0 +1,616 @@
+"""Containers and tasks: their lifecycle, told truthfully, and their processes supervised.
+
+Every process runs in a supervisor task in the engine's nursery. A container's supervisor records
+RUNNING once its sandbox exists and EXITED/STOPPED/FAILED when its main process ends; a task's does
+the same for PENDING/RUNNING/COMPLETED/FAILED/CANCELLED/TIMEOUT, with a watchdog for its timeout.
+Every state change is written to quilt's SQLite before anyone is told, so a restart finds the
+truth: what was running then is FAILED "quilt restarted" (the sandboxes die with quilt, by
+--die-with-parent, and their cgroups are emptied).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import secrets
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+import trio
+
+from .. import errors
+from ..store import Store
+from . import store as table
+from .images import Images
+from .limits import Cgroup
+from .output import OutputLog
+from .process import Captured, Exit, Handle, start_process
+from .sandbox import Image, Sandbox, base_env
+
+log = structlog.get_logger("quilt.engine")
+
+# quilt.v1.ContainerState
+CREATED, RUNNING, EXITED, FAILED, STOPPED = 1, 2, 3, 4, 5
+CONTAINER_STATES = {CREATED: "created", RUNNING: "running", EXITED: "exited", FAILED: "failed", STOPPED: "stopped"}
+# quilt.v1.TaskState
+T_PENDING, T_RUNNING, T_COMPLETED, T_FAILED, T_CANCELLED, T_TIMEOUT = 1, 2, 3, 4, 5, 6
+TASK_STATES = {1: "pending", 2: "running", 3: "completed", 4: "failed", 5: "cancelled", 6: "timeout"}
+TASK_FINISHED = {T_COMPLETED, T_FAILED, T_CANCELLED, T_TIMEOUT}
+
+# The main process of a container started without a command: idles until stopped, and (unlike
+# `sleep`) ends at SIGTERM, which pid 1 of a namespace otherwise ignores.
+IDLE = ["/bin/sh", "-c", "trap 'exit 0' TERM INT; while :; do sleep 3600 & wait $!; done"]
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+def new_id(prefix: str) -> str:
+    return prefix + secrets.token_hex(6)
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path
+    max_output_bytes: int = 64 * 1024 * 1024
+    default_memory_bytes: int = 512 * 1024 * 1024
+    default_pids: int = 256
+    stop_grace: float = 10.0
+
+
+@dataclass
+class Spec:
+    name: str = ""
+    image: str = "host"
+    command: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    workdir: str = "/workspace"
+    network: bool = False
+    memory_bytes: int = 0
+    pids: int = 0
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Container:
+    id: str
+    spec: Spec
+    state: int = CREATED
+    created_at: int = field(default_factory=now_us)
+    started_at: int | None = None
+    finished_at: int | None = None
+    exit_code: int | None = None
+    signal: int | None = None
+    message: str = ""
+    pid: int = 0
+    # while quilt runs it:
+    handle: Handle | None = None
+    log: OutputLog | None = None
+    cgroup: Cgroup | None = None
+    stop_requested: bool = False
+    killed_after_grace: bool = False
+    done: trio.Event = field(default_factory=trio.Event)
+    lock: trio.Lock = field(default_factory=trio.Lock)
+
+    def row(self) -> dict[str, Any]:
+        spec = self.spec.__dict__
+        return {
+            "id": self.id,
+            "spec_json": table.dumps(spec),
+            "state": self.state,
+            "created_at": self.created_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "exit_code": self.exit_code,
+            "signal": self.signal,
+            "message": self.message,
+            "pid": self.pid,
+        }
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Container:
+        c = cls(row["id"], Spec(**json.loads(row["spec_json"])))
+        for key in ("state", "created_at", "started_at", "finished_at", "exit_code", "signal", "message", "pid"):
+            setattr(c, key, row[key])
+        return c
+
+
+@dataclass
+class Task:
+    id: str
+    container_id: str
+    command: list[str]
+    labels: dict[str, str] = field(default_factory=dict)
+    state: int = T_PENDING
+    created_at: int = field(default_factory=now_us)
+    started_at: int | None = None
+    finished_at: int | None = None
+    exit_code: int | None = None
+    signal: int | None = None
+    message: str = ""
+    timeout_seconds: float = 0.0
+    pid: int = 0
+    output_lines: int = 0
+    output_truncated: bool = False
+    # while quilt runs it:
+    handle: Handle | None = None
+    log: OutputLog | None = None
+    cancel_requested: str = ""  # why, when it was asked to stop
+    timed_out: bool = False
+    done: trio.Event = field(default_factory=trio.Event)
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "container_id": self.container_id,
+            "command_json": table.dumps(self.command),
+            "labels_json": table.dumps(self.labels),
+            "state": self.state,
+            "created_at": self.created_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "exit_code": self.exit_code,
+            "signal": self.signal,
+            "message": self.message,
+            "timeout_seconds": self.timeout_seconds,
+            "pid": self.pid,
+            "output_lines": self.output_lines,
+            "output_truncated": int(self.output_truncated),
+        }
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Task:
+        t = cls(row["id"], row["container_id"], json.loads(row["command_json"]), json.loads(row["labels_json"]))
+        for key in ("state", "created_at", "started_at", "finished_at", "exit_code", "signal", "message"):
+            setattr(t, key, row[key])
+        t.timeout_seconds, t.pid, t.output_lines = row["timeout_seconds"], row["pid"], row["output_lines"]
+        t.output_truncated = bool(row["output_truncated"])
+        t.done.set()  # from the database: a finished task
+        return t
+
+
+@dataclass
+class ExecSpec:
+    container_id: str
+    command: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    workdir: str = ""
+    timeout_seconds: float = 0.0
+    stdin: bytes = b""
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+class Engine:
+    def __init__(self, store: Store, sandbox: Sandbox, images: Images, settings: Settings) -> None:
+        self.store = store
+        self.sandbox = sandbox
+        self.images = images
+        self.settings = settings
+        self.containers: dict[str, Container] = {}
+        self.tasks: dict[str, Task] = {}  # the running ones; finished tasks live in the database
+        self._nursery: trio.Nursery | None = None
+
+    # -- life of the engine -----------------------------------------------------------------------
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Recover from the last run, then supervise processes until cancelled."""
+        await self._recover()
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def _recover(self) -> None:
+        lost, lost_tasks = await self.store.run(table.mark_lost, now_us())
+        for row in lost:  # their sandboxes died with quilt; make sure nothing is left in their cgroups
+            cgroup = Cgroup(self.sandbox.limits, f"c-{row['id']}")
+            await trio.to_thread.run_sync(cgroup.kill_all)
+            await trio.to_thread.run_sync(cgroup.remove)
+        for row in await self.store.run(table.rows, "containers"):
+            self.containers[row["id"]] = Container.from_row(row)
+        if lost or lost_tasks:
+            log.warning("quilt restarted: marked lost work as failed", containers=len(lost), tasks=lost_tasks)
+
+    async def shutdown(self, grace: float) -> None:
+        """Stop every running container (and so its tasks); record why."""
+        async with trio.open_nursery() as nursery:
+            for c in list(self.containers.values()):
+                if c.state == RUNNING:
+                    nursery.start_soon(self._stop, c, grace, "quilt shut down")
+
+    # -- containers -------------------------------------------------------------------------------
+
+    def container(self, cid: str) -> Container:
+        c = self.containers.get(cid)
+        if c is None:
+            raise errors.NotFound(f"no container {cid!r}", reason="CONTAINER_NOT_FOUND")
+        return c
+
+    async def create(self, spec: Spec) -> Container:
+        image = await self.images.resolve(spec.image)
+        if spec.command:
+            await trio.to_thread.run_sync(self._check_command, spec.command, image, "command")
+        if spec.memory_bytes < 0 or spec.pids < 0:
+            raise errors.InvalidArgument("limits must not be negative", fields={"limits": "negative"})
+        if not spec.workdir.startswith("/"):
+            raise errors.InvalidArgument("workdir must be an absolute path", fields={"workdir": "not absolute"})
+        c = Container(new_id("c-"), spec)
+        await trio.to_thread.run_sync(self._make_dirs, c.id)
+        await self.store.run(table.upsert, "containers", c.row())
+        self.containers[c.id] = c
+        log.info("container created", container=c.id, image=image.name, command=spec.command or "(idle)")
+        return c
+
+    def _check_command(self, command: list[str], image: Image, field_name: str) -> None:
+        if not command or not command[0]:
+            raise errors.InvalidArgument(f"{field_name} must not be empty", fields={field_name: "empty"})
+        if self.sandbox.kind == "bubblewrap" and not image.find(command[0]):
+            raise errors.InvalidArgument(
+                f"{command[0]!r} is not an executable in image {image.name}",
+                reason="COMMAND_NOT_FOUND",
+                fields={field_name: "not found in the image"},
+            )
+
+    def _dir(self, cid: str) -> Path:
+        return self.settings.data_dir / "containers" / cid
+
+    def _make_dirs(self, cid: str) -> None:
+        for sub in ("workspace", "tmp"):
+            (self._dir(cid) / sub).mkdir(parents=True, exist_ok=True)
+
+    async def start(self, cid: str) -> Container:
+        c = self.container(cid)
+        async with c.lock:
+            if c.state != CREATED:
+                raise errors.FailedPrecondition(
+                    f"container {cid} is {CONTAINER_STATES[c.state]}; only a created container can be started",
+                    reason="INVALID_TRANSITION",
+                )
+            assert self._nursery is not None
+            await self._nursery.start(self._supervise_container, c)
+        return c
+
+    async def _supervise_container(self, c: Container, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        spec = c.spec
+        memory = spec.memory_bytes or self.settings.default_memory_bytes
+        pids = spec.pids or self.settings.default_pids
+        started = False
+        try:
+            image = await self.images.resolve(spec.image)
+            c.log = await OutputLog.create(self._dir(c.id) / "output.jsonl", self.settings.max_output_bytes)
+            c.cgroup = await self._cgroup(f"c-{c.id}", memory, pids)
+            argv, cwd, env = await trio.to_thread.run_sync(
+                self._argv, spec.command or IDLE, c, image, spec.env, spec.workdir, memory, pids
+            )
+            async with trio.open_nursery() as nursery:
+                run = await start_process(nursery, argv, c.log, sandboxed=self._sandboxed, cwd=cwd, env=env)
+                c.handle = run.handle
+                assert c.handle is not None
+                c.state, c.started_at, c.pid = RUNNING, now_us(), c.handle.pid
+                await self.store.run(table.upsert, "containers", c.row())
+                log.info("container started", container=c.id, pid=c.pid)
+                task_status.started()
+                started = True
+                exit_ = await run.result()
+            await c.log.close()
+            c.exit_code, c.signal = exit_.exit_code, exit_.signal
+            if c.stop_requested:
+                c.state = STOPPED
+                killed = " (killed after the grace period)" if c.killed_after_grace else ""
+                c.message = c.message or f"stopped{killed}"
+            elif _start_failure(exit_):
+                c.state, c.message = FAILED, f"could not start: {exit_.first_error}"
+            else:
+                c.state, c.message = EXITED, _ending(exit_, c.cgroup, memory)
+        except (errors.AriaError, OSError) as exc:  # never ran: bad image, no /bin/sh, no cgroup...
+            c.state, c.message = FAILED, f"could not start: {_reason(exc)}"
+        except Exception as exc:  # ours: say so, keep serving
+            log.exception("container supervisor failed", container=c.id)
+            c.state, c.message = FAILED, f"quilt lost track of it ({type(exc).__name__})"
+        finally:
+            await self._release(c.cgroup)
+        c.finished_at, c.pid, c.handle = now_us(), 0, None
+        with trio.CancelScope(shield=True):
+            await self.store.run(table.upsert, "containers", c.row())
+        log.info("container ended", container=c.id, state=CONTAINER_STATES[c.state], message=c.message)
+        c.done.set()
+        if not started:
+            task_status.started()
+
+    async def stop(self, cid: str, grace: float = 0.0) -> Container:
+        c = self.container(cid)
+        if c.state != RUNNING:
+            raise errors.FailedPrecondition(
+                f"container {cid} is {CONTAINER_STATES[c.state]}, not running", reason="INVALID_TRANSITION"
+            )
+        await self._stop(c, grace or self.settings.stop_grace, "")
+        return c
+
+    async def _stop(self, c: Container, grace: float, why: str) -> None:
+        async with c.lock:
+            if c.state != RUNNING or c.handle is None:
+                return
+            c.stop_requested = True
+            c.message = why
+            await self._cancel_tasks_of(c.id, f"container {c.id} stopped")
+            # pid 1 of a namespace only gets signals it handles, and one that has not installed
+            # its handler yet (it just started) loses a SIGTERM: say it again now and then.
+            with trio.move_on_after(grace):
+                while c.handle is not None:
+                    c.handle.signal(signal.SIGTERM)
+                    with trio.move_on_after(0.5):
+                        await c.done.wait()
+            if not c.done.is_set():
+                c.killed_after_grace = True
+                if c.handle is not None:
+                    c.handle.kill()
+                if c.cgroup is not None:
+                    await trio.to_thread.run_sync(c.cgroup.kill_all)
+                await c.done.wait()
+
+    async def remove(self, cid: str, force: bool) -> None:
+        c = self.container(cid)
+        if c.state == RUNNING:
+            if not force:
+                raise errors.FailedPrecondition(
+                    f"container {cid} is running; stop it first, or remove it with force", reason="CONTAINER_RUNNING"
+                )
+            await self._stop(c, 0.0, "removed")
+        async with c.lock:
+            for row in await self.store.run(table.rows, "tasks", "container_id = ?", [cid]):
+                await self.store.run(table.delete, "tasks", row["id"])
+                with contextlib.suppress(FileNotFoundError):
+                    await trio.to_thread.run_sync(self._task_log_path(row["id"]).unlink)
+            await self.store.run(table.delete, "containers", cid)
+            self.containers.pop(cid, None)
+            await trio.to_thread.run_sync(lambda: shutil.rmtree(self._dir(cid), ignore_errors=True))
+        log.info("container removed", container=cid)
+
+    def list_containers(self, states: set[int], labels: dict[str, str]) -> list[Container]:
+        return [
+            c
+            for c in sorted(self.containers.values(), key=lambda c: (c.created_at, c.id))
+            if (not states or c.state in states) and all(c.spec.labels.get(k) == v for k, v in labels.items())
+        ]
+
+    async def container_log(self, cid: str) -> OutputLog:
+        c = self.container(cid)
+        if c.log is None:
+            c.log = await OutputLog.open_existing(self._dir(cid) / "output.jsonl", self.settings.max_output_bytes)
+        return c.log
+
+    # -- tasks ------------------------------------------------------------------------------------
+
+    async def exec(self, spec: ExecSpec, captured: Captured | None = None) -> Task:
+        """Start a command in a running container; returns once it runs (or failed to start).
+        `captured` collects the head of its output in memory, for a synchronous Exec."""
+        c = self.container(spec.container_id)
+        if c.state != RUNNING:
+            raise errors.FailedPrecondition(
+                f"container {c.id} is {CONTAINER_STATES[c.state]}; exec needs a running container",
+                reason="CONTAINER_NOT_RUNNING",
+            )
+        image = await self.images.resolve(c.spec.image)
+        await trio.to_thread.run_sync(self._check_command, spec.command, image, "command")
+        if spec.timeout_seconds < 0:
+            raise errors.InvalidArgument("timeout must not be negative", fields={"timeout_seconds": "negative"})
+        t = Task(new_id("t-"), c.id, list(spec.command), dict(spec.labels), timeout_seconds=spec.timeout_seconds)
+        await self.store.run(table.upsert, "tasks", t.row())
+        self.tasks[t.id] = t
+        assert self._nursery is not None
+        await self._nursery.start(self._supervise_task, t, c, image, spec, captured)
+        return t
+
+    async def exec_and_wait(self, spec: ExecSpec) -> tuple[Task, Captured]:
+        """Exec, and wait for the end; if our caller goes away first, the task is cancelled."""
+        captured = Captured()
+        t = await self.exec(spec, captured)
+        try:
+            await t.done.wait()
+        except trio.Cancelled:
+            with trio.CancelScope(shield=True):
+                await self.cancel(t.id, "the caller went away")
+            raise
+        return t, captured
+
+    async def _supervise_task(
+        self,
+        t: Task,
+        c: Container,
+        image: Image,
+        spec: ExecSpec,
+        captured: Captured | None,
+        task_status: Any = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        memory = c.spec.memory_bytes or self.settings.default_memory_bytes
+        pids = c.spec.pids or self.settings.default_pids
+        env = {**c.spec.env, **spec.env}
+        started = False
+        try:
+            t.log = await OutputLog.create(self._task_log_path(t.id), self.settings.max_output_bytes)
+            argv, cwd, full_env = await trio.to_thread.run_sync(
+                self._argv, spec.command, c, image, env, spec.workdir or c.spec.workdir, memory, pids
+            )
+            async with trio.open_nursery() as nursery:
+                run = await start_process(
+                    nursery,
+                    argv,
+                    t.log,
+                    sandboxed=self._sandboxed,
+                    cwd=cwd,
+                    env=full_env,
+                    stdin=spec.stdin,
+                    captured=captured,
+                )
+                t.handle = run.handle
+                assert t.handle is not None
+                t.state, t.started_at, t.pid = T_RUNNING, now_us(), t.handle.pid
+                await self.store.run(table.upsert, "tasks", t.row())
+                task_status.started()
+                started = True
+                if t.timeout_seconds > 0:
+                    nursery.start_soon(self._watchdog, t)
+                exit_ = await run.result()
+                nursery.cancel_scope.cancel()  # the watchdog
+            await t.log.close()
+            t.exit_code, t.signal = exit_.exit_code, exit_.signal
+            if t.cancel_requested:
+                t.state, t.message = T_CANCELLED, f"cancelled: {t.cancel_requested}"
+            elif t.timed_out:
+                t.state, t.message = T_TIMEOUT, f"timed out after {t.timeout_seconds:g} s; its processes were killed"
+            elif _start_failure(exit_):
+                t.state, t.message = T_FAILED, f"could not start: {exit_.first_error}"
+            elif exit_.exit_code == 0:
+                t.state, t.message = T_COMPLETED, "exited with code 0"
+            else:
+                t.state, t.message = T_FAILED, _ending(exit_, c.cgroup, memory)
+        except (errors.AriaError, OSError) as exc:
+            t.state, t.message = T_FAILED, f"could not start: {_reason(exc)}"
+        except Exception as exc:
+            log.exception("task supervisor failed", task=t.id)
+            t.state, t.message = T_FAILED, f"quilt lost track of it ({type(exc).__name__})"
+        finally:
+            self.tasks.pop(t.id, None)
+        if t.log is not None:
+            t.output_lines, t.output_truncated = t.log.count, t.log.truncated
+        t.finished_at, t.pid, t.handle = now_us(), 0, None
+        with trio.CancelScope(shield=True):
+            await self.store.run(table.upsert, "tasks", t.row())
+        log.info("task ended", task=t.id, container=t.container_id, state=TASK_STATES[t.state], message=t.message)
+        t.done.set()
+        if not started:
+            task_status.started()
+
+    async def _watchdog(self, t: Task) -> None:
+        await trio.sleep(t.timeout_seconds)
+        if t.handle is not None and not t.cancel_requested:
+            t.timed_out = True
+            t.handle.kill()
+
+    async def task(self, tid: str) -> Task:
+        t = self.tasks.get(tid)
+        if t is not None:
+            return t
+        row = await self.store.run(table.get, "tasks", tid)
+        if row is None:
+            raise errors.NotFound(f"no task {tid!r}", reason="TASK_NOT_FOUND")
+        return Task.from_row(row)
+
+    async def list_tasks(self, container_id: str, states: set[int]) -> list[Task]:
+        where: list[str] = []
+        params: list[Any] = []
+        if container_id:
+            where.append("container_id = ?")
+            params.append(container_id)
+        if states:
+            where.append(f"state IN ({','.join('?' * len(states))})")
+            params.extend(sorted(states))
+        rows = await self.store.run(table.rows, "tasks", " AND ".join(where), params)
+        return [self.tasks.get(r["id"]) or Task.from_row(r) for r in rows]
+
+    async def cancel(self, tid: str, why: str = "by a caller") -> tuple[bool, Task]:
+        t = await self.task(tid)
+        if t.state in TASK_FINISHED or t.cancel_requested:
+            return False, t
+        t.cancel_requested = why
+        if t.handle is not None:
+            t.handle.kill()
+        await t.done.wait()
+        return True, t
+
+    async def _cancel_tasks_of(self, cid: str, why: str) -> None:
+        for t in [t for t in self.tasks.values() if t.container_id == cid]:
+            await self.cancel(t.id, why)
+
+    def _task_log_path(self, tid: str) -> Path:
+        return self.settings.data_dir / "tasks" / f"{tid}.jsonl"
+
+    async def task_log(self, t: Task) -> OutputLog:
+        if t.log is not None:
+            return t.log
+        return await OutputLog.open_existing(self._task_log_path(t.id), self.settings.max_output_bytes)
+
+    # -- running processes ------------------------------------------------------------------------
+
+    def _argv(  # in a worker thread: it looks at the image's files
+        self,
+        command: list[str],
+        c: Container,
+        image: Image,
+        env: dict[str, str],
+        workdir: str,
+        memory: int,
+        pids: int,
+    ) -> tuple[list[str], str | None, dict[str, str] | None]:
+        full_env = base_env(env)
+        argv = self.sandbox.argv(
+            command,
+            image=image,
+            workspace=self._dir(c.id) / "workspace",
+            tmp=self._dir(c.id) / "tmp",
+            workdir=workdir,
+            env=full_env,
+            network=c.spec.network,
+            hostname=c.spec.name or c.id,
+            cgroup=c.cgroup,
+            memory_bytes=memory,
+            pids=pids,
+        )
+        if self.sandbox.kind == "none":
+            # Unisolated: the workspace is a host folder; /workspace paths are translated.
+            workspace = str(self._dir(c.id) / "workspace")
+            cwd = workspace + workdir[len("/workspace") :] if workdir.startswith("/workspace") else workdir
+            return argv, cwd, {**full_env, "HOME": workspace, "TMPDIR": str(self._dir(c.id) / "tmp")}
+        return argv, None, None
+
+    @property
+    def _sandboxed(self) -> bool:
+        return self.sandbox.kind == "bubblewrap"
+
+    async def _cgroup(self, name: str, memory: int, pids: int) -> Cgroup | None:
+        if not self.sandbox.limits.parents:
+            return None
+        cgroup = Cgroup(self.sandbox.limits, name)
+        await trio.to_thread.run_sync(cgroup.create, memory, pids)
+        return cgroup
+
+    async def _release(self, cgroup: Cgroup | None) -> None:
+        if cgroup is not None:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(cgroup.kill_all)
+                await trio.to_thread.run_sync(cgroup.remove)
+
+    # -- metrics ----------------------------------------------------------------------------------
+
+    def counts(self) -> tuple[int, int, int]:
+        running = sum(1 for c in self.containers.values() if c.state == RUNNING)
+        return len(self.containers), running, len(self.tasks)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, errors.AriaError):
+        return exc.message
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    return str(exc)
+
+
+def _start_failure(exit_: Exit) -> bool:
+    """The sandbox never ran the command: bubblewrap or our wrapper said why on stderr."""
+    return (exit_.returncode == 1 and exit_.first_error.startswith("bwrap:")) or (
+        exit_.returncode == 125 and exit_.first_error.startswith("quilt:")
+    )
+
+
+def _ending(exit_: Exit, cgroup: Cgroup | None, memory: int) -> str:
+    if exit_.signal is not None:
+        if exit_.signal == signal.SIGKILL and cgroup is not None and cgroup.oom_killed():
+            return f"killed: out of memory (the limit is {memory} bytes)"
+        return f"killed by signal {exit_.signal} ({signal.Signals(exit_.signal).name})"
+    return f"exited with code {exit_.exit_code}"

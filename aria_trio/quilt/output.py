@@ -1,0 +1,202 @@
+"""Output of a process tree, line by line, on disk, followable while it grows.
+
+One JSON object per line in a file (`{"o": offset, "t": ns, "s": stream, "l": text}`), appended in
+batches from a worker thread as the pipes deliver, so a follower sees a line while the process
+still runs, and everything is still there after it ends (and after quilt restarts).
+
+Bounds: a line is cut at MAX_LINE bytes (the rest continues as the next line); the text kept per
+log is capped at `cap_bytes` (64 MiB by default), after which a SYSTEM line says so and further
+output is counted, not kept; the in-memory index keeps one file offset per INDEX_EVERY lines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+STDOUT, STDERR, SYSTEM = 1, 2, 3
+MAX_LINE = 64 * 1024
+INDEX_EVERY = 1024
+READ_BATCH = 512  # lines read from disk per worker-thread call when replaying
+
+
+@dataclass(frozen=True, slots=True)
+class Line:
+    offset: int
+    time_ns: int
+    stream: int
+    text: str
+
+
+def _encode(line: Line) -> bytes:
+    return (
+        json.dumps({"o": line.offset, "t": line.time_ns, "s": line.stream, "l": line.text}, ensure_ascii=False) + "\n"
+    ).encode()
+
+
+def _decode(raw: bytes) -> Line:
+    d = json.loads(raw)
+    return Line(d["o"], d["t"], d["s"], d["l"])
+
+
+class OutputLog:
+    def __init__(self, path: Path, cap_bytes: int) -> None:
+        self.path = path
+        self.cap_bytes = cap_bytes
+        self.count = 0  # lines on disk
+        self.kept_bytes = 0  # text bytes kept (the cap counts these)
+        self.dropped_bytes = 0
+        self.truncated = False
+        self.closed = False
+        self._size = 0  # file size
+        self._index: list[int] = []  # file offset of line INDEX_EVERY * i
+        self._partial: dict[int, bytearray] = {STDOUT: bytearray(), STDERR: bytearray()}
+        self._lock = trio.Lock()  # one batch written at a time, in order
+        self._changed = trio.Event()
+
+    # -- opening ------------------------------------------------------------------------------------
+
+    @classmethod
+    async def create(cls, path: Path, cap_bytes: int) -> OutputLog:
+        log = cls(path, cap_bytes)
+        await trio.to_thread.run_sync(lambda: path.parent.mkdir(parents=True, exist_ok=True))
+        await trio.to_thread.run_sync(lambda: open(path, "ab").close())
+        return log
+
+    @classmethod
+    async def open_existing(cls, path: Path, cap_bytes: int) -> OutputLog:
+        """A finished log from disk (after a restart): readable, not writable."""
+        log = cls(path, cap_bytes)
+
+        def scan() -> None:
+            try:
+                f = open(path, "rb")
+            except FileNotFoundError:
+                return
+            with f:
+                pos = 0
+                for raw in f:
+                    if log.count % INDEX_EVERY == 0:
+                        log._index.append(pos)
+                    pos += len(raw)
+                    log.count += 1
+                log._size = pos
+
+        await trio.to_thread.run_sync(scan)
+        log.closed = True
+        return log
+
+    # -- writing ------------------------------------------------------------------------------------
+
+    async def feed(self, stream: int, data: bytes | bytearray) -> None:
+        """Bytes from a pipe; complete lines are written, a partial one waits for the rest."""
+        buf = self._partial[stream]
+        buf += data
+        lines: list[tuple[int, bytes]] = []
+        while True:
+            cut = buf.find(b"\n", 0, MAX_LINE + 1)
+            if cut >= 0:
+                lines.append((stream, bytes(buf[:cut])))
+                del buf[: cut + 1]
+            elif len(buf) >= MAX_LINE:  # a very long line: kept in pieces
+                lines.append((stream, bytes(buf[:MAX_LINE])))
+                del buf[:MAX_LINE]
+            else:
+                break
+        if lines:
+            await self._write([(s, b.decode("utf-8", "replace")) for s, b in lines])
+
+    async def system(self, text: str) -> None:
+        await self._write([(SYSTEM, text)], capped=False)
+
+    async def close(self) -> None:
+        """The process ended: write what is left of partial lines, then let followers finish."""
+        rest = [(s, bytes(b).decode("utf-8", "replace")) for s, b in self._partial.items() if b]
+        for b in self._partial.values():
+            b.clear()
+        if rest:
+            await self._write(rest)
+        if self.dropped_bytes:
+            await self.system(f"[quilt] {self.dropped_bytes} bytes of output were dropped (over the limit)")
+        self.closed = True
+        self._notify()
+
+    async def _write(self, items: list[tuple[int, str]], capped: bool = True) -> None:
+        async with self._lock:
+            now = time.time_ns()
+            lines: list[Line] = []
+            for stream, text in items:
+                size = len(text.encode())
+                if capped and self.truncated:
+                    self.dropped_bytes += size
+                    continue
+                if capped and self.kept_bytes + size > self.cap_bytes:
+                    self.truncated = True
+                    self.dropped_bytes += size
+                    text = f"[quilt] output truncated: the limit of {self.cap_bytes} bytes was reached"
+                    stream = SYSTEM
+                elif capped:
+                    self.kept_bytes += size
+                lines.append(Line(self.count + len(lines), now, stream, text))
+            if not lines:
+                return
+            data = [_encode(line) for line in lines]
+            await trio.to_thread.run_sync(self._append, data)
+            for i, raw in enumerate(data):
+                if (self.count + i) % INDEX_EVERY == 0:
+                    self._index.append(self._size)
+                self._size += len(raw)
+            self.count += len(lines)
+        self._notify()
+
+    def _append(self, data: list[bytes]) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, b"".join(data))
+        finally:
+            os.close(fd)
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    # -- reading ------------------------------------------------------------------------------------
+
+    async def lines(self, offset: int = 0, *, follow: bool = False, since_ns: int = 0) -> AsyncIterator[Line]:
+        """Lines from `offset` on; with `follow`, new ones as they come, until the log closes."""
+        while True:
+            changed = self._changed
+            end = self.count
+            while offset < end:
+                batch = await trio.to_thread.run_sync(self._read, offset, min(end, offset + READ_BATCH))
+                for line in batch:
+                    if line.time_ns >= since_ns:
+                        yield line
+                offset += len(batch)
+                if not batch:  # the file is shorter than we think: never spin
+                    return
+            if self.closed or not follow:
+                return
+            await changed.wait()
+
+    def _read(self, start: int, stop: int) -> list[Line]:
+        slot = start // INDEX_EVERY
+        if slot >= len(self._index):
+            return []
+        out: list[Line] = []
+        with open(self.path, "rb") as f:
+            f.seek(self._index[slot])
+            n = slot * INDEX_EVERY
+            for raw in f:
+                if n >= stop:
+                    break
+                if n >= start:
+                    out.append(_decode(raw))
+                n += 1
+        return out

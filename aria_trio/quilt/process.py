@@ -1,0 +1,233 @@
+"""One sandboxed process tree: spawn it, capture its output, wait for it, signal or kill it.
+
+`run_process` is meant for a nursery: it spawns, reports the host pid of the sandbox's pid 1
+through `task_status.started()` (or raises if the spawn itself failed), pipes stdout and stderr
+into an OutputLog as they come, and returns the exit status when the process and its pipes are
+done. Killing pid 1 of a pid namespace kills everything in it: that is how a whole tree goes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from .output import STDERR, STDOUT, OutputLog
+
+MAX_STDIN = 1024 * 1024
+CAPTURE_LIMIT = 1024 * 1024  # bytes of each stream kept in memory for Exec's answer
+
+
+@dataclass
+class Captured:
+    """The first CAPTURE_LIMIT bytes of each stream (for a synchronous Exec)."""
+
+    stdout: bytearray = field(default_factory=bytearray)
+    stderr: bytearray = field(default_factory=bytearray)
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+
+    def add(self, stream: int, data: bytes | bytearray) -> None:
+        buf = self.stdout if stream == STDOUT else self.stderr
+        room = CAPTURE_LIMIT - len(buf)
+        if len(data) > room:
+            data = data[: max(room, 0)]
+            if stream == STDOUT:
+                self.stdout_truncated = True
+            else:
+                self.stderr_truncated = True
+        buf += data
+
+
+@dataclass
+class Exit:
+    returncode: int
+    exit_code: int | None  # None when a signal ended it
+    signal: int | None
+    first_error: str  # the first stderr line (for messages of a failed start)
+
+
+class Handle:
+    """What the supervisor of a running process can do to it."""
+
+    def __init__(self, process: trio.Process, sandbox_pid: int, group: bool) -> None:
+        self.process = process
+        self.pid = sandbox_pid  # host pid of the sandbox's pid 1 (the command, or its wrapper)
+        self._group = group  # no sandbox: signal the process group instead
+
+    def signal(self, sig: int) -> None:
+        try:
+            if self._group:
+                os.killpg(self.process.pid, sig)
+            else:
+                os.kill(self.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        if self.pid != self.process.pid:
+            try:
+                self.process.kill()  # the outer bubblewrap, in case the sandbox never got going
+            except ProcessLookupError:
+                pass
+
+
+class Run:
+    """A process started in a nursery by start_process: its handle now, its Exit when it ends."""
+
+    def __init__(self) -> None:
+        self.handle: Handle | None = None
+        self.exit: Exit | None = None
+        self.ended = trio.Event()
+
+    def kill(self) -> None:
+        if self.handle is not None:
+            self.handle.kill()
+
+    async def result(self) -> Exit:
+        await self.ended.wait()
+        assert self.exit is not None
+        return self.exit
+
+
+async def start_process(
+    nursery: trio.Nursery,
+    argv: Sequence[str],
+    log: OutputLog | None,
+    *,
+    sandboxed: bool,
+    cwd: str | None = None,
+    env: Mapping[str, str] | None = None,
+    stdin: bytes = b"",
+    captured: Captured | None = None,
+) -> Run:
+    """run_process in `nursery`; returns once the process exists (raises if it could not start)."""
+    run = Run()
+
+    async def body(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            run.exit = await run_process(
+                argv,
+                log,
+                sandboxed=sandboxed,
+                cwd=cwd,
+                env=env,
+                stdin=stdin,
+                captured=captured,
+                task_status=task_status,
+            )
+        finally:
+            run.ended.set()
+
+    run.handle = await nursery.start(body)
+    return run
+
+
+async def run_process(
+    argv: Sequence[str],
+    log: OutputLog | None,
+    *,
+    sandboxed: bool,
+    cwd: str | None = None,
+    env: Mapping[str, str] | None = None,
+    stdin: bytes = b"",
+    captured: Captured | None = None,
+    task_status: Any = trio.TASK_STATUS_IGNORED,
+) -> Exit:
+    info_r = info_w = -1
+    pass_fds: tuple[int, ...] = ()
+    argv = list(argv)
+    if sandboxed:
+        info_r, info_w = os.pipe2(os.O_CLOEXEC)
+        pass_fds = (info_w,)
+        argv = [a if a != "{info_fd}" else str(info_w) for a in argv]
+    stderr_head = bytearray()
+    try:
+        process = await trio.lowlevel.open_process(
+            argv,
+            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            pass_fds=pass_fds,
+            cwd=cwd,
+            env=dict(env) if env is not None else None,
+            start_new_session=not sandboxed,
+        )
+    finally:
+        if info_w >= 0:
+            os.close(info_w)
+    try:
+        pid = process.pid
+        if sandboxed:
+            pid = await _sandbox_pid(info_r) or process.pid
+        task_status.started(Handle(process, pid, group=not sandboxed))
+
+        async def pump(stream: trio.abc.ReceiveStream | None, which: int) -> None:
+            if stream is None:
+                return
+            while data := await stream.receive_some(65536):
+                if which == STDERR and len(stderr_head) < 4096:
+                    stderr_head.extend(data[: 4096 - len(stderr_head)])
+                if captured is not None:
+                    captured.add(which, data)
+                if log is not None:
+                    await log.feed(which, data)
+
+        async def feed_stdin() -> None:
+            assert process.stdin is not None
+            try:
+                await process.stdin.send_all(stdin[:MAX_STDIN])
+            except trio.BrokenResourceError:
+                pass  # the command did not read it all: fine
+            finally:
+                await process.stdin.aclose()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pump, process.stdout, STDOUT)
+            nursery.start_soon(pump, process.stderr, STDERR)
+            if stdin:
+                nursery.start_soon(feed_stdin)
+            returncode = await process.wait()
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            if process.returncode is None:
+                process.kill()  # never leave a process behind us
+                await process.wait()
+        raise
+    finally:
+        if info_r >= 0:
+            os.close(info_r)
+    first_error = stderr_head.decode("utf-8", "replace").strip().splitlines()
+    return _exit(returncode, first_error[0] if first_error else "")
+
+
+def _exit(returncode: int, first_error: str) -> Exit:
+    if returncode < 0:  # killed by a signal, no sandbox in between
+        return Exit(128 - returncode, None, -returncode, first_error)
+    if 128 < returncode <= 128 + 64:  # the shell convention, which bubblewrap follows
+        return Exit(returncode, None, returncode - 128, first_error)
+    return Exit(returncode, returncode, None, first_error)
+
+
+async def _sandbox_pid(fd: int) -> int | None:
+    """bubblewrap writes {"child-pid": N, ...} on --info-fd once the sandbox exists."""
+    stream = trio.lowlevel.FdStream(os.dup(fd))
+    data = b""
+    try:
+        with trio.move_on_after(10):
+            while chunk := await stream.receive_some(4096):
+                data += chunk
+                try:
+                    return int(json.loads(data)["child-pid"])
+                except (ValueError, KeyError):
+                    continue
+    finally:
+        await stream.aclose()
+    return None

@@ -1,0 +1,205 @@
+"""How a command becomes a sandboxed process: the argv for bubblewrap (or for no sandbox at all).
+
+Every sandbox gets new pid, ipc, uts, mount, user and (unless network is asked for) network
+namespaces, `--die-with-parent` (it cannot outlive quilt), all capabilities dropped, a fresh
+/proc and /dev, a /tmp and /workspace of its container, and a read-only view of its image. The
+command is pid 1 of its namespace (`--as-pid-1`), so killing it kills everything it started.
+
+A small /bin/sh wrapper runs first, outside the sandbox: it joins the container's cgroups (or sets
+rlimits) and then execs bubblewrap, so the limits hold from the start.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .limits import Cgroup, LimitsMode
+
+BWRAP_INSTALL_HINT = (
+    "bubblewrap (bwrap) is not installed; quilt needs it to sandbox containers. Install it with "
+    "`sudo apt-get install bubblewrap` (Debian, Ubuntu), `sudo dnf install bubblewrap` (Fedora) or "
+    "`sudo pacman -S bubblewrap` (Arch); `./dev` installs it when run as root. Or start quilt with "
+    "--sandbox=none to run commands without any isolation."
+)
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+# What the "host" image shows of the host, read-only: the programs and libraries, and the few
+# files of /etc that programs need to run (the dynamic loader's cache, certificates, users).
+HOST_TOP = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32")
+HOST_ETC = (
+    "alternatives",
+    "ld.so.cache",
+    "ld.so.conf",
+    "ld.so.conf.d",
+    "ssl",
+    "ca-certificates",
+    "ca-certificates.conf",
+    "passwd",
+    "group",
+    "nsswitch.conf",
+    "hosts",
+    "localtime",
+    "mime.types",
+)
+NETWORK_ETC = ("resolv.conf", "gai.conf", "host.conf", "services", "protocols")
+
+_WRAPPER = r"""
+while [ "$1" != "--" ]; do
+  case "$1" in
+    cg=*) echo $$ > "${1#cg=}" || { echo "quilt: cannot join cgroup ${1#cg=}" >&2; exit 125; } ;;
+    as=*) ulimit -v "${1#as=}" || exit 125 ;;
+    nproc=*) ulimit -u "${1#nproc=}" || exit 125 ;;
+  esac
+  shift
+done
+shift
+exec "$@"
+"""
+
+
+@dataclass(frozen=True)
+class Image:
+    """What a sandbox's root shows: the host view, or a rootfs folder."""
+
+    root: Path | None  # None: the host view
+
+    @property
+    def name(self) -> str:
+        return "host" if self.root is None else str(self.root)
+
+    def find(self, program: str, path: str = DEFAULT_PATH) -> bool:
+        """Is `program` there (an absolute path, or a name found on PATH) inside the image?"""
+        base = Path("/") if self.root is None else self.root
+        candidates = [program] if "/" in program else [f"{d}/{program}" for d in path.split(":") if d]
+        for c in candidates:
+            target = base / c.lstrip("/")
+            if self.root is None and not any(c.startswith(f"/{top}/") for top in HOST_TOP):
+                continue  # outside the host view
+            if _exists_in(base, target):
+                return True
+        return False
+
+
+def _exists_in(root: Path, target: Path) -> bool:
+    """target exists and is executable, resolving symlinks as if `root` were /."""
+    for _ in range(40):
+        try:
+            if not target.is_symlink():
+                return target.is_file() and os.access(target, os.X_OK)
+            link = os.readlink(target)
+        except OSError:
+            return False
+        target = (root / link.lstrip("/")) if link.startswith("/") else (target.parent / link)
+    return False
+
+
+@dataclass(frozen=True)
+class Sandbox:
+    """The daemon's way of running things: bubblewrap, or nothing ("none", when asked for)."""
+
+    kind: str  # "bubblewrap" or "none"
+    limits: LimitsMode
+    bwrap: str | None = None
+
+    @classmethod
+    def detect(cls, kind: str, limits: LimitsMode) -> Sandbox:
+        if kind == "none":
+            return cls("none", limits)
+        bwrap = shutil.which("bwrap")
+        if bwrap is None:
+            raise FileNotFoundError(BWRAP_INSTALL_HINT)
+        return cls("bubblewrap", limits, bwrap)
+
+    def argv(
+        self,
+        command: Sequence[str],
+        *,
+        image: Image,
+        workspace: Path,
+        tmp: Path,
+        workdir: str,
+        env: Mapping[str, str],
+        network: bool,
+        hostname: str,
+        cgroup: Cgroup | None,
+        memory_bytes: int,
+        pids: int,
+        ro_binds: Sequence[tuple[Path, str]] = (),
+    ) -> list[str]:
+        """The whole argv: wrapper, sandbox, command. `{info_fd}` stands for the descriptor on
+        which bubblewrap reports the sandbox's pid (process.run_process fills it in)."""
+        wrap = ["/bin/sh", "-c", _WRAPPER, "quilt-spawn"]
+        if cgroup is not None and cgroup.dirs:
+            wrap += [f"cg={p}" for p in cgroup.procs_files]
+        elif memory_bytes or pids:
+            wrap += [f"as={max(1, memory_bytes // 1024)}", f"nproc={pids}"]
+        wrap.append("--")
+        if self.kind == "none":
+            # No isolation at all: the command runs as the daemon's user, in the workspace.
+            return [*wrap, "setpriv", "--pdeathsig", "KILL", "--", *command]
+        assert self.bwrap is not None
+        args = [
+            self.bwrap,
+            "--unshare-user",
+            "--unshare-pid",
+            "--unshare-ipc",
+            "--unshare-uts",
+            "--unshare-cgroup-try",
+            "--as-pid-1",
+            "--die-with-parent",
+            "--new-session",
+            "--cap-drop",
+            "ALL",
+            "--hostname",
+            hostname,
+        ]
+        if not network:
+            args.append("--unshare-net")
+        args += ["--info-fd", "{info_fd}"]
+        args += _root_view(image, network)
+        args += ["--proc", "/proc", "--dev", "/dev", "--bind", str(tmp), "/tmp", "--bind", str(workspace), "/workspace"]
+        for src, dst in ro_binds:
+            args += ["--ro-bind", str(src), dst]
+        args += ["--clearenv"]
+        for key, value in env.items():
+            args += ["--setenv", key, value]
+        args += ["--chdir", workdir, "--", *command]
+        return [*wrap, *args]
+
+
+def _root_view(image: Image, network: bool) -> list[str]:
+    """The image's top-level entries, read-only, on the sandbox's own (tmpfs) root: that root
+    stays writable for the mount points of /proc, /dev, /tmp and /workspace."""
+    args: list[str] = []
+    if image.root is not None:
+        for entry in sorted(image.root.iterdir()):
+            target = f"/{entry.name}"
+            if target in ("/proc", "/dev", "/tmp", "/workspace"):
+                continue
+            if entry.is_symlink():
+                args += ["--symlink", os.readlink(entry), target]
+            else:
+                args += ["--ro-bind", str(entry), target]
+        return args
+    for top in HOST_TOP:
+        path = Path("/") / top
+        if path.is_symlink():
+            args += ["--symlink", os.readlink(path), str(path)]
+        elif path.is_dir():
+            args += ["--ro-bind", str(path), str(path)]
+    for name in HOST_ETC + (NETWORK_ETC if network else ()):
+        path = Path("/etc") / name
+        if path.exists():
+            args += ["--ro-bind", str(path), str(path)]
+    return args
+
+
+def base_env(spec_env: Mapping[str, str]) -> dict[str, str]:
+    env = {"PATH": DEFAULT_PATH, "HOME": "/workspace", "LANG": "C.UTF-8", "TMPDIR": "/tmp"}
+    env.update(spec_env)
+    return env

@@ -1,0 +1,168 @@
+"""Running one tool of a stored bundle, per BUNDLES.md, in a sandbox of its own.
+
+The bundle's files are mounted read-only at /bundle and the runner at /runner; the arguments go
+to stdin as one JSON object and one JSON document comes back on stdout. A non-zero exit, a
+timeout, or stdout that is not that document is a failed call, with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from .. import errors
+from .bundles import BundleStore
+from .images import HOST
+from .limits import Cgroup
+from .process import Captured, start_process
+from .sandbox import Sandbox, base_env
+
+RUNNERS = Path(__file__).resolve().parent / "runners"
+COMMANDS = {
+    "python": ["python3", "/runner/python_runner.py"],
+    "node": ["node", "/runner/node_runner.js"],
+}
+
+
+@dataclass
+class ToolResult:
+    ok: bool
+    result_json: str
+    error: str
+    log: str
+    duration_seconds: float
+    exit_code: int | None
+    timed_out: bool
+
+
+class ToolRunner:
+    def __init__(
+        self,
+        sandbox: Sandbox,
+        bundles: BundleStore,
+        work_dir: Path,
+        default_timeout: float,
+        default_memory: int,
+        pids: int,
+    ) -> None:
+        self.sandbox = sandbox
+        self.bundles = bundles
+        self.work_dir = work_dir
+        self.default_timeout = default_timeout
+        self.default_memory = default_memory
+        self.pids = pids
+
+    async def run(
+        self, bundle_id: str, tool_name: str, arguments_json: str, timeout: float, memory: int, network: bool
+    ) -> ToolResult:
+        bundle = await self.bundles.get(bundle_id)
+        tool = next((t for t in bundle.tools if t.name == tool_name), None)
+        if tool is None:
+            raise errors.NotFound(f"bundle {bundle_id} has no tool {tool_name!r}", reason="TOOL_NOT_FOUND")
+        try:
+            arguments = json.loads(arguments_json or "{}")
+        except ValueError:
+            raise errors.InvalidArgument("arguments_json is not JSON", fields={"arguments_json": "not JSON"}) from None
+        if not isinstance(arguments, dict):
+            raise errors.InvalidArgument(
+                "the arguments must be a JSON object", fields={"arguments_json": "not an object"}
+            )
+        files = await self.bundles.unpacked(bundle_id)
+        timeout = timeout or self.default_timeout
+        memory = memory or self.default_memory
+        scratch = Path(await trio.to_thread.run_sync(lambda: tempfile.mkdtemp(prefix="tool-", dir=self._mkdir())))
+        cgroup = None
+        try:
+            for sub in ("tmp", "workspace"):
+                await trio.to_thread.run_sync((scratch / sub).mkdir)
+            if self.sandbox.limits.parents:
+                cgroup = Cgroup(self.sandbox.limits, scratch.name)
+                await trio.to_thread.run_sync(cgroup.create, memory, self.pids)
+            command = [*COMMANDS[tool.runtime], f"/bundle/{tool.entry}", tool.name]
+            argv = await trio.to_thread.run_sync(
+                lambda: self.sandbox.argv(
+                    command,
+                    image=HOST,
+                    workspace=scratch / "workspace",
+                    tmp=scratch / "tmp",
+                    workdir="/bundle",
+                    env=base_env({"NODE_PATH": "/bundle/node_modules"}),
+                    network=network,
+                    hostname="tool",
+                    cgroup=cgroup,
+                    memory_bytes=memory,
+                    pids=self.pids,
+                    ro_binds=[(files, "/bundle"), (RUNNERS, "/runner")],
+                )
+            )
+            cwd = env = None
+            if self.sandbox.kind == "none":  # no mounts: point the runner at the real paths
+                argv = [a.replace("/bundle/", f"{files}/").replace("/runner/", f"{RUNNERS}/") for a in argv]
+                cwd, env = str(files), base_env({})
+            return await self._call(argv, cwd, env, json.dumps(arguments).encode(), timeout, cgroup, memory)
+        finally:
+            with trio.CancelScope(shield=True):
+                if cgroup is not None:
+                    await trio.to_thread.run_sync(cgroup.kill_all)
+                    await trio.to_thread.run_sync(cgroup.remove)
+                await trio.to_thread.run_sync(lambda: shutil.rmtree(scratch, ignore_errors=True))
+
+    def _mkdir(self) -> str:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        return str(self.work_dir)
+
+    async def _call(
+        self,
+        argv: list[str],
+        cwd: str | None,
+        env: dict[str, str] | None,
+        stdin: bytes,
+        timeout: float,
+        cgroup: Cgroup | None,
+        memory: int,
+    ) -> ToolResult:
+        captured = Captured()
+        started = time.monotonic()
+        async with trio.open_nursery() as nursery:
+            run = await start_process(
+                nursery,
+                argv,
+                None,
+                sandboxed=self.sandbox.kind == "bubblewrap",
+                cwd=cwd,
+                env=env,
+                stdin=stdin,
+                captured=captured,
+            )
+            with trio.move_on_after(timeout) as scope:
+                await run.result()
+            if scope.cancelled_caught:
+                run.kill()  # the whole sandbox: pid 1 of its namespace
+            exit_ = await run.result()
+        duration = time.monotonic() - started
+        log = captured.stderr.decode("utf-8", "replace")
+        code = exit_.exit_code
+        if scope.cancelled_caught:
+            return ToolResult(False, "", f"the tool timed out after {timeout:g} s", log, duration, code, True)
+        if exit_.signal is not None:
+            reason = f"killed by signal {exit_.signal}"
+            if cgroup is not None and cgroup.oom_killed():
+                reason = f"out of memory (the limit is {memory} bytes)"
+            return ToolResult(False, "", f"the tool failed: {reason}", log, duration, code, False)
+        try:
+            answer = json.loads(captured.stdout)
+            if not isinstance(answer, dict) or not isinstance(answer.get("ok"), bool):
+                raise ValueError("not an answer")
+        except ValueError:
+            head = captured.stdout[:200].decode("utf-8", "replace")
+            why = f"exited with code {code}" if code else "printed something that is not its answer"
+            return ToolResult(False, "", f"the tool {why}: {head!r}", log, duration, code, False)
+        if answer["ok"]:
+            return ToolResult(True, json.dumps(answer.get("result")), "", log, duration, code, False)
+        return ToolResult(False, "", str(answer.get("error", "the tool failed")), log, duration, code, False)

@@ -1,0 +1,111 @@
+"""A grpcio client for quilt.v1 (an independent peer), with the few helpers the tests share."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import grpc
+
+from aria_trio.proto.quilt.v1 import quilt_pb2 as pb
+
+C, T, B, S = "/quilt.v1.Containers/", "/quilt.v1.Tasks/", "/quilt.v1.Bundles/", "/quilt.v1.System/"
+
+
+class QuiltClient:
+    def __init__(self, channel: grpc.Channel) -> None:
+        self.channel = channel
+
+    def call(self, path: str, request: Any, reply: Any, timeout: float = 30) -> Any:
+        return self.channel.unary_unary(path, request.SerializeToString, reply.FromString)(request, timeout=timeout)
+
+    def stream(self, path: str, request: Any, reply: Any, timeout: float = 30) -> Any:
+        return self.channel.unary_stream(path, request.SerializeToString, reply.FromString)(request, timeout=timeout)
+
+    # containers
+    def create(self, command: list[str] | None = None, **spec: Any) -> pb.Container:
+        return self.call(
+            C + "CreateContainer",
+            pb.CreateContainerRequest(spec=pb.ContainerSpec(command=command or [], **spec)),
+            pb.Container,
+        )
+
+    def start(self, cid: str) -> pb.Container:
+        return self.call(C + "StartContainer", pb.ContainerRef(id=cid), pb.Container)
+
+    def run(self, command: list[str] | None = None, **spec: Any) -> pb.Container:
+        return self.start(self.create(command, **spec).id)
+
+    def get(self, cid: str) -> pb.Container:
+        return self.call(C + "GetContainer", pb.ContainerRef(id=cid), pb.Container)
+
+    def stop(self, cid: str, grace: float = 0) -> pb.Container:
+        return self.call(C + "StopContainer", pb.StopContainerRequest(id=cid, grace_seconds=grace), pb.Container)
+
+    def remove(self, cid: str, force: bool = False) -> None:
+        self.call(C + "RemoveContainer", pb.RemoveContainerRequest(id=cid, force=force), pb.RemoveContainerResponse)
+
+    def logs(self, cid: str, follow: bool = False, timeout: float = 30) -> Any:
+        return self.stream(C + "ContainerLogs", pb.ContainerLogsRequest(id=cid, follow=follow), pb.OutputLine, timeout)
+
+    def wait_container(self, cid: str, timeout: float = 20) -> pb.Container:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            c = self.get(cid)
+            if c.state not in (pb.CONTAINER_CREATED, pb.CONTAINER_RUNNING):
+                return c
+            time.sleep(0.02)
+        raise AssertionError(f"container {cid} still {c.state}")
+
+    # tasks
+    def exec(self, cid: str, command: list[str], timeout: float = 60, **kw: Any) -> pb.ExecResult:
+        return self.call(T + "Exec", pb.ExecRequest(container_id=cid, command=command, **kw), pb.ExecResult, timeout)
+
+    def exec_async(self, cid: str, command: list[str], **kw: Any) -> pb.Task:
+        return self.call(T + "ExecAsync", pb.ExecRequest(container_id=cid, command=command, **kw), pb.Task)
+
+    def task(self, tid: str) -> pb.Task:
+        return self.call(T + "GetTask", pb.TaskRef(id=tid), pb.Task)
+
+    def result(self, tid: str, wait: bool = True, timeout: float = 60) -> pb.ExecResult:
+        return self.call(T + "GetTaskResult", pb.TaskResultRequest(id=tid, wait=wait), pb.ExecResult, timeout)
+
+    def cancel(self, tid: str) -> pb.CancelTaskResponse:
+        return self.call(T + "CancelTask", pb.TaskRef(id=tid), pb.CancelTaskResponse)
+
+    def output(self, tid: str, offset: int = 0, follow: bool = False, timeout: float = 30) -> Any:
+        return self.stream(
+            T + "TaskOutput", pb.TaskOutputRequest(id=tid, offset=offset, follow=follow), pb.OutputLine, timeout
+        )
+
+
+def error_of(fn: Any, *args: Any, **kwargs: Any) -> grpc.RpcError:
+    try:
+        fn(*args, **kwargs)
+    except grpc.RpcError as err:
+        return err
+    raise AssertionError("the call did not fail")
+
+
+def alive(pid: int) -> bool:
+    """Is there a process with this pid (not a zombie)?"""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def sandbox_processes(data_dir: str) -> list[int]:
+    """Host pids of processes whose command line mentions quilt's data folder (its sandboxes)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if data_dir.encode() in f.read() and alive(int(entry)):
+                        found.append(int(entry))
+            except OSError:
+                pass
+    return found

@@ -1,0 +1,110 @@
+"""Tool runners (BUNDLES.md): Python and Node entries in real sandboxes, and the ways tools fail."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import grpc
+import pytest
+from bundles import flat, manifest, nested
+from quilt_client import B, QuiltClient, error_of
+from test_quilt_bundles import messages, upload
+
+from aria_trio.proto.quilt.v1 import quilt_pb2 as pb
+
+
+@pytest.fixture
+def q(quilt):
+    with quilt.channel() as ch:
+        yield QuiltClient(ch)
+
+
+@pytest.fixture
+def calc(q):
+    return upload(q, messages(flat())).id
+
+
+def run(q, bundle, tool, arguments, **kw):
+    request = pb.RunToolRequest(bundle_id=bundle, tool_name=tool, arguments_json=json.dumps(arguments), **kw)
+    return q.call(B + "RunTool", request, pb.RunToolResult, timeout=60)
+
+
+def test_python_function_async_and_class_entries(q, calc):
+    added = run(q, calc, "add", {"a": 2, "b": 3})
+    assert added.ok and json.loads(added.result_json) == 5
+    assert added.log == "adding 2 3\n"  # the tool's prints are its log, not its answer
+    assert 0 < added.duration_seconds < 10 and added.exit_code == 0
+    assert json.loads(run(q, calc, "shout", {"text": "hey"}).result_json) == "HEY"
+    assert json.loads(run(q, calc, "Greeter", {"name": "bob"}).result_json) == {"greeting": "hi bob"}
+
+
+def test_node_entry_of_a_nested_bundle(q):
+    weather = upload(q, messages(nested())).id
+    r = run(q, weather, "forecast", {"city": "Oslo"})
+    assert r.ok, r.error
+    assert json.loads(r.result_json) == {"city": "Oslo", "temp": 21}
+    assert "looking up Oslo" in r.log
+
+
+def test_a_tool_that_raises_answers_ok_false(q, calc):
+    r = run(q, calc, "fails", {})
+    assert not r.ok and r.error == "no such city"
+    assert "ValueError" in r.log
+
+
+def test_a_tool_that_prints_garbage(q, calc):
+    r = run(q, calc, "garbage", {})
+    assert not r.ok and "not its answer" in r.error and "this is not json" in r.error
+
+
+def test_a_tool_that_sleeps_past_its_timeout(q, calc, quilt):
+    started = time.monotonic()
+    r = run(q, calc, "slow", {}, timeout_seconds=1)
+    assert time.monotonic() - started < 5
+    assert not r.ok and r.timed_out and "timed out after 1 s" in r.error
+    assert not (quilt.data_dir / "tools").exists() or not any((quilt.data_dir / "tools").iterdir())
+
+
+def test_a_memory_hog_over_its_limit(q, calc):
+    r = run(q, calc, "hog", {}, memory_bytes=64 * 1024 * 1024)
+    assert not r.ok and "out of memory" in r.error
+
+
+def test_a_crashing_tool(q, calc):
+    r = run(q, calc, "crash", {})
+    assert not r.ok and r.exit_code == 7 and "exited with code 7" in r.error
+
+
+def test_tools_see_the_bundle_read_only_and_no_network(q):
+    probe = flat(
+        files={
+            "implementations/tools/probe.py": (
+                "import os, socket\n"
+                "def probe():\n"
+                "    try:\n        open('/bundle/manifest.json', 'a')\n        writable = True\n"
+                "    except OSError:\n        writable = False\n"
+                "    try:\n        socket.create_connection(('1.1.1.1', 53), timeout=1)\n        net = True\n"
+                "    except OSError:\n        net = False\n"
+                "    files = sorted(os.listdir('/bundle'))\n"
+                "    return {'writable': writable, 'net': net, 'cwd': os.getcwd(), 'files': files}\n"
+            )
+        },
+        data={**manifest("probe"), "tools": [{"name": "probe", "inputs": {}}], "agents": []},
+    )
+    bundle = upload(q, messages(probe)).id
+    r = run(q, bundle, "probe", {})
+    assert r.ok, r.error
+    assert json.loads(r.result_json) == {
+        "writable": False,
+        "net": False,
+        "cwd": "/bundle",
+        "files": ["implementations", "manifest.json"],
+    }
+
+
+def test_bad_tool_calls(q, calc):
+    assert error_of(run, q, calc, "teleport", {}).code() == grpc.StatusCode.NOT_FOUND
+    assert error_of(run, q, "0" * 64, "add", {}).code() == grpc.StatusCode.NOT_FOUND
+    request = pb.RunToolRequest(bundle_id=calc, tool_name="add", arguments_json="[1, 2]")
+    assert error_of(q.call, B + "RunTool", request, pb.RunToolResult).code() == grpc.StatusCode.INVALID_ARGUMENT
