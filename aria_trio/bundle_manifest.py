@@ -6,10 +6,10 @@ is all-or-nothing: the first problem found rejects the whole bundle with a messa
 
 from __future__ import annotations
 
-import io
 import json
 import posixpath
 import re
+import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -112,24 +112,37 @@ def _read(z: zipfile.ZipFile, name: str, archive: str, limit: int) -> bytes:
 
 
 def inspect_bundle(path: str) -> Manifest:
-    """Check the bundle file at `path`, both layouts; its manifest, or InvalidBundle."""
+    """Check the bundle file at `path`, both layouts; its manifest, or InvalidBundle.
+    Memory stays small whatever the size: the inner archive is copied to a temporary file."""
     with open(path, "rb") as f, _open_zip(f, "the bundle") as outer:
         names = set(outer.namelist())
         if "manifest.json" in names:
             return parse_manifest(_read(outer, "manifest.json", "the bundle", MAX_MANIFEST), names, "flat")
         if "bundle.zip" not in names:
             raise InvalidBundle("the bundle has neither manifest.json (flat layout) nor bundle.zip (nested layout)")
-        inner_bytes = _read(outer, "bundle.zip", "the bundle", MAX_UNPACKED)
+        build = None
         if "metadata/build.json" in names:
-            _check_build(_read(outer, "metadata/build.json", "the bundle", MAX_MANIFEST), inner_bytes)
-    with _open_zip(io.BytesIO(inner_bytes), "bundle.zip") as inner:
-        inner_names = set(inner.namelist())
-        if "manifest.json" not in inner_names:
-            raise InvalidBundle("bundle.zip has no manifest.json")
-        return parse_manifest(_read(inner, "manifest.json", "bundle.zip", MAX_MANIFEST), inner_names, "nested")
+            build = _read(outer, "metadata/build.json", "the bundle", MAX_MANIFEST)
+        with tempfile.TemporaryFile() as inner_file:
+            digest = blake3.blake3()
+            try:
+                with outer.open("bundle.zip") as member:
+                    while chunk := member.read(1024 * 1024):
+                        inner_file.write(chunk)
+                        digest.update(chunk)
+            except (zipfile.BadZipFile, OSError, ValueError, RuntimeError) as exc:
+                raise InvalidBundle(f"the bundle: cannot read bundle.zip ({exc})") from None
+            if build is not None:
+                _check_build(build, digest.hexdigest())
+            inner_file.seek(0)
+            with _open_zip(inner_file, "bundle.zip") as inner:
+                inner_names = set(inner.namelist())
+                if "manifest.json" not in inner_names:
+                    raise InvalidBundle("bundle.zip has no manifest.json")
+                return parse_manifest(_read(inner, "manifest.json", "bundle.zip", MAX_MANIFEST), inner_names, "nested")
 
 
-def _check_build(raw: bytes, inner: bytes) -> None:
+def _check_build(raw: bytes, inner_blake3: str) -> None:
     try:
         build = json.loads(raw)
     except ValueError:
@@ -137,7 +150,7 @@ def _check_build(raw: bytes, inner: bytes) -> None:
     if not isinstance(build, dict):
         raise InvalidBundle("metadata/build.json must be an object")
     expected = build.get("build_hash")
-    if expected is not None and expected != blake3.blake3(inner).hexdigest():
+    if expected is not None and expected != inner_blake3:
         raise InvalidBundle("metadata/build.json's build_hash does not match bundle.zip (a damaged bundle?)")
 
 

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import unary_prefs
+from . import quilt_exec, quilt_upload, unary_prefs
 from .harness import BenchError
 
 
@@ -30,7 +30,11 @@ class Benchmark(Protocol):
     def table(self, result: dict[str, Any]) -> str: ...
 
 
-BENCHMARKS: dict[str, Benchmark] = {"unary_prefs": unary_prefs}
+BENCHMARKS: dict[str, Benchmark] = {
+    "unary_prefs": unary_prefs,
+    "quilt_exec": quilt_exec,
+    "quilt_upload": quilt_upload,
+}
 RESULTS = Path(__file__).resolve().parent / "results"
 
 

@@ -40,8 +40,8 @@ def tail(path: Path, lines: int = 15) -> str:
 
 
 def child_env() -> dict[str, str]:
-    """This environment without ARIA_* variables: children get their settings from their command line only."""
-    return {key: value for key, value in os.environ.items() if not key.startswith("ARIA_")}
+    """This environment without ARIA_*/QUILT_* variables: children get their settings from their command line."""
+    return {key: value for key, value in os.environ.items() if not key.startswith(("ARIA_", "QUILT_"))}
 
 
 def _accepts(path: Path) -> bool:
@@ -210,3 +210,32 @@ def _client_error(proc: subprocess.Popen[str], what: str, err_path: Path) -> Ben
     code = _exit_code(proc)
     status = "still running" if code is None else f"exit {code}"
     return BenchError(f"{what} failed ({status}):\n{tail(err_path)}")
+
+
+def start_quilt(socket_path: Path, data_dir: Path, workdir: Path, *extra: str) -> ServerProcess:
+    """`aria quilt serve` with logs at info as JSON lines to workdir/quilt.log, and no settings but its flags."""
+    aria = Path(sys.executable).with_name("aria")
+    argv = [
+        str(aria),
+        "quilt",
+        "serve",
+        "--config",
+        str(workdir / "no-config.toml"),
+        "--socket",
+        str(socket_path),
+        "--data-dir",
+        str(data_dir),
+        "--log-format",
+        "json",
+        *extra,
+    ]
+    return ServerProcess.start("quilt", argv, socket_path, workdir / f"quilt-{time.monotonic_ns()}.log")
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """The process's peak resident memory so far (VmHWM)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise BenchError(f"no VmHWM for pid {pid}")

@@ -35,6 +35,7 @@ from .engine import now_us
 
 log = structlog.get_logger("quilt.bundles")
 
+WRITE_AHEAD = 4  # chunks received but not yet on disk (each at most one gRPC message, 4 MiB)
 MAX_PAGE = 1000
 DEFAULT_PAGE = 50
 
@@ -157,24 +158,7 @@ class BundleStore:
             )
         upload = await trio.to_thread.run_sync(_Upload, self.root / "incoming")
         try:
-            checksum = Checksum()
-            async for item in items:
-                if isinstance(item, Metadata):
-                    raise errors.InvalidArgument("metadata may only come first", fields={"metadata": "repeated"})
-                if isinstance(item, Checksum):
-                    checksum = item
-                    if await anext(items, None) is not None:
-                        raise errors.InvalidArgument(
-                            "the checksum must be the last message", fields={"checksum": "not last"}
-                        )
-                    break
-                if upload.size + len(item) > meta.size_bytes:
-                    raise errors.InvalidArgument(
-                        f"more bytes than the {meta.size_bytes} declared",
-                        reason="SIZE_MISMATCH",
-                        fields={"size_bytes": "exceeded"},
-                    )
-                await trio.to_thread.run_sync(upload.write, item)
+            checksum = await self._receive(items, meta, upload)
             if upload.size != meta.size_bytes:
                 raise errors.InvalidArgument(
                     f"size mismatch: {meta.size_bytes} bytes declared, {upload.size} received",
@@ -221,6 +205,44 @@ class BundleStore:
         finally:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(upload.discard)  # nothing left behind, whatever happened
+
+    async def _receive(
+        self, items: AsyncIterator[Metadata | bytes | Checksum], meta: Metadata, upload: _Upload
+    ) -> Checksum:
+        """Chunks to the file: one task receives, another writes and hashes (in a worker thread)
+        what the first hands over through a channel of WRITE_AHEAD chunks. At most that many wait
+        in memory; when the disk is slower than the client, the client waits (backpressure)."""
+        checksum = Checksum()
+        received = 0
+        send, receive = trio.open_memory_channel[bytes](WRITE_AHEAD)
+
+        async def write() -> None:
+            async with receive:
+                async for chunk in receive:
+                    await trio.to_thread.run_sync(upload.write, chunk)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(write)
+            async with send:
+                async for item in items:
+                    if isinstance(item, Metadata):
+                        raise errors.InvalidArgument("metadata may only come first", fields={"metadata": "repeated"})
+                    if isinstance(item, Checksum):
+                        checksum = item
+                        if await anext(items, None) is not None:
+                            raise errors.InvalidArgument(
+                                "the checksum must be the last message", fields={"checksum": "not last"}
+                            )
+                        break
+                    received += len(item)
+                    if received > meta.size_bytes:
+                        raise errors.InvalidArgument(
+                            f"more bytes than the {meta.size_bytes} declared",
+                            reason="SIZE_MISMATCH",
+                            fields={"size_bytes": "exceeded"},
+                        )
+                    await send.send(item)
+        return checksum
 
     @staticmethod
     def _keep(part: Path, final: Path) -> None:
