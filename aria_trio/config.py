@@ -56,6 +56,22 @@ def _path(text: str) -> Path:
     return Path(os.path.expanduser(str(text)))
 
 
+def _logging(prefix: str) -> tuple[Setting, Setting]:
+    return (
+        Setting("log_level", str, lambda: "info", f"{prefix}_LOG_LEVEL", "Least severe log level written.", LEVELS),
+        Setting(
+            "log_format",
+            str,
+            lambda: "auto",
+            f"{prefix}_LOG_FORMAT",
+            "json (one object a line), console, or auto (console on a terminal).",
+            ("auto", "json", "console"),
+        ),
+    )
+
+
+LEVELS = ("debug", "info", "warning", "error")
+
 RUNTIME_SETTINGS: tuple[Setting, ...] = (
     Setting(
         "socket",
@@ -66,22 +82,7 @@ RUNTIME_SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("data_dir", _path, aria_home, "ARIA_DATA_DIR", "Folder of the runtime's database (runtime.db)."),
     Setting("grace", _positive_float, lambda: 10.0, "ARIA_GRACE", "Seconds in-flight calls get to finish at shutdown."),
-    Setting(
-        "log_level",
-        str,
-        lambda: "info",
-        "ARIA_LOG_LEVEL",
-        "Least severe log level written.",
-        ("debug", "info", "warning", "error"),
-    ),
-    Setting(
-        "log_format",
-        str,
-        lambda: "auto",
-        "ARIA_LOG_FORMAT",
-        "json (one object a line), console, or auto (console on a terminal).",
-        ("auto", "json", "console"),
-    ),
+    *_logging("ARIA"),
     Setting(
         "max_message_bytes",
         _positive_int,
@@ -158,22 +159,7 @@ QUILT_SETTINGS: tuple[Setting, ...] = (
     Setting(
         "tool_timeout", _positive_float, lambda: 60.0, "QUILT_TOOL_TIMEOUT", "Default seconds a tool run may take."
     ),
-    Setting(
-        "log_level",
-        str,
-        lambda: "info",
-        "QUILT_LOG_LEVEL",
-        "Least severe log level written.",
-        ("debug", "info", "warning", "error"),
-    ),
-    Setting(
-        "log_format",
-        str,
-        lambda: "auto",
-        "QUILT_LOG_FORMAT",
-        "json, console, or auto (console on a terminal).",
-        ("auto", "json", "console"),
-    ),
+    *_logging("QUILT"),
 )
 
 

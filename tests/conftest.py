@@ -79,41 +79,39 @@ class Daemon:
                 out.append({"event": "non-json", "line": line})
         return out
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         return self.proc.wait(timeout)
 
 
-def start_daemon(folder: Path, *args: str, env: dict[str, str] | None = None, wait: bool = True) -> Daemon:
-    socket = folder / "run" / "runtime.sock"
-    data_dir = folder / "data"
-    log_path = folder / f"daemon-{time.monotonic_ns()}.log"
+def _spawn(
+    folder: Path,
+    command: list[str],
+    name: str,
+    data: str,
+    args: tuple[str, ...],
+    env: dict[str, str] | None,
+    wait: bool,
+) -> Daemon:
+    """`python -m aria_trio <command>` on folder/run/<name>.sock, logging JSON at debug to a file."""
+    socket = folder / "run" / f"{name}.sock"
+    data_dir = folder / data
+    log_path = folder / f"{name}-{time.monotonic_ns()}.log"
+    argv = [sys.executable, "-m", "aria_trio", *command, "--socket", str(socket), "--data-dir", str(data_dir)]
+    argv += ["--log-format", "json", "--log-level", "debug", *args]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "aria_trio",
-                "serve",
-                "--socket",
-                str(socket),
-                "--data-dir",
-                str(data_dir),
-                "--log-format",
-                "json",
-                "--log-level",
-                "debug",
-                *args,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=log,
-            env={**os.environ, "HOME": str(folder), **(env or {})},
+            argv, stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, "HOME": str(folder), **(env or {})}
         )
     daemon = Daemon(proc, socket, data_dir, log_path)
     if wait:
         wait_ready(daemon)
     return daemon
+
+
+def start_daemon(folder: Path, *args: str, env: dict[str, str] | None = None, wait: bool = True) -> Daemon:
+    return _spawn(folder, ["serve"], "runtime", "data", args, env, wait)
 
 
 def wait_ready(daemon: Daemon, timeout: float = 20) -> None:
@@ -151,58 +149,11 @@ def daemon_factory(sock_dir: Path) -> Iterator[Any]:
 
 # -- the real quilt daemon -------------------------------------------------------------------------
 
-
-@dataclasses.dataclass
-class Quilt:
-    proc: subprocess.Popen[bytes]
-    socket: Path
-    data_dir: Path
-    log_path: Path
-
-    def channel(self) -> grpc.Channel:
-        return grpc.insecure_channel("unix:" + str(self.socket))
-
-    def logs(self) -> list[dict[str, Any]]:
-        return Daemon.logs(self)  # type: ignore[arg-type]
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        return self.proc.wait(timeout)
+Quilt = Daemon
 
 
-def start_quilt(folder: Path, *args: str, env: dict[str, str] | None = None, wait: bool = True) -> Quilt:
-    socket = folder / "run" / "quilt.sock"
-    data_dir = folder / "quilt"
-    log_path = folder / f"quilt-{time.monotonic_ns()}.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "aria_trio",
-                "quilt",
-                "serve",
-                "--socket",
-                str(socket),
-                "--data-dir",
-                str(data_dir),
-                "--log-format",
-                "json",
-                "--log-level",
-                "debug",
-                "--stop-grace",
-                "2",
-                *args,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=log,
-            env={**os.environ, "HOME": str(folder), **(env or {})},
-        )
-    quilt = Quilt(proc, socket, data_dir, log_path)
-    if wait:
-        wait_ready(quilt)  # type: ignore[arg-type]
-    return quilt
+def start_quilt(folder: Path, *args: str, env: dict[str, str] | None = None, wait: bool = True) -> Daemon:
+    return _spawn(folder, ["quilt", "serve"], "quilt", "quilt", ("--stop-grace", "2", *args), env, wait)
 
 
 @pytest.fixture

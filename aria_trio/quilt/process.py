@@ -1,9 +1,9 @@
 """One sandboxed process tree: spawn it, capture its output, wait for it, signal or kill it.
 
-`run_process` is meant for a nursery: it spawns, reports the host pid of the sandbox's pid 1
-through `task_status.started()` (or raises if the spawn itself failed), pipes stdout and stderr
-into an OutputLog as they come, and returns the exit status when the process and its pipes are
-done. Killing pid 1 of a pid namespace kills everything in it: that is how a whole tree goes.
+`start_process` runs one in a nursery and returns once it exists (or raises if the spawn itself
+failed), with a Run: the Handle to signal it (the host pid of the sandbox's pid 1), and its Exit
+when the process and its pipes are done. Meanwhile stdout and stderr go into an OutputLog as they
+come. Killing pid 1 of a pid namespace kills everything in it: that is how a whole tree goes.
 """
 
 from __future__ import annotations
@@ -108,12 +108,12 @@ async def start_process(
     stdin: bytes = b"",
     captured: Captured | None = None,
 ) -> Run:
-    """run_process in `nursery`; returns once the process exists (raises if it could not start)."""
+    """_run_process in `nursery`; returns once the process exists (raises if it could not start)."""
     run = Run()
 
     async def body(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         try:
-            run.exit = await run_process(
+            run.exit = await _run_process(
                 argv,
                 log,
                 sandboxed=sandboxed,
@@ -130,7 +130,7 @@ async def start_process(
     return run
 
 
-async def run_process(
+async def _run_process(
     argv: Sequence[str],
     log: OutputLog | None,
     *,

@@ -132,7 +132,7 @@ class Sandbox:
         ro_binds: Sequence[tuple[Path, str]] = (),
     ) -> list[str]:
         """The whole argv: wrapper, sandbox, command. `{info_fd}` stands for the descriptor on
-        which bubblewrap reports the sandbox's pid (process.run_process fills it in)."""
+        which bubblewrap reports the sandbox's pid (quilt.process fills it in)."""
         wrap = ["/bin/sh", "-c", _WRAPPER, "quilt-spawn"]
         if cgroup is not None and cgroup.dirs:
             wrap += [f"cg={p}" for p in cgroup.procs_files]

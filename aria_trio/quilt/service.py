@@ -49,14 +49,7 @@ def container_pb(c: Container) -> pb.Container:
         message=c.message,
         pid=c.pid,
     )
-    if c.started_at is not None:
-        msg.started_at.CopyFrom(_ts(c.started_at))
-    if c.finished_at is not None:
-        msg.finished_at.CopyFrom(_ts(c.finished_at))
-    if c.exit_code is not None:
-        msg.exit_code = c.exit_code
-    if c.signal is not None:
-        msg.signal = c.signal
+    _set_run(msg, c)
     return msg
 
 
@@ -74,15 +67,20 @@ def task_pb(t: Task) -> pb.Task:
         labels=t.labels,
         pid=t.pid,
     )
-    if t.started_at is not None:
-        msg.started_at.CopyFrom(_ts(t.started_at))
-    if t.finished_at is not None:
-        msg.finished_at.CopyFrom(_ts(t.finished_at))
-    if t.exit_code is not None:
-        msg.exit_code = t.exit_code
-    if t.signal is not None:
-        msg.signal = t.signal
+    _set_run(msg, t)
     return msg
+
+
+def _set_run(msg: pb.Container | pb.Task, run: Container | Task) -> None:
+    """The optional fields of a run (set only when known): start, end, exit code, signal."""
+    if run.started_at is not None:
+        msg.started_at.CopyFrom(_ts(run.started_at))
+    if run.finished_at is not None:
+        msg.finished_at.CopyFrom(_ts(run.finished_at))
+    if run.exit_code is not None:
+        msg.exit_code = run.exit_code
+    if run.signal is not None:
+        msg.signal = run.signal
 
 
 def line_pb(line: Line) -> pb.OutputLine:
