@@ -288,3 +288,13 @@ def test_the_daemon_keeps_serving_many_at_once(q):
         th.join()
     assert sorted(results) == sorted(f"{i}\n" for i in range(8))
     q.stop(c.id)
+
+
+def test_container_logs_since_a_time(q):
+    c = q.run(["/bin/sh", "-c", "echo early; sleep 1; echo late"])
+    q.wait_container(c.id)
+    lines = list(q.logs(c.id))
+    assert [ln.text for ln in lines] == ["early", "late"]
+    since = lines[1].timestamp
+    later = q.stream("/quilt.v1.Containers/ContainerLogs", pb.ContainerLogsRequest(id=c.id, since=since), pb.OutputLine)
+    assert [ln.text for ln in later] == ["late"]

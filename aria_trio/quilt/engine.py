@@ -209,7 +209,7 @@ class Engine:
     async def _recover(self) -> None:
         lost, lost_tasks = await self.store.run(table.mark_lost, now_us())
         for row in lost:  # their sandboxes died with quilt; make sure nothing is left in their cgroups
-            cgroup = Cgroup(self.sandbox.limits, f"c-{row['id']}")
+            cgroup = Cgroup(self.sandbox.limits, row["id"])
             await trio.to_thread.run_sync(cgroup.kill_all)
             await trio.to_thread.run_sync(cgroup.remove)
         for row in await self.store.run(table.rows, "containers"):
@@ -284,7 +284,7 @@ class Engine:
         try:
             image = await self.images.resolve(spec.image)
             c.log = await OutputLog.create(self._dir(c.id) / "output.jsonl", self.settings.max_output_bytes)
-            c.cgroup = await self._cgroup(f"c-{c.id}", memory, pids)
+            c.cgroup = await self._cgroup(c.id, memory, pids)
             argv, cwd, env = await trio.to_thread.run_sync(
                 self._argv, spec.command or IDLE, c, image, spec.env, spec.workdir, memory, pids
             )
