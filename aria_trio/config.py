@@ -104,6 +104,22 @@ RUNTIME_SETTINGS: tuple[Setting, ...] = (
         "ARIA_MAX_CONNECTIONS",
         "Client connections served at once; more wait to be accepted.",
     ),
+    Setting(
+        "quilt_socket",
+        str,
+        lambda: "",
+        "ARIA_QUILT_SOCKET",
+        "Socket of a Quilt already running; empty: run `aria quilt serve` as a child (socket and data"
+        " under the data dir's quilt/ folder).",
+    ),
+    Setting(
+        "quilt_sandbox",
+        str,
+        lambda: "bubblewrap",
+        "ARIA_QUILT_SANDBOX",
+        "The child Quilt's sandbox: bubblewrap, or none (NO isolation; only when asked).",
+        ("bubblewrap", "none"),
+    ),
 )
 
 

@@ -8,15 +8,33 @@ from typing import Any
 
 import trio
 
+from .containers import Containers
 from .identity import PeerIdentity
 from .lifecycle import claim, serve_until_signal
+from .notifications import Notifications
+from .pagination import PageTokens, load_key
 from .preferences import Preferences
+from .quilt_link import QuiltLink, quilt_command
+from .registry import Registry
 from .rpc import Health, Server, add_reflection
 from .rpc.health import DESCRIPTOR as HEALTH
 from .rpc.health import SERVING
 from .services import legacy_pool, register
+from .services.bundle import BundleService
+from .services.container import ContainerService
+from .services.notification import NotificationService
+from .services.registry import RegistryService
+from .services.session import SessionService
+from .services.task import TaskService
 from .services.user_preference import UserPreferenceService
+from .sessions import Sessions
 from .store import Store
+from .tasks import Tasks
+from .uploads import Uploads
+
+# Served only while Quilt is reachable (health says NOT_SERVING for them while it is down).
+NEED_QUILT = ("TaskService", "ContainerService", "BundleService")
+PAGE_TOKEN_KEY = "page-token.key"
 
 
 async def serve(settings: dict[str, Any]) -> None:
@@ -34,6 +52,19 @@ async def serve(settings: dict[str, Any]) -> None:
         os.close(lock_fd)
 
 
+def quilt_link(settings: dict[str, Any], health: Health) -> QuiltLink:
+    """The link to a Quilt of our own (a child, under the data dir) or to the one configured."""
+    needs = [f"aria.v1.{name}" for name in NEED_QUILT]
+    if settings["quilt_socket"]:
+        return QuiltLink(Path(settings["quilt_socket"]).expanduser(), spawn=None, health=health, services=needs)
+    data_dir: Path = settings["data_dir"]
+    socket = data_dir / "quilt.sock"
+    command = quilt_command(
+        socket, data_dir / "quilt", settings["quilt_sandbox"], settings["log_level"], settings["log_format"]
+    )
+    return QuiltLink(socket, spawn=command, health=health, services=needs)
+
+
 async def _run(settings: dict[str, Any], store: Store) -> None:
     server = Server(
         max_message_length=settings["max_message_bytes"],
@@ -43,8 +74,35 @@ async def _run(settings: dict[str, Any], store: Store) -> None:
     )
     health = Health()
     server.add_service(HEALTH, health, authenticated=False)
-    names = register(server, {"UserPreferenceService": UserPreferenceService(Preferences(store))})
+    quilt = quilt_link(settings, health)
+    notifications = Notifications(store)
+    tokens = PageTokens(await trio.to_thread.run_sync(load_key, settings["data_dir"] / PAGE_TOKEN_KEY))
+    registry = Registry(store)
+    sessions = Sessions(store, registry)
+    containers = Containers(store, quilt, notifications)
+    tasks = Tasks(store, quilt, notifications, tokens)
+    names = register(
+        server,
+        {
+            "TaskService": TaskService(tasks, containers, sessions),
+            "SessionService": SessionService(sessions, containers),
+            "ContainerService": ContainerService(containers, sessions),
+            "NotificationService": NotificationService(notifications),
+            "BundleService": BundleService(Uploads(quilt, registry, notifications)),
+            "RegistryService": RegistryService(registry),
+            "UserPreferenceService": UserPreferenceService(Preferences(store)),
+        },
+    )
     add_reflection(server, [legacy_pool()])
     for name in names:
-        health.set(name, SERVING)
-    await serve_until_signal(server, health, str(settings["socket"]), settings["grace"], database=str(store.path))
+        if name.removeprefix("aria.v1.") not in NEED_QUILT:
+            health.set(name, SERVING)
+    await serve_until_signal(
+        server,
+        health,
+        str(settings["socket"]),
+        settings["grace"],
+        background=[quilt.run, containers.run, tasks.run],
+        database=str(store.path),
+        quilt=str(quilt.socket),
+    )

@@ -72,3 +72,11 @@ class DeadlineExceeded(AriaError):
 
 class Cancelled(AriaError):
     reason = "CANCELLED"
+
+
+def single(exc: BaseException) -> BaseException:
+    """The one error inside (nested) single-member exception groups, else the group: what a
+    nursery raised when one of its tasks failed and the others were cancelled because of it."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc

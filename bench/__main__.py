@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import quilt_exec, quilt_upload, unary_prefs
+from . import list_tasks, notify_fanout, quilt_exec, quilt_upload, runtime_upload, unary_prefs
 from .harness import BenchError
 
 
@@ -34,6 +34,9 @@ BENCHMARKS: dict[str, Benchmark] = {
     "unary_prefs": unary_prefs,
     "quilt_exec": quilt_exec,
     "quilt_upload": quilt_upload,
+    "list_tasks": list_tasks,
+    "notify_fanout": notify_fanout,
+    "runtime_upload": runtime_upload,
 }
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -133,8 +133,9 @@ class ServerProcess:
         self.kill()
 
 
-def start_aria(socket_path: Path, data_dir: Path, workdir: Path) -> ServerProcess:
-    """`aria serve` with logs at info as JSON lines to workdir/aria.log, and no settings but its flags."""
+def start_aria(socket_path: Path, data_dir: Path, workdir: Path, *extra: str) -> ServerProcess:
+    """`aria serve` with logs at info as JSON lines to workdir/aria.log, and no settings but its flags
+    (and `extra` ones, e.g. --quilt-socket)."""
     aria = Path(sys.executable).with_name("aria")
     if not aria.exists():
         raise BenchError(f"no aria command next to {sys.executable}; install the project in this virtualenv (./dev)")
@@ -151,6 +152,7 @@ def start_aria(socket_path: Path, data_dir: Path, workdir: Path) -> ServerProces
         "info",
         "--log-format",
         "json",
+        *extra,
     ]
     return ServerProcess.start("aria", argv, socket_path, workdir / "aria.log")
 
@@ -239,3 +241,66 @@ def peak_rss_bytes(pid: int) -> int:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     raise BenchError(f"no VmHWM for pid {pid}")
+
+
+class Client:
+    """A client process that prints `ready` once set up, then its result as one JSON line and exits 0.
+
+    For clients that run side by side (several processes of subscribers, say): start them all, wait
+    until each is ready, make them work, then collect each result. Killed on the way out if still running.
+    """
+
+    def __init__(self, argv: list[str], what: str, err_path: Path) -> None:
+        self.what = what
+        self.err_path = err_path
+        with open(err_path, "wb") as err:
+            self.proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, env=child_env(), text=True
+            )
+
+    def wait_ready(self) -> None:
+        assert self.proc.stdout is not None
+        if self.proc.stdout.readline().strip() != "ready":
+            raise _client_error(self.proc, self.what, self.err_path)
+
+    def result(self, timeout: float) -> dict[str, Any]:
+        """The client's JSON line, once it has exited 0 (BenchError if not within `timeout` seconds)."""
+        try:
+            out, _ = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise BenchError(f"{self.what} did not finish within {timeout:.0f} s:\n{tail(self.err_path)}") from None
+        if self.proc.returncode != 0 or not out.strip():
+            raise BenchError(f"{self.what} failed (exit {self.proc.returncode}):\n{tail(self.err_path)}")
+        result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+        return result
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.kill()
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..1) of a non-empty list."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def rpc_durations(log_path: Path, method: str) -> dict[str, float]:
+    """Time at the server of each call to `method` (a path, /pkg.Service/Method), by request id, in ms:
+    from the `rpc` lines the server logs (log format json) when a call ends."""
+    durations = {}
+    for line in log_path.read_text(errors="replace").splitlines():
+        if not line.startswith("{"):
+            continue
+        entry = json.loads(line)
+        if entry.get("event") == "rpc" and entry.get("method") == method:
+            durations[entry["request_id"]] = float(entry["duration_ms"])
+    return durations

@@ -119,7 +119,8 @@ def wait_ready(daemon: Daemon, timeout: float = 20) -> None:
     while time.monotonic() < deadline:
         if daemon.proc.poll() is not None:
             raise RuntimeError(f"daemon exited with {daemon.proc.returncode}:\n{daemon.log_path.read_text()}")
-        if any(entry.get("event") == "serving" for entry in daemon.logs()):
+        # (a runtime's Quilt child logs to the same file: its own socket tells them apart)
+        if any(e.get("event") == "serving" and e.get("socket") == str(daemon.socket) for e in daemon.logs()):
             return
         time.sleep(0.02)
     daemon.stop(signal.SIGKILL)
@@ -130,6 +131,8 @@ def wait_ready(daemon: Daemon, timeout: float = 20) -> None:
 def daemon(sock_dir: Path) -> Iterator[Daemon]:
     d = start_daemon(sock_dir)
     yield d
+    if d.proc.poll() is not None:  # it died during the test: show why
+        print(f"daemon exited with {d.proc.returncode}:\n" + "\n".join(d.log_path.read_text().splitlines()[-40:]))
     d.stop()
 
 

@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from aria_trio.config import RUNTIME_SETTINGS
-from aria_trio.proto.aria.v1 import task_pb2
+from aria_trio.proto.aria.v1 import session_pb2
 from aria_trio.proto.aria.v1 import user_preference_pb2 as prefs_pb
 
 from conftest import start_daemon
@@ -37,8 +37,8 @@ def test_socket_and_folder_are_private(daemon):
     assert stat.S_ISSOCK(os.stat(daemon.socket).st_mode)
     with daemon.channel() as ch:
         get_prefs(ch)  # the WAL and its index exist once the database is used
-    for path in daemon.data_dir.iterdir():
-        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, path
+    for path in daemon.data_dir.iterdir():  # (quilt/ is the Quilt child's folder)
+        assert stat.S_IMODE(os.stat(path).st_mode) == (0o700 if path.is_dir() else 0o600), path
 
 
 def test_stale_socket_file_is_replaced(sock_dir):
@@ -114,12 +114,14 @@ def test_signal_stops_streams_with_unavailable_and_exits_zero(sock_dir, sig):
     assert any(e["event"] == "stopped" for e in d.logs())
 
 
-def test_services_not_built_yet_say_so_under_both_names(daemon):
+def test_methods_not_built_yet_say_so_under_both_names(daemon):
     with daemon.channel() as ch:
-        for path in ("/aria.v1.TaskService/GetTask", "/aria.TaskService/GetTask"):
-            call = ch.unary_unary(path, task_pb2.GetTaskRequest.SerializeToString, task_pb2.Task.FromString)
+        for path in ("/aria.v1.SessionService/ExecuteTurn", "/aria.SessionService/ExecuteTurn"):
+            call = ch.unary_stream(
+                path, session_pb2.ExecuteTurnRequest.SerializeToString, session_pb2.TurnOutput.FromString
+            )
             with pytest.raises(grpc.RpcError) as info:
-                call(task_pb2.GetTaskRequest(task_id="t"), timeout=5)
+                list(call(session_pb2.ExecuteTurnRequest(session_id="s", input="hi"), timeout=5))
             assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
             assert "not implemented by this server yet" in info.value.details()
         with pytest.raises(grpc.RpcError) as unknown:
@@ -192,7 +194,7 @@ def test_config_file_then_environment_then_flags(sock_dir):
         proc = subprocess.Popen(base + extra_args, env={**env, **extra_env}, stderr=subprocess.PIPE, text=True)
         try:
             for line in proc.stderr:
-                if '"serving"' in line:
+                if '"serving"' in line and '"database"' in line:  # (not its Quilt child's)
                     return __import__("json").loads(line)["socket"]
         finally:
             proc.send_signal(signal.SIGTERM)

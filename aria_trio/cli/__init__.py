@@ -162,4 +162,4 @@ def serve(ctx: click.Context, /, config_path: Path | None, **flags: Any) -> None
     run_daemon("aria serve", RUNTIME_SETTINGS, flags, config_path, None, serve_daemon)
 
 
-from . import client, quilt  # noqa: E402,F401  (they register their verbs)
+from . import client, quilt, runtime  # noqa: E402,F401  (they register their verbs)

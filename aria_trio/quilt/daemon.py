@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ from .store import MIGRATIONS
 from .tools import ToolRunner
 
 log = structlog.get_logger("quilt.daemon")
+
+PARENT_ENV = "QUILT_PARENT_PID"  # set by a runtime that runs this Quilt as its child
 
 
 async def serve(settings: dict[str, Any]) -> None:
@@ -91,8 +94,34 @@ async def _run(settings: dict[str, Any], store: Store, sandbox: Sandbox) -> None
         health,
         str(settings["socket"]),
         settings["grace"],
-        background=[engine.run],
+        background=[engine.run, _parent_watch],
         on_stop=engine.shutdown,
         sandbox=sandbox.kind,
         limits=sandbox.limits.name,
     )
+
+
+async def _parent_watch(*, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """When run as a runtime's child: shut down (as at SIGTERM) once the runtime is gone, however
+    it went (even SIGKILL), so no orphan keeps containers and the socket from the next runtime."""
+    pid = os.environ.get(PARENT_ENV)
+    if not pid:
+        task_status.started()
+        return
+    try:
+        fd: int | None = os.pidfd_open(int(pid))
+    except ProcessLookupError:
+        fd = None  # already gone
+    except ValueError:
+        log.warning("ignoring a malformed parent pid", variable=PARENT_ENV, value=pid)
+        task_status.started()
+        return
+    task_status.started()
+    try:
+        if fd is not None:
+            await trio.lowlevel.wait_readable(fd)  # readable once the process exits
+        log.warning("the runtime that started this quilt is gone; shutting down", parent_pid=pid)
+        os.kill(os.getpid(), signal.SIGTERM)
+    finally:
+        if fd is not None:
+            os.close(fd)

@@ -45,6 +45,22 @@ TASK_FINISHED = {T_COMPLETED, T_FAILED, T_CANCELLED, T_TIMEOUT}
 # The main process of a container started without a command: idles until stopped, and (unlike
 # `sleep`) ends at SIGTERM, which pid 1 of a namespace otherwise ignores.
 IDLE = ["/bin/sh", "-c", "trap 'exit 0' TERM INT; while :; do sleep 3600 & wait $!; done"]
+# A container's command runs under this small pid 1 (where the image has /bin/sh), which passes
+# SIGTERM/SIGINT on: so `stop` ends `sleep 30` or a server at once instead of after the grace
+# period, and the command's exit status is pid 1's. (Exec tasks and tools are killed, not asked.)
+FORWARD = (
+    # (its own stderr goes nowhere, so the shell's "Terminated" notices stay out of the log)
+    'exec 3>&2 2>/dev/null; trap \'kill -TERM "$c"\' TERM INT HUP; "$@" 2>&3 3>&- & c=$!; '
+    'while :; do wait "$c"; s=$?; kill -0 "$c" || exit "$s"; done'
+)
+
+
+def main_command(command: list[str], image: Image) -> list[str]:
+    if not command:
+        return IDLE
+    if image.find("/bin/sh"):
+        return ["/bin/sh", "-c", FORWARD, "quilt-init", *command]
+    return command  # an image without a shell: the command is pid 1 and must handle SIGTERM itself
 
 
 def now_us() -> int:
@@ -285,8 +301,8 @@ class Engine:
             image = await self.images.resolve(spec.image)
             c.log = await OutputLog.create(self._dir(c.id) / "output.jsonl", self.settings.max_output_bytes)
             c.cgroup = await self._cgroup(c.id, memory, pids)
-            argv, cwd, env = await trio.to_thread.run_sync(
-                self._argv, spec.command or IDLE, c, image, spec.env, spec.workdir, memory, pids
+            argv, cwd, env = await trio.to_thread.run_sync(  # (main_command looks at the image's files)
+                lambda: self._argv(main_command(spec.command, image), c, image, spec.env, spec.workdir, memory, pids)
             )
             async with trio.open_nursery() as nursery:
                 run = await start_process(nursery, argv, c.log, sandboxed=self._sandboxed, cwd=cwd, env=env)
@@ -371,6 +387,13 @@ class Engine:
             self.containers.pop(cid, None)
             await trio.to_thread.run_sync(lambda: shutil.rmtree(self._dir(cid), ignore_errors=True))
         log.info("container removed", container=cid)
+
+    async def wait(self, cid: str) -> Container:
+        """The container once its main process has ended; at once if it is not running."""
+        c = self.container(cid)
+        if c.state == RUNNING:
+            await c.done.wait()
+        return c
 
     def list_containers(self, states: set[int], labels: dict[str, str]) -> list[Container]:
         return [

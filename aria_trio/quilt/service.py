@@ -158,10 +158,13 @@ class ContainersService(quilt_grpc.ContainersServicer):  # type: ignore[misc]
         found = self.engine.list_containers(set(request.states), dict(request.labels))
         return pb.ListContainersResponse(containers=[container_pb(c) for c in found])
 
+    async def WaitContainer(self, request: pb.ContainerRef, ctx: CallContext) -> pb.Container:
+        return container_pb(await self.engine.wait(request.id))
+
     async def ContainerLogs(self, request: pb.ContainerLogsRequest, ctx: CallContext) -> AsyncIterator[pb.OutputLine]:
         log = await self.engine.container_log(request.id)
         since = request.since.ToNanoseconds() if request.HasField("since") else 0
-        async for line in log.lines(0, follow=request.follow, since_ns=since):
+        async for line in log.lines(request.offset, follow=request.follow, since_ns=since):
             yield line_pb(line)
 
 

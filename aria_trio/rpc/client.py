@@ -49,6 +49,7 @@ class Channel:
         self._calls: dict[int, ClientCall[Any]] = {}
         self._wake = trio.Event()
         self._lost: str | None = None  # why no new call can start
+        self.closed = trio.Event()  # set once the connection is gone
         self._goaway_last: int | None = None
 
     @classmethod
@@ -80,6 +81,7 @@ class Channel:
                 raise group.exceptions[0] from None
             raise
         finally:
+            channel._connection_lost("the channel was closed")  # calls still waiting (shielded ones) fail now
             with trio.CancelScope(shield=True):
                 await stream.aclose()
 
@@ -119,6 +121,7 @@ class Channel:
 
     def _connection_lost(self, reason: str) -> None:
         self._lost = self._lost or reason
+        self.closed.set()
         for call in list(self._calls.values()):
             call._fail(RpcError(StatusCode.UNAVAILABLE, reason))
 
@@ -317,6 +320,11 @@ class ClientCall(Generic[R]):
                 pass  # the server already ended the call; receive() reports how
             self.channel.kick()
         await trio.lowlevel.checkpoint()
+
+    @property
+    def waiting(self) -> bool:
+        """Has a message (or the end) already arrived, so receive() would not wait?"""
+        return bool(self._inbox)
 
     async def receive(self) -> R | None:
         """The next response, or None once the server ended the call with OK."""

@@ -636,7 +636,7 @@ class _Call:
                     await self._invoke()
                     code, reason = StatusCode.OK, "OK"
                 except Exception as exc:
-                    err = _to_rpc_error(_single(exc), self)
+                    err = _to_rpc_error(errors.single(exc), self)
                     code, message, reason = err.code, err.message, err.reason
                     fields, metadata = err.fields, err.metadata
             if self.scope.cancelled_caught:
@@ -720,13 +720,6 @@ class _Call:
         if unread:
             conn.h2.acknowledge_received_data(unread, self.sid)
             conn.kick()
-
-
-def _single(exc: BaseException) -> BaseException:
-    """The one error inside (nested) single-member exception groups, else the group."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
 
 
 def _to_rpc_error(exc: BaseException, call: _Call) -> RpcError:

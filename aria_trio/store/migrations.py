@@ -204,4 +204,18 @@ CREATE INDEX audit_log_by_actor ON audit_log (actor, at DESC);
 CREATE INDEX audit_log_by_time ON audit_log (at DESC);
 """,
     ),
+    (
+        2,
+        "tasks and containers follow quilt",
+        """
+ALTER TABLE tasks ADD COLUMN quilt_container_id TEXT;           -- container:run: its throw-away container
+ALTER TABLE tasks ADD COLUMN output_offset INTEGER NOT NULL DEFAULT 0;  -- quilt lines already stored
+ALTER TABLE containers ADD COLUMN message TEXT NOT NULL DEFAULT '';
+ALTER TABLE bundles ADD COLUMN filename TEXT NOT NULL DEFAULT '';
+ALTER TABLE bundles ADD COLUMN layout TEXT NOT NULL DEFAULT '';
+CREATE UNIQUE INDEX bundles_by_user_content ON bundles (user_id, blake3);
+CREATE INDEX tools_by_bundle ON tools (bundle_id);
+CREATE INDEX agents_by_bundle ON agents (bundle_id);
+""",
+    ),
 ]

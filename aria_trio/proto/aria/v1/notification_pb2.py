@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from aria_trio.proto.aria.v1 import aria_pb2 as aria_dot_v1_dot_aria__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61ria/v1/notification.proto\x12\x07\x61ria.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x12\x61ria/v1/aria.proto\"\x1c\n\x1aStreamNotificationsRequest\"\xc0\x01\n\x0cNotification\x12\n\n\x02id\x18\x01 \x01(\t\x12-\n\ttimestamp\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\rbundle_upload\x18\x03 \x01(\x0b\x32\x1a.aria.v1.BundleUploadEventH\x00\x12/\n\x0btask_status\x18\x04 \x01(\x0b\x32\x18.aria.v1.TaskStatusEventH\x00\x42\x0f\n\revent_payload\"\x99\x01\n\x11\x42undleUploadEvent\x12\x13\n\x0b\x62undle_name\x18\x01 \x01(\t\x12\x18\n\x10progress_percent\x18\x02 \x01(\x01\x12\x16\n\x0estatus_message\x18\x03 \x01(\t\x12\x0f\n\x07success\x18\x04 \x01(\x08\x12\x1a\n\rerror_message\x18\x05 \x01(\tH\x00\x88\x01\x01\x42\x10\n\x0e_error_message\"\x89\x01\n\x0fTaskStatusEvent\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\'\n\nnew_status\x18\x02 \x01(\x0e\x32\x13.aria.v1.TaskStatus\x12\x16\n\x0estatus_message\x18\x03 \x01(\t\x12\x16\n\texit_code\x18\x04 \x01(\x05H\x00\x88\x01\x01\x42\x0c\n\n_exit_code2j\n\x13NotificationService\x12S\n\x13StreamNotifications\x12#.aria.v1.StreamNotificationsRequest\x1a\x15.aria.v1.Notification0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61ria/v1/notification.proto\x12\x07\x61ria.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x12\x61ria/v1/aria.proto\"a\n\x1aStreamNotificationsRequest\x12\x13\n\x0b\x65vent_types\x18\x01 \x03(\t\x12\x1b\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x04H\x00\x88\x01\x01\x42\x11\n\x0f_after_sequence\"\x8d\x02\n\x0cNotification\x12\n\n\x02id\x18\x01 \x01(\t\x12-\n\ttimestamp\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\rbundle_upload\x18\x03 \x01(\x0b\x32\x1a.aria.v1.BundleUploadEventH\x00\x12/\n\x0btask_status\x18\x04 \x01(\x0b\x32\x18.aria.v1.TaskStatusEventH\x00\x12\x39\n\x10\x63ontainer_status\x18\x05 \x01(\x0b\x32\x1d.aria.v1.ContainerStatusEventH\x00\x12\x10\n\x08sequence\x18\n \x01(\x04\x42\x0f\n\revent_payload\"\x99\x01\n\x11\x42undleUploadEvent\x12\x13\n\x0b\x62undle_name\x18\x01 \x01(\t\x12\x18\n\x10progress_percent\x18\x02 \x01(\x01\x12\x16\n\x0estatus_message\x18\x03 \x01(\t\x12\x0f\n\x07success\x18\x04 \x01(\x08\x12\x1a\n\rerror_message\x18\x05 \x01(\tH\x00\x88\x01\x01\x42\x10\n\x0e_error_message\"\x89\x01\n\x0fTaskStatusEvent\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\'\n\nnew_status\x18\x02 \x01(\x0e\x32\x13.aria.v1.TaskStatus\x12\x16\n\x0estatus_message\x18\x03 \x01(\t\x12\x16\n\texit_code\x18\x04 \x01(\x05H\x00\x88\x01\x01\x42\x0c\n\n_exit_code\"\x93\x01\n\x14\x43ontainerStatusEvent\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\'\n\nnew_status\x18\x02 \x01(\x0e\x32\x13.aria.v1.TaskStatus\x12\x16\n\x0estatus_message\x18\x03 \x01(\t\x12\x16\n\texit_code\x18\x04 \x01(\x05H\x00\x88\x01\x01\x42\x0c\n\n_exit_code2j\n\x13NotificationService\x12S\n\x13StreamNotifications\x12#.aria.v1.StreamNotificationsRequest\x1a\x15.aria.v1.Notification0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,13 +35,15 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'aria.v1.notification_pb2', 
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STREAMNOTIFICATIONSREQUEST']._serialized_start=92
-  _globals['_STREAMNOTIFICATIONSREQUEST']._serialized_end=120
-  _globals['_NOTIFICATION']._serialized_start=123
-  _globals['_NOTIFICATION']._serialized_end=315
-  _globals['_BUNDLEUPLOADEVENT']._serialized_start=318
-  _globals['_BUNDLEUPLOADEVENT']._serialized_end=471
-  _globals['_TASKSTATUSEVENT']._serialized_start=474
-  _globals['_TASKSTATUSEVENT']._serialized_end=611
-  _globals['_NOTIFICATIONSERVICE']._serialized_start=613
-  _globals['_NOTIFICATIONSERVICE']._serialized_end=719
+  _globals['_STREAMNOTIFICATIONSREQUEST']._serialized_end=189
+  _globals['_NOTIFICATION']._serialized_start=192
+  _globals['_NOTIFICATION']._serialized_end=461
+  _globals['_BUNDLEUPLOADEVENT']._serialized_start=464
+  _globals['_BUNDLEUPLOADEVENT']._serialized_end=617
+  _globals['_TASKSTATUSEVENT']._serialized_start=620
+  _globals['_TASKSTATUSEVENT']._serialized_end=757
+  _globals['_CONTAINERSTATUSEVENT']._serialized_start=760
+  _globals['_CONTAINERSTATUSEVENT']._serialized_end=907
+  _globals['_NOTIFICATIONSERVICE']._serialized_start=909
+  _globals['_NOTIFICATIONSERVICE']._serialized_end=1015
 # @@protoc_insertion_point(module_scope)

@@ -3,28 +3,37 @@ import datetime
 
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from aria_trio.proto.aria.v1 import aria_pb2 as _aria_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class StreamNotificationsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("event_types", "after_sequence")
+    EVENT_TYPES_FIELD_NUMBER: _ClassVar[int]
+    AFTER_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    event_types: _containers.RepeatedScalarFieldContainer[str]
+    after_sequence: int
+    def __init__(self, event_types: _Optional[_Iterable[str]] = ..., after_sequence: _Optional[int] = ...) -> None: ...
 
 class Notification(_message.Message):
-    __slots__ = ("id", "timestamp", "bundle_upload", "task_status")
+    __slots__ = ("id", "timestamp", "bundle_upload", "task_status", "container_status", "sequence")
     ID_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_UPLOAD_FIELD_NUMBER: _ClassVar[int]
     TASK_STATUS_FIELD_NUMBER: _ClassVar[int]
+    CONTAINER_STATUS_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     id: str
     timestamp: _timestamp_pb2.Timestamp
     bundle_upload: BundleUploadEvent
     task_status: TaskStatusEvent
-    def __init__(self, id: _Optional[str] = ..., timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., bundle_upload: _Optional[_Union[BundleUploadEvent, _Mapping]] = ..., task_status: _Optional[_Union[TaskStatusEvent, _Mapping]] = ...) -> None: ...
+    container_status: ContainerStatusEvent
+    sequence: int
+    def __init__(self, id: _Optional[str] = ..., timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., bundle_upload: _Optional[_Union[BundleUploadEvent, _Mapping]] = ..., task_status: _Optional[_Union[TaskStatusEvent, _Mapping]] = ..., container_status: _Optional[_Union[ContainerStatusEvent, _Mapping]] = ..., sequence: _Optional[int] = ...) -> None: ...
 
 class BundleUploadEvent(_message.Message):
     __slots__ = ("bundle_name", "progress_percent", "status_message", "success", "error_message")
@@ -51,3 +60,15 @@ class TaskStatusEvent(_message.Message):
     status_message: str
     exit_code: int
     def __init__(self, task_id: _Optional[str] = ..., new_status: _Optional[_Union[_aria_pb2.TaskStatus, str]] = ..., status_message: _Optional[str] = ..., exit_code: _Optional[int] = ...) -> None: ...
+
+class ContainerStatusEvent(_message.Message):
+    __slots__ = ("container_id", "new_status", "status_message", "exit_code")
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    NEW_STATUS_FIELD_NUMBER: _ClassVar[int]
+    STATUS_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    new_status: _aria_pb2.TaskStatus
+    status_message: str
+    exit_code: int
+    def __init__(self, container_id: _Optional[str] = ..., new_status: _Optional[_Union[_aria_pb2.TaskStatus, str]] = ..., status_message: _Optional[str] = ..., exit_code: _Optional[int] = ...) -> None: ...

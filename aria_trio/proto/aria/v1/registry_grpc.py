@@ -10,6 +10,9 @@ class RegistryServiceServicer(purerpc.Servicer):
     async def GetAgentDetails(self, input_message):
         raise NotImplementedError()
 
+    async def ListTools(self, input_message):
+        raise NotImplementedError()
+
     @property
     def service(self) -> purerpc.Service:
         service_obj = purerpc.Service(
@@ -31,6 +34,15 @@ class RegistryServiceServicer(purerpc.Servicer):
                 purerpc.Cardinality.UNARY_UNARY,
                 aria_dot_v1_dot_registry__pb2.GetAgentDetailsRequest,
                 aria_dot_v1_dot_registry__pb2.AgentDefinition,
+            )
+        )
+        service_obj.add_method(
+            "ListTools",
+            self.ListTools,
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                aria_dot_v1_dot_registry__pb2.ListToolsRequest,
+                aria_dot_v1_dot_registry__pb2.ListToolsResponse,
             )
         )
         return service_obj
@@ -56,5 +68,13 @@ class RegistryServiceStub:
                 purerpc.Cardinality.UNARY_UNARY,
                 aria_dot_v1_dot_registry__pb2.GetAgentDetailsRequest,
                 aria_dot_v1_dot_registry__pb2.AgentDefinition,
+            )
+        )
+        self.ListTools = self._client.get_method_stub(
+            "ListTools",
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                aria_dot_v1_dot_registry__pb2.ListToolsRequest,
+                aria_dot_v1_dot_registry__pb2.ListToolsResponse,
             )
         )

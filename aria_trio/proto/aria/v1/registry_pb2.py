@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x61ria/v1/registry.proto\x12\x07\x61ria.v1\"\x13\n\x11ListAgentsRequest\";\n\x12ListAgentsResponse\x12%\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x15.aria.v1.AgentSummary\"C\n\x0c\x41gentSummary\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\"*\n\x16GetAgentDetailsRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\"n\n\x0f\x41gentDefinition\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12&\n\x05tools\x18\x04 \x03(\x0b\x32\x17.aria.v1.ToolDefinition\"S\n\x0eToolDefinition\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x1e\n\x16parameters_json_schema\x18\x03 \x01(\t2\xa6\x01\n\x0fRegistryService\x12\x45\n\nListAgents\x12\x1a.aria.v1.ListAgentsRequest\x1a\x1b.aria.v1.ListAgentsResponse\x12L\n\x0fGetAgentDetails\x12\x1f.aria.v1.GetAgentDetailsRequest\x1a\x18.aria.v1.AgentDefinitionb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x61ria/v1/registry.proto\x12\x07\x61ria.v1\"\x13\n\x11ListAgentsRequest\";\n\x12ListAgentsResponse\x12%\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x15.aria.v1.AgentSummary\"C\n\x0c\x41gentSummary\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\"*\n\x16GetAgentDetailsRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\"n\n\x0f\x41gentDefinition\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12&\n\x05tools\x18\x04 \x03(\x0b\x32\x17.aria.v1.ToolDefinition\"\x12\n\x10ListToolsRequest\";\n\x11ListToolsResponse\x12&\n\x05tools\x18\x01 \x03(\x0b\x32\x17.aria.v1.ToolDefinition\"S\n\x0eToolDefinition\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x1e\n\x16parameters_json_schema\x18\x03 \x01(\t2\xea\x01\n\x0fRegistryService\x12\x45\n\nListAgents\x12\x1a.aria.v1.ListAgentsRequest\x1a\x1b.aria.v1.ListAgentsResponse\x12L\n\x0fGetAgentDetails\x12\x1f.aria.v1.GetAgentDetailsRequest\x1a\x18.aria.v1.AgentDefinition\x12\x42\n\tListTools\x12\x19.aria.v1.ListToolsRequest\x1a\x1a.aria.v1.ListToolsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,8 +42,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETAGENTDETAILSREQUEST']._serialized_end=228
   _globals['_AGENTDEFINITION']._serialized_start=230
   _globals['_AGENTDEFINITION']._serialized_end=340
-  _globals['_TOOLDEFINITION']._serialized_start=342
-  _globals['_TOOLDEFINITION']._serialized_end=425
-  _globals['_REGISTRYSERVICE']._serialized_start=428
-  _globals['_REGISTRYSERVICE']._serialized_end=594
+  _globals['_LISTTOOLSREQUEST']._serialized_start=342
+  _globals['_LISTTOOLSREQUEST']._serialized_end=360
+  _globals['_LISTTOOLSRESPONSE']._serialized_start=362
+  _globals['_LISTTOOLSRESPONSE']._serialized_end=421
+  _globals['_TOOLDEFINITION']._serialized_start=423
+  _globals['_TOOLDEFINITION']._serialized_end=506
+  _globals['_REGISTRYSERVICE']._serialized_start=509
+  _globals['_REGISTRYSERVICE']._serialized_end=743
 # @@protoc_insertion_point(module_scope)

@@ -45,6 +45,16 @@ class AgentDefinition(_message.Message):
     tools: _containers.RepeatedCompositeFieldContainer[ToolDefinition]
     def __init__(self, agent_id: _Optional[str] = ..., name: _Optional[str] = ..., description: _Optional[str] = ..., tools: _Optional[_Iterable[_Union[ToolDefinition, _Mapping]]] = ...) -> None: ...
 
+class ListToolsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListToolsResponse(_message.Message):
+    __slots__ = ("tools",)
+    TOOLS_FIELD_NUMBER: _ClassVar[int]
+    tools: _containers.RepeatedCompositeFieldContainer[ToolDefinition]
+    def __init__(self, tools: _Optional[_Iterable[_Union[ToolDefinition, _Mapping]]] = ...) -> None: ...
+
 class ToolDefinition(_message.Message):
     __slots__ = ("name", "description", "parameters_json_schema")
     NAME_FIELD_NUMBER: _ClassVar[int]

@@ -15,6 +15,9 @@ class SessionServiceServicer(purerpc.Servicer):
     async def ExecuteTurn(self, input_message):
         raise NotImplementedError()
 
+    async def EndSession(self, input_message):
+        raise NotImplementedError()
+
     @property
     def service(self) -> purerpc.Service:
         service_obj = purerpc.Service(
@@ -45,6 +48,15 @@ class SessionServiceServicer(purerpc.Servicer):
                 purerpc.Cardinality.UNARY_STREAM,
                 aria_dot_v1_dot_session__pb2.ExecuteTurnRequest,
                 aria_dot_v1_dot_session__pb2.TurnOutput,
+            )
+        )
+        service_obj.add_method(
+            "EndSession",
+            self.EndSession,
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                aria_dot_v1_dot_session__pb2.EndSessionRequest,
+                aria_dot_v1_dot_session__pb2.Session,
             )
         )
         return service_obj
@@ -78,5 +90,13 @@ class SessionServiceStub:
                 purerpc.Cardinality.UNARY_STREAM,
                 aria_dot_v1_dot_session__pb2.ExecuteTurnRequest,
                 aria_dot_v1_dot_session__pb2.TurnOutput,
+            )
+        )
+        self.EndSession = self._client.get_method_stub(
+            "EndSession",
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                aria_dot_v1_dot_session__pb2.EndSessionRequest,
+                aria_dot_v1_dot_session__pb2.Session,
             )
         )

@@ -104,3 +104,9 @@ class ToolResult(_message.Message):
     success: bool
     error_message: str
     def __init__(self, tool_name: _Optional[str] = ..., result_json: _Optional[str] = ..., success: _Optional[bool] = ..., error_message: _Optional[str] = ...) -> None: ...
+
+class EndSessionRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...

@@ -26,6 +26,9 @@ class ContainersServicer(purerpc.Servicer):
     async def ContainerLogs(self, input_message):
         raise NotImplementedError()
 
+    async def WaitContainer(self, input_message):
+        raise NotImplementedError()
+
     @property
     def service(self) -> purerpc.Service:
         service_obj = purerpc.Service(
@@ -94,6 +97,15 @@ class ContainersServicer(purerpc.Servicer):
                 quilt_dot_v1_dot_quilt__pb2.OutputLine,
             )
         )
+        service_obj.add_method(
+            "WaitContainer",
+            self.WaitContainer,
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                quilt_dot_v1_dot_quilt__pb2.ContainerRef,
+                quilt_dot_v1_dot_quilt__pb2.Container,
+            )
+        )
         return service_obj
 
 
@@ -157,6 +169,14 @@ class ContainersStub:
                 purerpc.Cardinality.UNARY_STREAM,
                 quilt_dot_v1_dot_quilt__pb2.ContainerLogsRequest,
                 quilt_dot_v1_dot_quilt__pb2.OutputLine,
+            )
+        )
+        self.WaitContainer = self._client.get_method_stub(
+            "WaitContainer",
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                quilt_dot_v1_dot_quilt__pb2.ContainerRef,
+                quilt_dot_v1_dot_quilt__pb2.Container,
             )
         )
 

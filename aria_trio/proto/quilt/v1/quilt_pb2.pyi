@@ -174,14 +174,16 @@ class ListContainersResponse(_message.Message):
     def __init__(self, containers: _Optional[_Iterable[_Union[Container, _Mapping]]] = ...) -> None: ...
 
 class ContainerLogsRequest(_message.Message):
-    __slots__ = ("id", "follow", "since")
+    __slots__ = ("id", "follow", "since", "offset")
     ID_FIELD_NUMBER: _ClassVar[int]
     FOLLOW_FIELD_NUMBER: _ClassVar[int]
     SINCE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
     id: str
     follow: bool
     since: _timestamp_pb2.Timestamp
-    def __init__(self, id: _Optional[str] = ..., follow: _Optional[bool] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    offset: int
+    def __init__(self, id: _Optional[str] = ..., follow: _Optional[bool] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class OutputLine(_message.Message):
     __slots__ = ("offset", "timestamp", "stream", "text")

@@ -1,0 +1,251 @@
+"""Containers a user owns: kept in Quilt, owned here, watched for every status change.
+
+Status is Quilt's state in the API's words: created is PENDING, running RUNNING, exited with 0
+COMPLETED, exited otherwise or never started FAILED, stopped by a caller CANCELLED. Each change
+is stored and announced once (a ContainerStatusEvent); a watcher per running container waits for
+its end in Quilt, so a container that ends by itself is announced too.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import structlog
+import trio
+
+from . import errors
+from .notifications import Notifications
+from .proto.aria.v1 import aria_pb2
+from .proto.aria.v1 import notification_pb2 as npb
+from .proto.quilt.v1 import quilt_pb2 as q
+from .quilt_link import QuiltLink
+from .rpc import RpcError
+from .store import Store
+from .store import containers as table
+from .store.db import now_us
+
+log = structlog.get_logger("aria.containers")
+
+PENDING, RUNNING, COMPLETED, FAILED, CANCELLED = 1, 2, 3, 4, 5
+QC = "/quilt.v1.Containers/"
+MAX_NAME = 128
+
+
+def status_of(c: q.Container) -> int:
+    if c.state == q.CONTAINER_CREATED:
+        return PENDING
+    if c.state == q.CONTAINER_RUNNING:
+        return RUNNING
+    if c.state == q.CONTAINER_STOPPED:
+        return CANCELLED
+    if c.state == q.CONTAINER_EXITED and c.exit_code == 0 and not c.HasField("signal"):
+        return COMPLETED
+    return FAILED
+
+
+class Containers:
+    def __init__(self, store: Store, quilt: QuiltLink, notifications: Notifications) -> None:
+        self.store = store
+        self.quilt = quilt
+        self.notifications = notifications
+        self._locks: dict[str, trio.Lock] = {}
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Watch running containers until cancelled, starting with those recorded as running."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for row in await self.store.run(table.running):
+                nursery.start_soon(self._watch, row)
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def owned(self, user: str, container_id: str) -> dict[str, Any]:
+        row = await self.store.run(table.get, user, container_id)
+        if row is None:
+            raise errors.NotFound(f"no container {container_id!r}", reason="CONTAINER_NOT_FOUND")
+        return row
+
+    async def running_quilt_id(self, user: str, container_id: str) -> str:
+        """Quilt's id of the caller's container, which must be running (for exec)."""
+        row = await self.get(user, container_id)
+        if row["status"] != RUNNING:
+            raise errors.FailedPrecondition(f"container {container_id} is not running", reason="CONTAINER_NOT_RUNNING")
+        return str(row["quilt_container_id"])
+
+    async def create(
+        self,
+        user: str,
+        *,
+        name: str,
+        image_path: str,
+        environment: dict[str, str],
+        persistent: bool,
+        session_id: str | None,
+        command: list[str],
+    ) -> dict[str, Any]:
+        if len(name) > MAX_NAME:
+            raise errors.InvalidArgument(f"name is longer than {MAX_NAME} characters", fields={"name": "too long"})
+        spec = q.ContainerSpec(
+            name=name,
+            image=image_path or "host",
+            command=command,
+            env=environment,
+            labels={"aria.user": user, "aria.persistent": str(persistent).lower(), "aria.session": session_id or ""},
+        )
+        created = await self.quilt.unary(QC + "CreateContainer", q.CreateContainerRequest(spec=spec), q.Container)
+        row = {
+            "id": created.id,
+            "user_id": user,
+            "session_id": session_id,
+            "name": name,
+            "image_path": image_path or "host",
+            "environment_json": _json(environment),
+            "command_json": _json(command),
+            "persistent": int(persistent),
+            "status": PENDING,
+            "quilt_container_id": created.id,
+            "created_at": now_us(),
+            "updated_at": now_us(),
+            "message": "",
+        }
+        await self.store.run(table.insert, row)
+        await self._announce(row, "created")
+        return row
+
+    async def start(self, user: str, container_id: str) -> dict[str, Any]:
+        row = await self.owned(user, container_id)
+        async with self._lock(container_id):
+            started = await self.quilt.unary(
+                QC + "StartContainer", q.ContainerRef(id=row["quilt_container_id"]), q.Container
+            )
+            await self._record(row, started, "running")
+        if row["status"] == RUNNING:
+            assert self._nursery is not None
+            self._nursery.start_soon(self._watch, row)
+        return row
+
+    async def stop(self, user: str, container_id: str) -> dict[str, Any]:
+        row = await self.owned(user, container_id)
+        async with self._lock(container_id):
+            stopped = await self.quilt.unary(
+                QC + "StopContainer", q.StopContainerRequest(id=row["quilt_container_id"]), q.Container, timeout=None
+            )
+            await self._record(row, stopped)
+        return row
+
+    async def remove(self, user: str, container_id: str, *, force: bool = False) -> None:
+        row = await self.owned(user, container_id)
+        async with self._lock(container_id):
+            try:
+                await self.quilt.unary(
+                    QC + "RemoveContainer",
+                    q.RemoveContainerRequest(id=row["quilt_container_id"], force=force),
+                    q.RemoveContainerResponse,
+                    timeout=None,
+                )
+            except errors.NotFound:
+                pass  # quilt lost it already (its data was reset): forget it here too
+            await self.store.run(table.delete, container_id)
+            if row["status"] in (PENDING, RUNNING):  # it ends here: say so (nothing else will)
+                row["status"] = CANCELLED
+                await self._announce(row, "removed")
+        log.info("container removed", container=container_id, user=user)
+
+    async def get(self, user: str, container_id: str) -> dict[str, Any]:
+        """The container, its status refreshed from Quilt."""
+        row = await self.owned(user, container_id)
+        try:
+            current = await self.quilt.unary(
+                QC + "GetContainer", q.ContainerRef(id=row["quilt_container_id"]), q.Container
+            )
+        except errors.Unavailable:
+            return row  # what we last knew
+        except errors.NotFound:
+            current = q.Container(state=q.CONTAINER_FAILED, message="lost: quilt no longer knows it")
+        async with self._lock(container_id):
+            await self._record(row, current)
+        return row
+
+    async def list(self, user: str, session_id: str | None) -> list[dict[str, Any]]:
+        return await self.store.run(table.of_user, user, session_id)
+
+    async def logs(
+        self, user: str, container_id: str, follow: bool, since_ns: int | None
+    ) -> AsyncIterator[q.OutputLine]:
+        row = await self.owned(user, container_id)
+        request = q.ContainerLogsRequest(id=row["quilt_container_id"], follow=follow)
+        if since_ns is not None:
+            request.since.FromNanoseconds(since_ns)
+        try:
+            async with self.quilt.channel().call(QC + "ContainerLogs", q.OutputLine) as call:
+                await call.send(request, end=True)
+                async for line in call:
+                    if line.stream != q.SYSTEM:
+                        yield line
+        except RpcError as exc:
+            raise errors.Unavailable(f"lost the container service while reading logs: {exc.message}") from None
+
+    async def end_session(self, user: str, session_id: str) -> None:
+        """A session ended: its containers that are not persistent go."""
+        for row in await self.store.run(table.of_user, user, session_id):
+            if not row["persistent"]:
+                await self.remove(user, row["id"], force=True)
+
+    # -- status -----------------------------------------------------------------------------------
+
+    def _lock(self, container_id: str) -> trio.Lock:
+        return self._locks.setdefault(container_id, trio.Lock())
+
+    async def _record(self, row: dict[str, Any], current: q.Container, message: str = "") -> None:
+        """Store Quilt's view if the status changed, and announce it (once: callers hold the
+        container's lock, and the stored status, not `row`'s copy, is what is compared)."""
+        status = status_of(current)
+        exit_code = current.exit_code if current.HasField("exit_code") else None
+        stored = await self.store.run(table.status, row["id"])
+        if stored is None or status == stored:
+            row["status"] = status
+            return
+        row.update(status=status, exit_code=exit_code, message=current.message or message, updated_at=now_us())
+        fields = {k: row[k] for k in ("status", "exit_code", "message", "updated_at")}
+        await self.store.run(table.update, row["id"], fields)
+        await self._announce(row, row["message"])
+
+    async def _announce(self, row: dict[str, Any], message: str) -> None:
+        event = npb.ContainerStatusEvent(
+            container_id=row["id"], new_status=aria_pb2.TaskStatus.Name(row["status"]), status_message=message
+        )
+        if row.get("exit_code") is not None:
+            event.exit_code = row["exit_code"]
+        name = aria_pb2.TaskStatus.Name(row["status"]).lower()
+        await self.notifications.publish(
+            row["user_id"],
+            "container_status",
+            event,
+            title=f"Container {row['name'] or row['id']} {name}",
+            message=message,
+            metadata={"container_id": row["id"], "status": name},
+        )
+
+    async def _watch(self, row: dict[str, Any]) -> None:
+        """Wait in Quilt for the end of a running container; record how it ended."""
+        quilt_id = row["quilt_container_id"]
+        while row["status"] == RUNNING:
+            try:
+                await self.quilt.up.wait()
+                ended = await self.quilt.unary(
+                    QC + "WaitContainer", q.ContainerRef(id=quilt_id), q.Container, timeout=None
+                )
+            except errors.Unavailable:
+                await trio.sleep(0.5)  # quilt is restarting: ask again once it is back
+                continue
+            except errors.NotFound:
+                ended = q.Container(state=q.CONTAINER_FAILED, message="lost: quilt no longer knows it")
+            async with self._lock(row["id"]):
+                await self._record(row, ended)
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)

@@ -1,0 +1,205 @@
+"""The runtime's link to Quilt: one connection, kept up; and, by default, Quilt itself as a child.
+
+By default the runtime runs `aria quilt serve` as a supervised child process (restarted with
+backoff when it dies); with `--quilt-socket` it uses a Quilt that is already running. Either way
+there is one HTTP/2 connection, multiplexing every call (no lock around calls); while it is down,
+calls fail at once with UNAVAILABLE and the services that need Quilt report NOT_SERVING.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import secrets
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import structlog
+import trio
+
+from . import errors
+from .rpc import Channel, Health, RpcError, StatusCode
+from .rpc.health import NOT_SERVING, SERVING
+
+log = structlog.get_logger("aria.quilt_link")
+
+R = TypeVar("R")
+BACKOFF_FIRST, BACKOFF_MAX = 0.25, 30.0
+READY_TIMEOUT = 30.0
+STOP_GRACE = 10.0
+
+
+def quilt_command(socket: Path, data_dir: Path, sandbox: str, log_level: str, log_format: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "aria_trio",
+        "quilt",
+        "serve",
+        "--socket",
+        str(socket),
+        "--data-dir",
+        str(data_dir),
+        "--sandbox",
+        sandbox,
+        "--log-level",
+        log_level,
+        "--log-format",
+        "json" if log_format == "auto" and not sys.stderr.isatty() else log_format,
+    ]
+
+
+class QuiltLink:
+    def __init__(self, socket: Path, *, spawn: Sequence[str] | None, health: Health, services: Sequence[str]) -> None:
+        self.socket = socket
+        self.spawn = list(spawn) if spawn else None
+        self.health = health
+        self.services = list(services)
+        self._channel: Channel | None = None
+        self.up = trio.Event()
+        self.restarts = 0
+        self._connections = 0  # connections made so far
+        self._changed = trio.Event()  # set (and replaced) whenever the link comes up or goes down
+
+    def _report(self, up: bool) -> None:
+        for name in self.services:
+            self.health.set(name, SERVING if up else NOT_SERVING)
+
+    # -- keeping it up ----------------------------------------------------------------------------
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep the link (and the child) up until cancelled; started once first connected (or,
+        after READY_TIMEOUT, regardless: calls then fail with UNAVAILABLE until it is up)."""
+        self._report(False)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._keep_up)
+            with trio.move_on_after(READY_TIMEOUT):
+                await self.up.wait()
+            if not self.up.is_set():
+                log.error(
+                    "quilt is not up yet; calls that need it answer UNAVAILABLE until it is", socket=str(self.socket)
+                )
+            task_status.started()
+
+    async def _keep_up(self) -> None:
+        backoff = BACKOFF_FIRST
+        while True:
+            started = trio.current_time()
+            if self.spawn is not None:
+                await self._run_child()
+            else:
+                await self._connect_and_hold()
+            if trio.current_time() - started > 60:
+                backoff = BACKOFF_FIRST  # it ran a good while: start the backoff over
+            log.warning("quilt link down; retrying", socket=str(self.socket), retry_in_s=backoff)
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX)
+            self.restarts += 1
+
+    async def _run_child(self) -> None:
+        """Start quilt, wait for its READY=1 (the systemd protocol, on a socket of our own), hold
+        the connection while both live; whichever goes first takes the other with it."""
+        assert self.spawn is not None
+        ready = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        address = f"\0aria-quilt-ready-{os.getpid()}-{secrets.token_hex(4)}"
+        await ready.bind(address)
+        try:
+            async with trio.open_nursery() as nursery:
+                run = functools.partial(
+                    trio.run_process,
+                    self.spawn,
+                    check=False,
+                    deliver_cancel=_terminate,
+                    env={**os.environ, "NOTIFY_SOCKET": "@" + address[1:], "QUILT_PARENT_PID": str(os.getpid())},
+                )
+                process = await nursery.start(run)
+                log.info("quilt started", pid=process.pid, socket=str(self.socket))
+
+                async def watch() -> None:
+                    await process.wait()
+                    log.warning("quilt exited", code=process.returncode)
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(watch)
+                with trio.move_on_after(READY_TIMEOUT):
+                    while b"READY=1" not in (await ready.recv(4096)).split(b"\n"):
+                        pass
+                await self._connect_and_hold()
+                nursery.cancel_scope.cancel()  # the connection is gone: make sure the child is too
+        finally:
+            ready.close()
+
+    async def _connect_and_hold(self) -> None:
+        try:
+            async with Channel.connect(str(self.socket)) as channel:
+                self._channel = channel
+                self._connections += 1
+                self._changed_now()
+                self.up.set()
+                self._report(True)
+                log.info("quilt link up", socket=str(self.socket))
+                await channel.closed.wait()
+        except RpcError as exc:
+            log.warning("cannot reach quilt", socket=str(self.socket), error=exc.message)
+        finally:
+            self._channel = None
+            self._changed_now()
+            if self.up.is_set():
+                self.up = trio.Event()
+                self._report(False)
+
+    def connected(self) -> bool:
+        return self._channel is not None and not self._channel.closed.is_set()
+
+    async def reconnected(self) -> None:
+        """Wait for the next connection after the current one."""
+        seen = self._connections
+        while self._connections == seen or not self.connected():
+            await self._changed.wait()
+
+    def _changed_now(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    # -- calls ------------------------------------------------------------------------------------
+
+    def channel(self) -> Channel:
+        if self._channel is None:
+            raise errors.Unavailable("the container service (quilt) is not available right now; try again shortly")
+        return self._channel
+
+    async def unary(self, path: str, request: Any, reply: type[R], timeout: float | None = 60) -> R:
+        """One call; Quilt's errors come back as domain errors with Quilt's own message."""
+        try:
+            return await self.channel().unary(path, request, reply, timeout=timeout)
+        except RpcError as exc:
+            raise as_domain_error(exc) from None
+
+
+def as_domain_error(exc: RpcError) -> errors.AriaError:
+    cls = {
+        StatusCode.NOT_FOUND: errors.NotFound,
+        StatusCode.INVALID_ARGUMENT: errors.InvalidArgument,
+        StatusCode.FAILED_PRECONDITION: errors.FailedPrecondition,
+        StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhausted,
+        StatusCode.DEADLINE_EXCEEDED: errors.DeadlineExceeded,
+        StatusCode.UNAVAILABLE: errors.Unavailable,
+    }.get(exc.code)
+    if cls is None:
+        log.error("quilt call failed", code=exc.code.name, message=exc.message)
+        return errors.Unavailable("the container service (quilt) failed; see the runtime's log")
+    info = exc.error_info()
+    return cls(exc.message, reason=info.reason if info is not None else None)
+
+
+async def _terminate(process: trio.Process) -> None:
+    """How the child is stopped: SIGTERM (it stops its containers), SIGKILL if it takes too long."""
+    process.send_signal(signal.SIGTERM)
+    with trio.move_on_after(STOP_GRACE):
+        await process.wait()
+        return
+    process.kill()

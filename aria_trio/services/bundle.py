@@ -1,0 +1,22 @@
+"""aria.v1.BundleService: uploads, streamed through to Quilt."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from ..proto.aria.v1 import bundle_grpc
+from ..proto.aria.v1 import bundle_pb2 as pb
+from ..rpc import CallContext
+from ..uploads import Uploads
+
+
+class BundleService(bundle_grpc.BundleServiceServicer):  # type: ignore[misc]
+    def __init__(self, uploads: Uploads) -> None:
+        self.uploads = uploads
+
+    async def UploadBundle(
+        self, requests: AsyncIterator[pb.UploadBundleRequest], ctx: CallContext
+    ) -> pb.UploadBundleResponse:
+        """Failures answer with a status (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, ...) whose message
+        says what was wrong; a response always means success."""
+        return pb.UploadBundleResponse(bundle_id=await self.uploads.upload(ctx.user, requests), success=True)

@@ -1,0 +1,64 @@
+"""Store rows to aria.v1 messages: the one place that knows both shapes."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from google.protobuf import timestamp_pb2
+
+from ..proto.aria.v1 import container_pb2, session_pb2, task_pb2
+
+
+def timestamp(us: int) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromMicroseconds(us)
+    return ts
+
+
+def task(row: dict[str, Any]) -> task_pb2.Task:
+    msg = task_pb2.Task(
+        id=row["id"],
+        user_id=row["user_id"],
+        session_id=row["session_id"],
+        container_id=row["container_id"],
+        type=row["type"],
+        command_json=row["command_json"],
+        environment=json.loads(row["environment_json"]),
+        timeout_seconds=row["timeout_seconds"],
+        status=row["status"],
+        created_at=timestamp(row["created_at"]),
+        progress_percent=row["progress_percent"],
+        current_operation=row["current_operation"],
+    )
+    for field in ("started_at", "completed_at"):
+        if row.get(field) is not None:
+            getattr(msg, field).CopyFrom(timestamp(row[field]))
+    for field in ("parent_task_id", "exit_code", "error_message"):
+        if row.get(field) is not None:
+            setattr(msg, field, row[field])
+    return msg
+
+
+def container(row: dict[str, Any]) -> container_pb2.Container:
+    msg = container_pb2.Container(
+        id=row["id"],
+        user_id=row["user_id"],
+        name=row["name"],
+        image_path=row["image_path"],
+        status=row["status"],
+        created_at=timestamp(row["created_at"]),
+    )
+    if row.get("session_id"):
+        msg.session_id = row["session_id"]
+    return msg
+
+
+def session(row: dict[str, Any]) -> session_pb2.Session:
+    return session_pb2.Session(
+        id=row["id"],
+        user_id=row["user_id"],
+        created_at=timestamp(row["created_at"]),
+        context_data=json.loads(row["context_json"]),
+        status=row["status"],
+    )

@@ -1,0 +1,58 @@
+"""notifications: every event of a user, with a per-user sequence, kept for resuming subscribers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import sqlite_utils
+
+from .db import now_us, transaction
+
+RETENTION = 100_000  # events kept per user; older ones go (a resume from before them finds a gap)
+
+
+def append(
+    db: sqlite_utils.Database,
+    user_id: str,
+    notification_id: str,
+    kind: str,
+    title: str,
+    message: str,
+    metadata_json: str,
+    payload: Callable[[int, int], bytes],
+) -> tuple[int, int]:
+    """Store one event under the user's next sequence number; returns (sequence, created_at).
+    `payload(sequence, created_at)` makes the stored bytes, which carry both."""
+    created = now_us()
+    with transaction(db):  # the sequence and the row, together
+        seq = db.execute(
+            "INSERT INTO notification_sequences (user_id, last_sequence) VALUES (?, 1) "
+            "ON CONFLICT (user_id) DO UPDATE SET last_sequence = last_sequence + 1 RETURNING last_sequence",
+            [user_id],
+        ).fetchone()[0]
+        db.execute(
+            "INSERT INTO notifications (id, user_id, sequence, type, title, message, metadata_json, payload, "
+            "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [notification_id, user_id, seq, kind, title, message, metadata_json, payload(seq, created), created],
+        )
+        if seq % 1000 == 0:
+            db.execute("DELETE FROM notifications WHERE user_id = ? AND sequence <= ?", [user_id, seq - RETENTION])
+    return seq, created
+
+
+def after(db: sqlite_utils.Database, user_id: str, sequence: int, kinds: list[str], limit: int) -> list[bytes]:
+    """Payloads of the user's events after `sequence`, in order (only `kinds`, when given)."""
+    sql = "SELECT payload FROM notifications WHERE user_id = ? AND sequence > ?"
+    params: list[Any] = [user_id, sequence]
+    if kinds:
+        sql += f" AND type IN ({','.join('?' * len(kinds))})"
+        params += kinds
+    sql += " ORDER BY sequence LIMIT ?"
+    params.append(limit)
+    return [row[0] for row in db.execute(sql, params).fetchall()]
+
+
+def last_sequence(db: sqlite_utils.Database, user_id: str) -> int:
+    row = db.execute("SELECT last_sequence FROM notification_sequences WHERE user_id = ?", [user_id]).fetchone()
+    return int(row[0]) if row else 0

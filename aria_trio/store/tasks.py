@@ -1,0 +1,106 @@
+"""tasks, task_status_history, task_output: everything about a task, so it outlives both daemons."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import sqlite_utils
+
+from .db import now_us, transaction
+
+PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, TIMEOUT = 1, 2, 3, 4, 5, 6
+UNFINISHED = (PENDING, RUNNING)
+STATUSES = (PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, TIMEOUT)
+STDOUT, STDERR, PROGRESS = 1, 2, 3
+
+
+def insert(db: sqlite_utils.Database, row: dict[str, Any], message: str) -> None:
+    with transaction(db):
+        db.table("tasks").insert(row)
+        _history(db, row["id"], row["status"], message)
+
+
+def set_status(db: sqlite_utils.Database, task_id: str, status: int, message: str, fields: dict[str, Any]) -> None:
+    """A status transition, recorded with its history line, atomically."""
+    with transaction(db):
+        db.table("tasks").update(task_id, {"status": status, **fields})
+        _history(db, task_id, status, message)
+
+
+def update(db: sqlite_utils.Database, task_id: str, fields: dict[str, Any]) -> None:
+    db.table("tasks").update(task_id, fields)
+
+
+def _history(db: sqlite_utils.Database, task_id: str, status: int, message: str) -> None:
+    db.execute(
+        "INSERT INTO task_status_history (task_id, seq, status, message, at) "
+        "VALUES (?, (SELECT coalesce(max(seq), 0) + 1 FROM task_status_history WHERE task_id = ?), ?, ?, ?)",
+        [task_id, task_id, status, message, now_us()],
+    )
+
+
+def get(db: sqlite_utils.Database, user_id: str, task_id: str) -> dict[str, Any] | None:
+    rows = list(db.query("SELECT * FROM tasks WHERE id = ? AND user_id = ?", [task_id, user_id]))
+    return rows[0] if rows else None
+
+
+def history(db: sqlite_utils.Database, task_id: str) -> list[dict[str, Any]]:
+    return list(
+        db.query("SELECT seq, status, message, at FROM task_status_history WHERE task_id = ? ORDER BY seq", [task_id])
+    )
+
+
+def unfinished(db: sqlite_utils.Database) -> list[dict[str, Any]]:
+    return list(db.query("SELECT * FROM tasks WHERE status IN (1, 2) ORDER BY created_at"))
+
+
+def page(
+    db: sqlite_utils.Database,
+    user_id: str,
+    session_id: str | None,
+    statuses: Sequence[int],
+    limit: int,
+    after: tuple[int, str] | None,
+) -> list[dict[str, Any]]:
+    """Newest first; keyset on (created_at, id); the filters are in SQL."""
+    sql = ["SELECT * FROM tasks WHERE user_id = ?"]
+    params: list[Any] = [user_id]
+    if session_id is not None:
+        sql.append("AND session_id = ?")
+        params.append(session_id)
+    if statuses:
+        sql.append(f"AND status IN ({','.join('?' * len(statuses))})")
+        params.extend(statuses)
+    if after is not None:
+        sql.append("AND (created_at, id) < (?, ?)")
+        params.extend(after)
+    sql.append("ORDER BY created_at DESC, id DESC LIMIT ?")
+    params.append(limit)
+    return list(db.query(" ".join(sql), params))
+
+
+def append_output(
+    db: sqlite_utils.Database, task_id: str, items: Sequence[tuple[int, int, str, float | None, int]], offset: int
+) -> None:
+    """Output items (seq, stream, line, percent, at) and how far into quilt's output they reach."""
+    with transaction(db):
+        db.conn.executemany(
+            "INSERT OR IGNORE INTO task_output (task_id, seq, stream, line, percent, at) VALUES (?, ?, ?, ?, ?, ?)",
+            [(task_id, *item) for item in items],
+        )
+        db.execute("UPDATE tasks SET output_offset = ? WHERE id = ?", [offset, task_id])
+
+
+def output_after(
+    db: sqlite_utils.Database, task_id: str, seq: int, limit: int
+) -> list[tuple[int, int, str, float | None, int]]:
+    rows = db.execute(
+        "SELECT seq, stream, line, percent, at FROM task_output WHERE task_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+        [task_id, seq, limit],
+    ).fetchall()
+    return [tuple(r) for r in rows]
+
+
+def last_output_seq(db: sqlite_utils.Database, task_id: str) -> int:
+    return int(db.execute("SELECT coalesce(max(seq), 0) FROM task_output WHERE task_id = ?", [task_id]).fetchone()[0])

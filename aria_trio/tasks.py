@@ -1,0 +1,458 @@
+"""Tasks: a command run in a container (a fresh throw-away one, or a running one of the caller's),
+followed to its end by a watcher that keeps everything in the runtime's store.
+
+The watcher records each status transition (with a history line and exactly one TaskStatusEvent),
+stores every output line as Quilt delivers it (a `::progress <percent> <text>` line becomes a
+progress update), and enforces the timeout. Followers replay the stored output, then get new lines
+as the watcher stores them. After a restart of either daemon, unfinished tasks are looked up in
+Quilt again: resumed from the output already stored, or finished with what Quilt knows.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+import trio
+
+from . import errors
+from .notifications import Notifications
+from .pagination import PageTokens, page_size
+from .proto.aria.v1 import aria_pb2
+from .proto.aria.v1 import notification_pb2 as npb
+from .proto.quilt.v1 import quilt_pb2 as q
+from .quilt_link import QuiltLink
+from .rpc import RpcError
+from .store import Store
+from .store import tasks as table
+from .store.db import now_us
+
+log = structlog.get_logger("aria.tasks")
+
+PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, TIMEOUT = 1, 2, 3, 4, 5, 6
+FINISHED = {COMPLETED, FAILED, CANCELLED, TIMEOUT}
+NAMES = {1: "pending", 2: "running", 3: "completed", 4: "failed", 5: "cancelled", 6: "timeout"}
+PROGRESS = re.compile(r"::progress\s+(-?\d+(?:\.\d+)?)\s*(.*)")
+MAX_ARGV = 4096  # arguments
+MAX_COMMAND_BYTES = 256 * 1024
+OUTPUT_BATCH = 256
+REPLAY_BATCH = 1000
+
+QC, QT = "/quilt.v1.Containers/", "/quilt.v1.Tasks/"
+QUILT_TASK_STATES = {
+    q.TASK_COMPLETED: COMPLETED,
+    q.TASK_FAILED: FAILED,
+    q.TASK_CANCELLED: CANCELLED,
+    q.TASK_TIMEOUT: TIMEOUT,
+}
+
+
+def parse_command(command_json: str) -> list[str]:
+    bad = {"command_json": 'must be a JSON array of strings, e.g. ["echo", "hi"]'}
+    if len(command_json.encode()) > MAX_COMMAND_BYTES:
+        raise errors.InvalidArgument(f"command_json is larger than {MAX_COMMAND_BYTES} bytes", fields=bad)
+    try:
+        argv = json.loads(command_json)
+    except ValueError:
+        raise errors.InvalidArgument("command_json is not JSON", fields=bad) from None
+    if not isinstance(argv, list):
+        raise errors.InvalidArgument("command_json must be a JSON array", fields=bad)
+    if not argv:
+        raise errors.InvalidArgument("command_json must not be empty", fields=bad)
+    if not all(isinstance(a, str) for a in argv) or not argv[0]:
+        raise errors.InvalidArgument("command_json must hold strings only, the first not empty", fields=bad)
+    if len(argv) > MAX_ARGV:
+        raise errors.InvalidArgument(f"command_json has more than {MAX_ARGV} arguments", fields=bad)
+    return argv
+
+
+@dataclass
+class Launch:
+    session_id: str
+    type: str
+    command: list[str]
+    environment: dict[str, str]
+    timeout_seconds: int
+    parent_task_id: str | None
+
+
+@dataclass
+class OutputItem:
+    seq: int
+    stream: int  # 1 stdout, 2 stderr, 3 progress
+    line: str
+    percent: float | None
+    at_us: int
+
+
+class _Running:
+    """What the runtime holds for a task while its watcher runs."""
+
+    def __init__(self, row: dict[str, Any]) -> None:
+        self.row = row
+        self.scope = trio.CancelScope()  # the current phase's: cancelled by CancelTask
+        self.cancel_requested = False
+        self.changed = trio.Event()  # new output stored, or the task ended
+        self.seq = 0  # last output seq stored
+
+    def notify(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    def phase(self) -> trio.CancelScope:
+        """A fresh scope for the next cancellable phase (already cancelled if a cancel came)."""
+        self.scope = trio.CancelScope()
+        if self.cancel_requested:
+            self.scope.cancel()
+        return self.scope
+
+
+class Tasks:
+    def __init__(self, store: Store, quilt: QuiltLink, notifications: Notifications, tokens: PageTokens) -> None:
+        self.store = store
+        self.quilt = quilt
+        self.notifications = notifications
+        self.tokens = tokens
+        self.running: dict[str, _Running] = {}
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Watch tasks until cancelled; first pick up those a previous run left unfinished."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for row in await self.store.run(table.unfinished):
+                self._watch(row, resume=True)
+            task_status.started()
+            await trio.sleep_forever()
+
+    # -- launching --------------------------------------------------------------------------------
+
+    async def launch(self, user: str, launch: Launch, owned_container: Any) -> str:
+        """`owned_container(user, id)` returns Quilt's id of the caller's container (NOT_FOUND else)."""
+        kind = launch.type or "container:run"
+        target = ""
+        if kind.startswith("container:exec:"):
+            target = await owned_container(user, kind.removeprefix("container:exec:"))
+        elif kind != "container:run":
+            raise errors.InvalidArgument(
+                f'unknown task type {launch.type!r}: use "container:run" or "container:exec:<container id>"',
+                fields={"type": "unknown"},
+            )
+        if launch.timeout_seconds < 0:
+            raise errors.InvalidArgument("timeout_seconds must not be negative", fields={"timeout_seconds": "negative"})
+        if launch.parent_task_id and await self.store.run(table.get, user, launch.parent_task_id) is None:
+            raise errors.NotFound(f"no task {launch.parent_task_id!r}", fields={"parent_task_id": "not found"})
+        row = {
+            "id": "t-" + secrets.token_hex(8),
+            "user_id": user,
+            "session_id": launch.session_id,
+            "container_id": target,
+            "parent_task_id": launch.parent_task_id or None,
+            "type": kind,
+            "command_json": json.dumps(launch.command),
+            "environment_json": json.dumps(launch.environment, sort_keys=True),
+            "timeout_seconds": launch.timeout_seconds,
+            "status": PENDING,
+            "created_at": now_us(),
+            "progress_percent": 0.0,
+            "current_operation": "",
+        }
+        await self.store.run(table.insert, row, "launched")
+        await self._event(row, PENDING, "launched")
+        self._watch(row, resume=False)
+        return str(row["id"])
+
+    def _watch(self, row: dict[str, Any], *, resume: bool) -> None:
+        assert self._nursery is not None
+        running = _Running(row)
+        self.running[row["id"]] = running
+        self._nursery.start_soon(self._watcher, running, resume)
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    async def get(self, user: str, task_id: str) -> dict[str, Any]:
+        running = self.running.get(task_id)
+        if running is not None and running.row["user_id"] == user:
+            return running.row
+        row = await self.store.run(table.get, user, task_id)
+        if row is None:
+            raise errors.NotFound(f"no task {task_id!r}", reason="TASK_NOT_FOUND")
+        return row
+
+    async def page(
+        self, user: str, session_id: str | None, statuses: list[int], size: int, token: str
+    ) -> tuple[list[dict[str, Any]], str]:
+        limit = page_size(size)
+        filter_key = json.dumps([user, session_id, sorted(set(statuses))])
+        after = self.tokens.read(token, filter_key) if token else None
+        rows = await self.store.run(table.page, user, session_id, sorted(set(statuses)), limit + 1, after)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        next_token = self.tokens.make(filter_key, rows[-1]["created_at"], rows[-1]["id"]) if more else ""
+        return [self.running[r["id"]].row if r["id"] in self.running else r for r in rows], next_token
+
+    async def output(self, user: str, task_id: str, follow: bool) -> AsyncIterator[OutputItem]:
+        """Everything the task printed, from the start; with `follow`, until it ends."""
+        await self.get(user, task_id)  # NOT_FOUND for someone else's
+        seq = 0
+        while True:
+            running = self.running.get(task_id)
+            changed = running.changed if running is not None else None
+            while True:
+                rows = await self.store.run(table.output_after, task_id, seq, REPLAY_BATCH)
+                for r in rows:
+                    seq = r[0]
+                    yield OutputItem(*r)
+                if len(rows) < REPLAY_BATCH:
+                    break
+            if not follow or changed is None:
+                return
+            await changed.wait()
+
+    async def cancel(self, user: str, task_id: str) -> bool:
+        row = await self.get(user, task_id)
+        running = self.running.get(task_id)
+        if row["status"] in FINISHED or running is None:
+            return False
+        running.cancel_requested = True
+        running.scope.cancel()
+        return True
+
+    # -- watching ---------------------------------------------------------------------------------
+
+    async def _watcher(self, running: _Running, resume: bool) -> None:
+        row = running.row
+        try:
+            running.seq = await self.store.run(table.last_output_seq, row["id"])
+            while True:
+                try:
+                    if row["type"] == "container:run":
+                        await self._watch_run(running, resume)
+                    else:
+                        await self._watch_exec(running, resume)
+                    break
+                except errors.Unavailable:
+                    if self.quilt.connected() or not (row.get("quilt_container_id") or row.get("quilt_task_id")):
+                        raise  # quilt itself answered so, or the task never reached it
+                    # Quilt went away (a restart, a crash): pick the task up again once it is back.
+                    log.warning("lost quilt while watching a task; resuming when it is back", task=row["id"])
+                    await self.quilt.reconnected()
+                    resume = True
+        except errors.AriaError as exc:
+            await self._finish(running, FAILED, exc.message)
+        except Exception:
+            log.exception("task watcher failed", task=row["id"])
+            await self._finish(running, FAILED, "the runtime lost track of this task (see its log)")
+        finally:
+            self.running.pop(row["id"], None)
+            running.notify()
+
+    async def _watch_run(self, running: _Running, resume: bool) -> None:
+        row = running.row
+        cid: str | None = row.get("quilt_container_id")
+        if resume and not cid:
+            await self._finish(running, FAILED, "the runtime restarted before the task started")
+            return
+        if not resume:
+            with trio.CancelScope(shield=True):  # so that we always know the container we made
+                spec = q.ContainerSpec(
+                    name=row["id"],
+                    command=json.loads(row["command_json"]),
+                    env=json.loads(row["environment_json"]),
+                    labels={"aria.user": row["user_id"], "aria.task": row["id"]},
+                )
+                created = await self.quilt.unary(
+                    QC + "CreateContainer", q.CreateContainerRequest(spec=spec), q.Container
+                )
+                made = str(created.id)
+                await self._update(running, quilt_container_id=made)
+                started = await self.quilt.unary(QC + "StartContainer", q.ContainerRef(id=made), q.Container)
+            if started.state == q.CONTAINER_FAILED:
+                await self._finish(running, FAILED, started.message)
+                await self._remove(made)
+                return
+            cid = made
+        assert cid is not None
+        current = await self._quilt_container(cid)
+        if current is None:
+            await self._finish(running, FAILED, "lost: quilt no longer knows its container")
+            return
+        if row["status"] == PENDING and current.state != q.CONTAINER_CREATED:
+            await self._transition(running, RUNNING, "running", started_at=now_us())
+        started_at = (row.get("started_at") or now_us()) / 1e6
+        deadline = started_at + row["timeout_seconds"] if row["timeout_seconds"] else None
+        with trio.move_on_after(_remaining(deadline)) as timeout, running.phase():
+            await self._follow(running, QC + "ContainerLogs", q.ContainerLogsRequest(id=cid, follow=True))
+        timed_out = timeout.cancelled_caught
+        if running.cancel_requested or timed_out:
+            await self.quilt.unary(QC + "StopContainer", q.StopContainerRequest(id=cid, grace_seconds=1.0), q.Container)
+        await self._follow(running, QC + "ContainerLogs", q.ContainerLogsRequest(id=cid))  # what is left
+        end = await self._quilt_container(cid)
+        if running.cancel_requested:
+            await self._finish(running, CANCELLED, "cancelled by the caller", end)
+        elif timed_out:
+            await self._finish(running, TIMEOUT, f"timed out after {row['timeout_seconds']} s; it was stopped", end)
+        elif end is None:
+            await self._finish(running, FAILED, "lost: quilt no longer knows its container")
+        elif end.state == q.CONTAINER_EXITED and end.exit_code == 0 and not end.HasField("signal"):
+            await self._finish(running, COMPLETED, "exited with code 0", end)
+        else:
+            await self._finish(running, FAILED, end.message or "failed", end)
+        await self._remove(cid)
+
+    async def _watch_exec(self, running: _Running, resume: bool) -> None:
+        row = running.row
+        tid: str | None = row.get("quilt_task_id")
+        if resume and not tid:
+            await self._finish(running, FAILED, "the runtime restarted before the task started")
+            return
+        if not resume:
+            with trio.CancelScope(shield=True):  # so that we always know the task we started
+                request = q.ExecRequest(
+                    container_id=row["container_id"],
+                    command=json.loads(row["command_json"]),
+                    env=json.loads(row["environment_json"]),
+                    timeout_seconds=row["timeout_seconds"],
+                    labels={"aria.user": row["user_id"], "aria.task": row["id"]},
+                )
+                task = await self.quilt.unary(QT + "ExecAsync", request, q.Task)
+                tid = task.id
+                await self._update(running, quilt_task_id=tid)
+        assert tid is not None
+        if row["status"] == PENDING:
+            await self._transition(running, RUNNING, "running", started_at=now_us())
+        with running.phase():
+            await self._follow(running, QT + "TaskOutput", q.TaskOutputRequest(id=tid, follow=True))
+        if running.cancel_requested:
+            await self.quilt.unary(QT + "CancelTask", q.TaskRef(id=tid), q.CancelTaskResponse)
+            await self._follow(running, QT + "TaskOutput", q.TaskOutputRequest(id=tid))
+        try:
+            end = await self.quilt.unary(QT + "GetTask", q.TaskRef(id=tid), q.Task)
+        except errors.NotFound:
+            await self._finish(running, FAILED, "lost: quilt no longer knows it")
+            return
+        status = QUILT_TASK_STATES.get(end.state, FAILED)
+        message = "cancelled by the caller" if running.cancel_requested else end.message
+        await self._finish(running, CANCELLED if running.cancel_requested else status, message, end)
+
+    async def _quilt_container(self, cid: str) -> q.Container | None:
+        try:
+            return await self.quilt.unary(QC + "GetContainer", q.ContainerRef(id=cid), q.Container)
+        except errors.NotFound:
+            return None
+
+    async def _remove(self, cid: str) -> None:
+        try:
+            await self.quilt.unary(
+                QC + "RemoveContainer", q.RemoveContainerRequest(id=cid, force=True), q.RemoveContainerResponse
+            )
+        except errors.AriaError as exc:
+            log.warning("could not remove a task's container", container=cid, error=exc.message)
+
+    async def _follow(self, running: _Running, path: str, request: Any) -> None:
+        """Quilt's output lines from where the store is, into the store, until the stream ends."""
+        request.offset = running.row.get("output_offset") or 0
+        batch: list[tuple[int, int, str, float | None, int]] = []
+        offset = request.offset
+        try:
+            async with self.quilt.channel().call(path, q.OutputLine) as call:
+                await call.send(request, end=True)
+                async for line in _batched(call):
+                    if line is None:  # the stream paused: store what came
+                        await self._store_output(running, batch, offset)
+                        batch = []
+                        continue
+                    offset = line.offset + 1
+                    batch.append(self._item(running, line))
+                    if len(batch) >= OUTPUT_BATCH:
+                        await self._store_output(running, batch, offset)
+                        batch = []
+        except RpcError as exc:
+            if exc.code.name != "NOT_FOUND":
+                raise errors.Unavailable(
+                    f"lost the connection to quilt while following the task: {exc.message}"
+                ) from None
+        finally:
+            if batch:
+                with trio.CancelScope(shield=True):
+                    await self._store_output(running, batch, offset)
+
+    def _item(self, running: _Running, line: q.OutputLine) -> tuple[int, int, str, float | None, int]:
+        running.seq += 1
+        at = line.timestamp.ToMicroseconds()
+        if line.stream == q.STDOUT and (m := PROGRESS.fullmatch(line.text)):
+            percent = max(0.0, min(100.0, float(m.group(1))))
+            running.row["progress_percent"], running.row["current_operation"] = percent, m.group(2)
+            return (running.seq, table.PROGRESS, m.group(2), percent, at)
+        return (running.seq, table.STDERR if line.stream == q.STDERR else table.STDOUT, line.text, None, at)
+
+    async def _store_output(self, running: _Running, batch: list[Any], offset: int) -> None:
+        if not batch:
+            return
+        await self.store.run(table.append_output, running.row["id"], batch, offset)
+        running.row["output_offset"] = offset
+        if any(item[1] == table.PROGRESS for item in batch):
+            fields = {k: running.row[k] for k in ("progress_percent", "current_operation")}
+            await self.store.run(table.update, running.row["id"], fields)
+        running.notify()
+
+    # -- transitions ------------------------------------------------------------------------------
+
+    async def _update(self, running: _Running, **fields: Any) -> None:
+        await self.store.run(table.update, running.row["id"], fields)
+        running.row.update(fields)
+
+    async def _transition(self, running: _Running, status: int, message: str, **fields: Any) -> None:
+        with trio.CancelScope(shield=True):  # a transition is recorded whole, or not at all
+            await self.store.run(table.set_status, running.row["id"], status, message, fields)
+            running.row.update(status=status, **fields)
+            await self._event(running.row, status, message)
+        log.info("task status", task=running.row["id"], status=NAMES[status], message=message)
+
+    async def _finish(self, running: _Running, status: int, message: str, end: Any = None) -> None:
+        if running.row["status"] in FINISHED:
+            return
+        fields: dict[str, Any] = {"completed_at": now_us()}
+        if end is not None and end.HasField("exit_code"):
+            fields["exit_code"] = end.exit_code
+        if status == COMPLETED:
+            fields["progress_percent"] = 100.0
+        if status != COMPLETED:
+            fields["error_message"] = message
+        await self._transition(running, status, message, **fields)
+
+    async def _event(self, row: Mapping[str, Any], status: int, message: str) -> None:
+        event = npb.TaskStatusEvent(
+            task_id=row["id"], new_status=aria_pb2.TaskStatus.Name(status), status_message=message
+        )
+        if row.get("exit_code") is not None:
+            event.exit_code = row["exit_code"]
+        await self.notifications.publish(
+            row["user_id"],
+            "task_status",
+            event,
+            title=f"Task {row['id']} {NAMES[status]}",
+            message=message,
+            metadata={"task_id": row["id"], "status": NAMES[status], "exit_code": row.get("exit_code")},
+        )
+
+
+def _remaining(deadline: float | None) -> float:
+    return float("inf") if deadline is None else max(0.0, deadline - time.time())
+
+
+async def _batched(call: Any) -> AsyncIterator[Any]:
+    """The call's messages, with a None whenever no further message is waiting (time to store)."""
+    while True:
+        message = await call.receive()
+        if message is None:
+            return
+        yield message
+        if not call.waiting:
+            yield None
