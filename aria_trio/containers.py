@@ -121,7 +121,7 @@ class Containers:
             started = await self.quilt.unary(
                 QC + "StartContainer", q.ContainerRef(id=row["quilt_container_id"]), q.Container
             )
-            await self._record(row, started, "running")
+            await self._record(row, started, "started")
         if row["status"] == RUNNING:
             assert self._nursery is not None
             self._nursery.start_soon(self._watch, row)

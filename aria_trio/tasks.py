@@ -135,6 +135,7 @@ class Tasks:
 
     async def launch(self, user: str, launch: Launch, owned_container: Any) -> str:
         """`owned_container(user, id)` returns Quilt's id of the caller's container (NOT_FOUND else)."""
+        self.quilt.channel()  # UNAVAILABLE at once while quilt is down (not a task doomed to fail)
         kind = launch.type or "container:run"
         target = ""
         if kind.startswith("container:exec:"):
@@ -261,12 +262,7 @@ class Tasks:
             return
         if not resume:
             with trio.CancelScope(shield=True):  # so that we always know the container we made
-                spec = q.ContainerSpec(
-                    name=row["id"],
-                    command=json.loads(row["command_json"]),
-                    env=json.loads(row["environment_json"]),
-                    labels={"aria.user": row["user_id"], "aria.task": row["id"]},
-                )
+                spec = q.ContainerSpec(name=row["id"], **_what_to_run(row))
                 created = await self.quilt.unary(
                     QC + "CreateContainer", q.CreateContainerRequest(spec=spec), q.Container
                 )
@@ -284,7 +280,7 @@ class Tasks:
             await self._finish(running, FAILED, "lost: quilt no longer knows its container")
             return
         if row["status"] == PENDING and current.state != q.CONTAINER_CREATED:
-            await self._transition(running, RUNNING, "running", started_at=now_us())
+            await self._transition(running, RUNNING, "started", started_at=now_us())
         started_at = (row.get("started_at") or now_us()) / 1e6
         deadline = started_at + row["timeout_seconds"] if row["timeout_seconds"] else None
         with trio.move_on_after(_remaining(deadline)) as timeout, running.phase():
@@ -301,7 +297,7 @@ class Tasks:
         elif end is None:
             await self._finish(running, FAILED, "lost: quilt no longer knows its container")
         elif end.state == q.CONTAINER_EXITED and end.exit_code == 0 and not end.HasField("signal"):
-            await self._finish(running, COMPLETED, "exited with code 0", end)
+            await self._finish(running, COMPLETED, "finished", end)
         else:
             await self._finish(running, FAILED, end.message or "failed", end)
         await self._remove(cid)
@@ -315,18 +311,14 @@ class Tasks:
         if not resume:
             with trio.CancelScope(shield=True):  # so that we always know the task we started
                 request = q.ExecRequest(
-                    container_id=row["container_id"],
-                    command=json.loads(row["command_json"]),
-                    env=json.loads(row["environment_json"]),
-                    timeout_seconds=row["timeout_seconds"],
-                    labels={"aria.user": row["user_id"], "aria.task": row["id"]},
+                    container_id=row["container_id"], timeout_seconds=row["timeout_seconds"], **_what_to_run(row)
                 )
                 task = await self.quilt.unary(QT + "ExecAsync", request, q.Task)
                 tid = task.id
                 await self._update(running, quilt_task_id=tid)
         assert tid is not None
         if row["status"] == PENDING:
-            await self._transition(running, RUNNING, "running", started_at=now_us())
+            await self._transition(running, RUNNING, "started", started_at=now_us())
         with running.phase():
             await self._follow(running, QT + "TaskOutput", q.TaskOutputRequest(id=tid, follow=True))
         if running.cancel_requested:
@@ -338,8 +330,10 @@ class Tasks:
             await self._finish(running, FAILED, "lost: quilt no longer knows it")
             return
         status = QUILT_TASK_STATES.get(end.state, FAILED)
-        message = "cancelled by the caller" if running.cancel_requested else end.message
-        await self._finish(running, CANCELLED if running.cancel_requested else status, message, end)
+        message = "finished" if status == COMPLETED else end.message
+        if running.cancel_requested:
+            status, message = CANCELLED, "cancelled by the caller"
+        await self._finish(running, status, message, end)
 
     async def _quilt_container(self, cid: str) -> q.Container | None:
         try:
@@ -441,6 +435,15 @@ class Tasks:
             message=message,
             metadata={"task_id": row["id"], "status": NAMES[status], "exit_code": row.get("exit_code")},
         )
+
+
+def _what_to_run(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A task's argv, environment and labels, as Quilt's requests take them."""
+    return {
+        "command": json.loads(row["command_json"]),
+        "env": json.loads(row["environment_json"]),
+        "labels": {"aria.user": row["user_id"], "aria.task": row["id"]},
+    }
 
 
 def _remaining(deadline: float | None) -> float:

@@ -34,7 +34,7 @@ def test_lifecycle_status_mapping_and_events(daemon):
     assert c.container_call("Get", box.id).status == aria_pb2.CANCELLED
     assert container_events(c, box.id, 3) == [
         (aria_pb2.PENDING, "created"),
-        (aria_pb2.RUNNING, "running"),
+        (aria_pb2.RUNNING, "started"),
         (aria_pb2.CANCELLED, "stopped"),
     ]
     got = [(line.stream, line.line) for line in c.container_logs(box.id)]

@@ -9,13 +9,14 @@ import time
 
 import bundles
 import grpc
+import pytest
 from aria_client import AriaClient
 from grpc_health.v1 import health_pb2
 from test_runtime_bundles import TWO_TOOLS
 
 from aria_trio.proto.aria.v1 import aria_pb2
 
-from conftest import start_daemon
+from conftest import start_daemon, start_quilt
 
 HEALTH = "/grpc.health.v1.Health/Check"
 
@@ -98,3 +99,29 @@ def test_a_crashed_quilt_is_restarted_and_tasks_end_truthfully(daemon):
     assert task.status == aria_pb2.FAILED and "quilt restarted" in task.error_message
     assert health(c, "aria.v1.UserPreferenceService") == health_pb2.HealthCheckResponse.SERVING
     assert c.wait_task(c.launch(["true"])).status == aria_pb2.COMPLETED  # and it works again
+
+
+def test_a_quilt_of_its_own_by_quilt_socket(sock_dir):
+    quilt = start_quilt(sock_dir)
+    runtime = start_daemon(sock_dir, "--quilt-socket", str(quilt.socket))
+    try:
+        c = AriaClient(runtime.channel())
+        assert c.wait_task(c.launch(["true"])).status == aria_pb2.COMPLETED
+        assert not any(e.get("event") == "quilt started" for e in runtime.logs())  # no child of its own
+        assert quilt.stop() == 0
+        deadline = time.monotonic() + 10
+        while health(c, "aria.v1.ContainerService") != health_pb2.HealthCheckResponse.NOT_SERVING:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        with pytest.raises(grpc.RpcError) as info:
+            c.launch(["true"])
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "quilt" in info.value.details()
+        quilt = start_quilt(sock_dir)  # back: the link reconnects by itself
+        while health(c, "aria.v1.ContainerService") != health_pb2.HealthCheckResponse.SERVING:
+            assert time.monotonic() < deadline + 30
+            time.sleep(0.05)
+        assert c.wait_task(c.launch(["true"])).status == aria_pb2.COMPLETED
+    finally:
+        runtime.stop()
+        quilt.stop()
