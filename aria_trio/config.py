@@ -109,8 +109,15 @@ RUNTIME_SETTINGS: tuple[Setting, ...] = (
         str,
         lambda: "",
         "ARIA_QUILT_SOCKET",
-        "Socket of a Quilt already running; empty: run `aria quilt serve` as a child (socket and data"
-        " under the data dir's quilt/ folder).",
+        "Socket of a Quilt already running; empty: run `aria quilt serve` as a child (its socket"
+        " <data dir>/quilt.sock, its data in <data dir>/quilt/).",
+    ),
+    Setting(
+        "tool_timeout",
+        _positive_float,
+        lambda: 60.0,
+        "ARIA_TOOL_TIMEOUT",
+        "Seconds an agent's tool call may run (bundle tools and run_command).",
     ),
     Setting(
         "quilt_sandbox",

@@ -11,6 +11,7 @@ import trio
 from .containers import Containers
 from .identity import PeerIdentity
 from .lifecycle import claim, serve_until_signal
+from .llm import ChatModel
 from .notifications import Notifications
 from .pagination import PageTokens, load_key
 from .preferences import Preferences
@@ -30,6 +31,8 @@ from .services.user_preference import UserPreferenceService
 from .sessions import Sessions
 from .store import Store
 from .tasks import Tasks
+from .tool_calls import ToolCalls
+from .turns import Turns
 from .uploads import Uploads
 
 # Served only while Quilt is reachable (health says NOT_SERVING for them while it is down).
@@ -66,6 +69,15 @@ def quilt_link(settings: dict[str, Any], health: Health) -> QuiltLink:
 
 
 async def _run(settings: dict[str, Any], store: Store) -> None:
+    model = ChatModel()  # one HTTP client for every model call (connections reused)
+    try:
+        await _serve(settings, store, model)
+    finally:
+        with trio.CancelScope(shield=True):
+            await model.aclose()
+
+
+async def _serve(settings: dict[str, Any], store: Store, model: ChatModel) -> None:
     server = Server(
         max_message_length=settings["max_message_bytes"],
         max_concurrent_streams=settings["max_concurrent_streams"],
@@ -78,19 +90,23 @@ async def _run(settings: dict[str, Any], store: Store) -> None:
     notifications = Notifications(store)
     tokens = PageTokens(await trio.to_thread.run_sync(load_key, settings["data_dir"] / PAGE_TOKEN_KEY))
     registry = Registry(store)
-    sessions = Sessions(store, registry)
+    sessions = Sessions(store, registry, tokens)
     containers = Containers(store, quilt, notifications)
     tasks = Tasks(store, quilt, notifications, tokens)
+    preferences = Preferences(store)
+    turns = Turns(
+        store, sessions, registry, preferences, ToolCalls(store, quilt, tasks, settings["tool_timeout"]), model
+    )
     names = register(
         server,
         {
             "TaskService": TaskService(tasks, containers, sessions),
-            "SessionService": SessionService(sessions, containers),
+            "SessionService": SessionService(sessions, containers, turns),
             "ContainerService": ContainerService(containers, sessions),
             "NotificationService": NotificationService(notifications),
             "BundleService": BundleService(Uploads(quilt, registry, notifications)),
             "RegistryService": RegistryService(registry),
-            "UserPreferenceService": UserPreferenceService(Preferences(store)),
+            "UserPreferenceService": UserPreferenceService(preferences),
         },
     )
     add_reflection(server, [legacy_pool()])

@@ -13,6 +13,7 @@ import hmac
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from . import errors
 
@@ -52,6 +53,16 @@ class PageTokens:
     def make(self, filter_key: str, created_at: int, row_id: str) -> str:
         body = json.dumps([created_at, row_id, self._filter_digest(filter_key)], separators=(",", ":")).encode()
         return _b64(body) + "." + _b64(self._sign(body))
+
+    def cut(
+        self, filter_key: str, rows: list[dict[str, Any]], limit: int, key: tuple[str, str] = ("created_at", "id")
+    ) -> tuple[list[dict[str, Any]], str]:
+        """Rows fetched as `limit + 1` (one more tells whether there is a next page): the page, and
+        the token of the next one ("" when this is the last)."""
+        if len(rows) <= limit:
+            return rows, ""
+        last = rows[limit - 1]
+        return rows[:limit], self.make(filter_key, last[key[0]], last[key[1]])
 
     def read(self, token: str, filter_key: str) -> tuple[int, str]:
         bad = errors.InvalidArgument(

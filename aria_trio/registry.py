@@ -27,6 +27,7 @@ class ToolInfo:
     description: str
     schema: dict[str, Any]
     builtin: bool = False
+    bundle_blake3: str = ""  # a bundle's tool: the bundle Quilt runs it from
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,9 @@ class AgentInfo:
     name: str
     description: str
     tools: list[str]
+    system_prompt: str = ""
+    model: str = ""
+    max_iterations: int = 0  # 0: the runtime's default
 
 
 BUILTIN_TOOLS = {
@@ -167,8 +171,18 @@ class Registry:
 
 
 def _agent(row: dict[str, Any]) -> AgentInfo:
-    return AgentInfo(row["name"], row["name"], row["description"], json.loads(row["tools_json"]))
+    return AgentInfo(
+        row["name"],
+        row["name"],
+        row["description"],
+        json.loads(row["tools_json"]),
+        row["system_prompt"] or "",
+        row["model"] or "",
+        row["max_iterations"] or 0,
+    )
 
 
 def _tool(row: dict[str, Any]) -> ToolInfo:
-    return ToolInfo(row["name"], row["description"], json.loads(row["input_schema_json"]))
+    return ToolInfo(
+        row["name"], row["description"], json.loads(row["input_schema_json"]), bundle_blake3=row["bundle_blake3"]
+    )

@@ -8,8 +8,9 @@ from typing import Any
 
 from . import errors
 from .containers import Containers
+from .pagination import PageTokens, page_size
 from .registry import DEFAULT_AGENT, Registry
-from .store import Store
+from .store import Store, messages
 from .store import sessions as table
 from .store.db import now_us
 
@@ -17,9 +18,10 @@ MAX_CONTEXT_BYTES = 64 * 1024
 
 
 class Sessions:
-    def __init__(self, store: Store, registry: Registry) -> None:
+    def __init__(self, store: Store, registry: Registry, tokens: PageTokens) -> None:
         self.store = store
         self.registry = registry
+        self.tokens = tokens
 
     async def create(self, user: str, agent_id: str, context: dict[str, str]) -> dict[str, Any]:
         agent, _ = await self.registry.agent(user, agent_id)  # NOT_FOUND for an unknown agent
@@ -55,3 +57,19 @@ class Sessions:
         if row is None:
             raise errors.NotFound(f"no session {session_id!r}", reason="SESSION_NOT_FOUND")
         return row
+
+    async def page(self, user: str, size: int, token: str) -> tuple[list[dict[str, Any]], str]:
+        """The user's sessions, newest first, a keyset page at a time."""
+        limit = page_size(size)
+        filter_key = json.dumps(["sessions", user])
+        after = self.tokens.read(token, filter_key) if token else None
+        return self.tokens.cut(filter_key, await self.store.run(table.page, user, limit + 1, after), limit)
+
+    async def messages(self, user: str, session_id: str, size: int, token: str) -> tuple[list[dict[str, Any]], str]:
+        """A session's messages in order, a page at a time."""
+        await self.get(user, session_id)
+        limit = page_size(size)
+        filter_key = json.dumps(["messages", user, session_id])
+        after = self.tokens.read(token, filter_key)[0] if token else 0
+        rows = await self.store.run(messages.page, session_id, after, limit + 1)
+        return self.tokens.cut(filter_key, rows, limit, key=("seq", "id"))

@@ -193,9 +193,7 @@ class Tasks:
         filter_key = json.dumps([user, session_id, sorted(set(statuses))])
         after = self.tokens.read(token, filter_key) if token else None
         rows = await self.store.run(table.page, user, session_id, sorted(set(statuses)), limit + 1, after)
-        more = len(rows) > limit
-        rows = rows[:limit]
-        next_token = self.tokens.make(filter_key, rows[-1]["created_at"], rows[-1]["id"]) if more else ""
+        rows, next_token = self.tokens.cut(filter_key, rows, limit)
         return [self.running[r["id"]].row if r["id"] in self.running else r for r in rows], next_token
 
     async def output(self, user: str, task_id: str, follow: bool) -> AsyncIterator[OutputItem]:

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import list_tasks, notify_fanout, quilt_exec, quilt_upload, runtime_upload, unary_prefs
+from . import list_tasks, notify_fanout, quilt_exec, quilt_upload, runtime_upload, turn_overhead, unary_prefs
 from .harness import BenchError
 
 
@@ -37,6 +37,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "list_tasks": list_tasks,
     "notify_fanout": notify_fanout,
     "runtime_upload": runtime_upload,
+    "turn_overhead": turn_overhead,
 }
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -29,9 +29,14 @@ logs.setup("debug", "json")
 
 @pytest.fixture
 def sock_dir() -> Iterator[Path]:
-    """A short folder for sockets (AF_UNIX paths are limited to 107 bytes)."""
+    """A short folder for sockets (AF_UNIX paths are limited to 107 bytes). Daemons started in it
+    that a test left running (it failed before stopping them) are killed with it."""
     path = Path(tempfile.mkdtemp(prefix="aria-t-", dir="/tmp"))
     yield path
+    for d in _STARTED:
+        if d.proc.poll() is None and path in d.socket.parents:
+            d.stop(signal.SIGKILL)
+    _STARTED[:] = [d for d in _STARTED if d.proc.poll() is None]
     shutil.rmtree(path, ignore_errors=True)
 
 
@@ -85,6 +90,9 @@ class Daemon:
         return self.proc.wait(timeout)
 
 
+_STARTED: list[Daemon] = []  # every daemon the tests started (see sock_dir)
+
+
 def _spawn(
     folder: Path,
     command: list[str],
@@ -105,6 +113,7 @@ def _spawn(
             argv, stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, "HOME": str(folder), **(env or {})}
         )
     daemon = Daemon(proc, socket, data_dir, log_path)
+    _STARTED.append(daemon)
     if wait:
         wait_ready(daemon)
     return daemon

@@ -11,10 +11,11 @@ import sys
 import threading
 import time
 
-import bundles
 import pytest
 
 from aria_trio.proto.aria.v1 import session_pb2
+
+import bundles
 
 SCRIPT = "echo hi; echo '::progress 50 half'; echo oops >&2; exit 3"
 
@@ -118,6 +119,8 @@ class Lines:
         (("bundle",), ["upload"]),
         (("agents",), ["list", "show"]),
         (("tools",), ["list"]),
+        ((), ["session", "chat"]),
+        (("session",), ["new", "list", "show", "end", "history"]),
     ],
 )
 def test_help_lists_the_verbs(group, verbs):

@@ -114,16 +114,15 @@ def test_signal_stops_streams_with_unavailable_and_exits_zero(sock_dir, sig):
     assert any(e["event"] == "stopped" for e in d.logs())
 
 
-def test_methods_not_built_yet_say_so_under_both_names(daemon):
+def test_both_names_reach_the_same_service_and_unknown_methods_are_unimplemented(daemon):
     with daemon.channel() as ch:
         for path in ("/aria.v1.SessionService/ExecuteTurn", "/aria.SessionService/ExecuteTurn"):
             call = ch.unary_stream(
                 path, session_pb2.ExecuteTurnRequest.SerializeToString, session_pb2.TurnOutput.FromString
             )
             with pytest.raises(grpc.RpcError) as info:
-                list(call(session_pb2.ExecuteTurnRequest(session_id="s", input="hi"), timeout=5))
-            assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
-            assert "not implemented by this server yet" in info.value.details()
+                list(call(session_pb2.ExecuteTurnRequest(session_id="s-none", input="hi"), timeout=5))
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND and "no session" in info.value.details()
         with pytest.raises(grpc.RpcError) as unknown:
             ch.unary_unary("/aria.v1.TaskService/Nope", lambda b: b, lambda b: b)(b"", timeout=5)
         assert unknown.value.code() == grpc.StatusCode.UNIMPLEMENTED

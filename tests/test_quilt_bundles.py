@@ -8,12 +8,12 @@ import json
 import blake3
 import grpc
 import pytest
-from bundles import flat, manifest, nested
-from quilt_client import B, QuiltClient, error_of
 
 from aria_trio.proto.quilt.v1 import quilt_pb2 as pb
 
+from bundles import flat, manifest, nested
 from conftest import start_quilt
+from quilt_client import B, QuiltClient, error_of
 
 CHUNK = 64 * 1024
 

@@ -8,12 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bundles import flat
-from quilt_client import QuiltClient
-
 from aria_trio.proto.quilt.v1 import quilt_pb2 as pb
 
+from bundles import flat
 from conftest import start_quilt
+from quilt_client import QuiltClient
 
 
 def aria(quilt, *args, check=True):

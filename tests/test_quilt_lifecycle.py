@@ -9,11 +9,11 @@ import time
 
 import grpc
 import pytest
-from quilt_client import QuiltClient, T, alive, error_of
 
 from aria_trio.proto.quilt.v1 import quilt_pb2 as pb
 
 from conftest import start_quilt
+from quilt_client import QuiltClient, T, alive, error_of
 
 
 @pytest.fixture

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from quilt_client import QuiltClient, error_of
 
 from aria_trio.proto.quilt.v1 import quilt_pb2 as pb
+
+from quilt_client import QuiltClient, error_of
 
 
 @pytest.fixture

@@ -7,11 +7,12 @@ import time
 
 import grpc
 import pytest
-from bundles import flat, manifest, nested
-from quilt_client import B, QuiltClient, error_of
 from test_quilt_bundles import messages, upload
 
 from aria_trio.proto.quilt.v1 import quilt_pb2 as pb
+
+from bundles import flat, manifest, nested
+from quilt_client import B, QuiltClient, error_of
 
 
 @pytest.fixture

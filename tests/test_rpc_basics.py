@@ -5,9 +5,14 @@ from __future__ import annotations
 import os
 
 import grpc
+import pytest
 import trio
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+
+from aria_trio.proto.aria.v1 import task_pb2
+from aria_trio.rpc import Channel, RpcError, Server, StatusCode
+from aria_trio.services import register
 
 from probe import SECRET, Req, bidi, client_stream, grpc_channel, server_stream, unary
 
@@ -158,3 +163,16 @@ async def test_peer_credentials_on_every_call(probe_server):
 
     answers = await trio.to_thread.run_sync(call)
     assert answers == [f"{os.getpid()}:{os.getuid()}:{os.getgid()}"] * 3
+
+
+async def test_a_service_without_an_implementation_answers_unimplemented_plainly(nursery, sock_dir):
+    server = Server()
+    register(server, {})  # every aria.v1 service by its generated base class: nothing implemented
+    path = str(sock_dir / "bare.sock")
+    await nursery.start(server.serve, path)
+    async with Channel.connect(path) as channel:
+        for name in ("aria.v1", "aria"):
+            with pytest.raises(RpcError) as info:
+                await channel.unary(f"/{name}.TaskService/GetTask", task_pb2.GetTaskRequest(), task_pb2.Task)
+            assert info.value.code == StatusCode.UNIMPLEMENTED
+            assert "not implemented by this server yet" in info.value.message

@@ -7,12 +7,13 @@ import json
 import threading
 import time
 
-import bundles
 import grpc
 import pytest
-from aria_client import BUNDLES, AriaClient, as_other_user, bad_fields
 
 from aria_trio.proto.aria.v1 import bundle_pb2 as pb
+
+import bundles
+from aria_client import BUNDLES, AriaClient, as_other_user, bad_fields
 
 TWO_TOOLS = bundles.manifest(
     name="helper",

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from aria_client import SESSIONS, AriaClient, as_other_user
 from google.protobuf import timestamp_pb2
 
 from aria_trio.proto.aria.v1 import aria_pb2, session_pb2
 from aria_trio.proto.aria.v1 import container_pb2 as pb
+
+from aria_client import SESSIONS, AriaClient, as_other_user
 
 FINISHED = {aria_pb2.COMPLETED, aria_pb2.FAILED, aria_pb2.CANCELLED}
 

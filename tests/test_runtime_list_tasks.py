@@ -5,12 +5,12 @@ from __future__ import annotations
 import grpc
 import pytest
 import trio
-from aria_client import AriaClient, bad_fields
 
 from aria_trio.proto.aria.v1 import aria_pb2
 from aria_trio.store import Store
 from aria_trio.store import tasks as table
 
+from aria_client import AriaClient, bad_fields
 from conftest import start_daemon
 
 SEEDED = 1200

@@ -7,15 +7,15 @@ import os
 import signal
 import time
 
-import bundles
 import grpc
 import pytest
-from aria_client import AriaClient
 from grpc_health.v1 import health_pb2
 from test_runtime_bundles import TWO_TOOLS
 
 from aria_trio.proto.aria.v1 import aria_pb2
 
+import bundles
+from aria_client import AriaClient
 from conftest import start_daemon, start_quilt
 
 HEALTH = "/grpc.health.v1.Health/Check"

@@ -10,9 +10,10 @@ from typing import Any
 
 import grpc
 import pytest
-from aria_client import AriaClient, as_other_user, bad_fields
 
 from aria_trio.proto.aria.v1 import aria_pb2
+
+from aria_client import AriaClient, as_other_user, bad_fields
 
 SCRIPT = "echo one; echo '::progress 40 building'; echo two >&2; sleep 0.5; echo three"
 

@@ -154,6 +154,11 @@ def serve(ctx: click.Context, /, config_path: Path | None, **flags: Any) -> None
     socket. Tells systemd when it is ready ($NOTIFY_SOCKET). At SIGTERM/SIGINT it stops taking
     calls, gives in-flight ones --grace seconds, ends streams with UNAVAILABLE, removes its
     socket and exits 0; a second signal cuts the grace short.
+
+    The model agents talk to (an OpenAI-compatible server) is each user's preferences llm.base_url,
+    llm.model, llm.api_key, llm.temperature, llm.system_prompt (`aria prefs set`), else the
+    environment: ARIA_LLM_BASE_URL, ARIA_LLM_MODEL, ARIA_LLM_API_KEY, else OPENAI_BASE_URL and
+    OPENAI_API_KEY.
     """
     from ..daemon import serve as serve_daemon
 
@@ -162,4 +167,4 @@ def serve(ctx: click.Context, /, config_path: Path | None, **flags: Any) -> None
     run_daemon("aria serve", RUNTIME_SETTINGS, flags, config_path, None, serve_daemon)
 
 
-from . import client, quilt, runtime  # noqa: E402,F401  (they register their verbs)
+from . import client, quilt, runtime, session  # noqa: E402,F401  (they register their verbs)

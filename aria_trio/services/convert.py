@@ -8,6 +8,8 @@ from typing import Any
 from google.protobuf import timestamp_pb2
 
 from ..proto.aria.v1 import container_pb2, session_pb2, task_pb2
+from ..tool_calls import Call
+from ..turns import tool_calls_of
 
 
 def timestamp(us: int) -> timestamp_pb2.Timestamp:
@@ -61,4 +63,21 @@ def session(row: dict[str, Any]) -> session_pb2.Session:
         created_at=timestamp(row["created_at"]),
         context_data=json.loads(row["context_json"]),
         status=row["status"],
+        agent_id=row["agent_id"],
+    )
+
+
+def tool_call(call: Call) -> session_pb2.ToolCall:
+    return session_pb2.ToolCall(tool_name=call.name, parameters_json=call.arguments, call_id=call.call_id)
+
+
+def message(row: dict[str, Any]) -> session_pb2.Message:
+    return session_pb2.Message(
+        id=row["id"],
+        role=row["role"],
+        content=row["content"],
+        created_at=timestamp(row["created_at"]),
+        tool_calls=[tool_call(c) for c in tool_calls_of(row)],
+        tool_call_id=row.get("tool_call_id") or "",
+        tool_name=row.get("tool_name") or "",
     )

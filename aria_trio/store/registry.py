@@ -43,13 +43,13 @@ def agent(db: sqlite_utils.Database, user_id: str, name: str) -> dict[str, Any] 
 
 
 def tools(db: sqlite_utils.Database, user_id: str, names: list[str] | None = None) -> list[dict[str, Any]]:
-    """The user's tools (only `names`, when given), by name."""
-    if names is None:
-        return list(db.query("SELECT * FROM tools WHERE user_id = ? ORDER BY name", [user_id]))
-    marks = ",".join("?" * len(names))
-    return list(
-        db.query(f"SELECT * FROM tools WHERE user_id = ? AND name IN ({marks}) ORDER BY name", [user_id, *names])
-    )
+    """The user's tools (only `names`, when given), by name, each with its bundle's content id."""
+    sql = "SELECT t.*, b.blake3 AS bundle_blake3 FROM tools t JOIN bundles b ON b.id = t.bundle_id WHERE t.user_id = ?"
+    params: list[Any] = [user_id]
+    if names is not None:
+        sql += f" AND t.name IN ({','.join('?' * len(names))})"
+        params += names
+    return list(db.query(sql + " ORDER BY t.name", params))
 
 
 def blake3_in_use(db: sqlite_utils.Database, blake3: str) -> bool:

@@ -18,3 +18,13 @@ def set_status(db: sqlite_utils.Database, session_id: str, status: str, at: int)
 def get(db: sqlite_utils.Database, user_id: str, session_id: str) -> dict[str, Any] | None:
     rows = list(db.query("SELECT * FROM sessions WHERE id = ? AND user_id = ?", [session_id, user_id]))
     return rows[0] if rows else None
+
+
+def page(db: sqlite_utils.Database, user_id: str, limit: int, after: tuple[int, str] | None) -> list[dict[str, Any]]:
+    """Newest first; keyset on (created_at, id)."""
+    sql = "SELECT * FROM sessions WHERE user_id = ?"
+    params: list[Any] = [user_id]
+    if after is not None:
+        sql += " AND (created_at, id) < (?, ?)"
+        params += after
+    return list(db.query(sql + " ORDER BY created_at DESC, id DESC LIMIT ?", [*params, limit]))

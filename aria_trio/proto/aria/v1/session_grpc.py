@@ -18,6 +18,12 @@ class SessionServiceServicer(purerpc.Servicer):
     async def EndSession(self, input_message):
         raise NotImplementedError()
 
+    async def ListSessions(self, input_message):
+        raise NotImplementedError()
+
+    async def ListMessages(self, input_message):
+        raise NotImplementedError()
+
     @property
     def service(self) -> purerpc.Service:
         service_obj = purerpc.Service(
@@ -59,6 +65,24 @@ class SessionServiceServicer(purerpc.Servicer):
                 aria_dot_v1_dot_session__pb2.Session,
             )
         )
+        service_obj.add_method(
+            "ListSessions",
+            self.ListSessions,
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                aria_dot_v1_dot_session__pb2.ListSessionsRequest,
+                aria_dot_v1_dot_session__pb2.ListSessionsResponse,
+            )
+        )
+        service_obj.add_method(
+            "ListMessages",
+            self.ListMessages,
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                aria_dot_v1_dot_session__pb2.ListMessagesRequest,
+                aria_dot_v1_dot_session__pb2.ListMessagesResponse,
+            )
+        )
         return service_obj
 
 
@@ -98,5 +122,21 @@ class SessionServiceStub:
                 purerpc.Cardinality.UNARY_UNARY,
                 aria_dot_v1_dot_session__pb2.EndSessionRequest,
                 aria_dot_v1_dot_session__pb2.Session,
+            )
+        )
+        self.ListSessions = self._client.get_method_stub(
+            "ListSessions",
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                aria_dot_v1_dot_session__pb2.ListSessionsRequest,
+                aria_dot_v1_dot_session__pb2.ListSessionsResponse,
+            )
+        )
+        self.ListMessages = self._client.get_method_stub(
+            "ListMessages",
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_UNARY,
+                aria_dot_v1_dot_session__pb2.ListMessagesRequest,
+                aria_dot_v1_dot_session__pb2.ListMessagesResponse,
             )
         )
