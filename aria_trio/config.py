@@ -52,6 +52,20 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _mode(text: str | int) -> int:
+    mode = int(str(text), 8)  # (a TOML number 660 means octal 660 too)
+    if not 0 <= mode <= 0o777 or mode & 0o600 != 0o600:
+        raise ValueError("must be octal permissions that keep the owner's read and write, e.g. 600 or 660")
+    return mode
+
+
+def _port(text: str | int) -> int:
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise ValueError("must be a port number from 0 (off) to 65535")
+    return port
+
+
 def _path(text: str) -> Path:
     return Path(os.path.expanduser(str(text)))
 
@@ -111,6 +125,34 @@ RUNTIME_SETTINGS: tuple[Setting, ...] = (
         "ARIA_QUILT_SOCKET",
         "Socket of a Quilt already running; empty: run `aria quilt serve` as a child (its socket"
         " <data dir>/quilt.sock, its data in <data dir>/quilt/).",
+    ),
+    Setting(
+        "socket_mode",
+        _mode,
+        lambda: 0o600,
+        "ARIA_SOCKET_MODE",
+        "Permissions of the socket, in octal (e.g. 660 with --socket-group: that group may connect too).",
+    ),
+    Setting(
+        "socket_group",
+        str,
+        lambda: "",
+        "ARIA_SOCKET_GROUP",
+        "Group that owns the socket and its folder (empty: the daemon's own).",
+    ),
+    Setting(
+        "tap_port",
+        _port,
+        lambda: 0,
+        "ARIA_TAP_PORT",
+        "Port on 127.0.0.1 of the websocket notification tap and its dashboard (0: off).",
+    ),
+    Setting(
+        "metrics_port",
+        _port,
+        lambda: 0,
+        "ARIA_METRICS_PORT",
+        "Port on 127.0.0.1 serving Prometheus metrics at /metrics (0: off).",
     ),
     Setting(
         "tool_timeout",

@@ -8,10 +8,13 @@ from typing import Any
 
 import trio
 
+from .api_keys import ApiKeys
+from .audit import Audit
 from .containers import Containers
 from .identity import PeerIdentity
 from .lifecycle import claim, serve_until_signal
 from .llm import ChatModel
+from .metrics import Live, Metrics, MetricsServer
 from .notifications import Notifications
 from .pagination import PageTokens, load_key
 from .preferences import Preferences
@@ -21,6 +24,7 @@ from .rpc import Health, Server, add_reflection
 from .rpc.health import DESCRIPTOR as HEALTH
 from .rpc.health import SERVING
 from .services import legacy_pool, register
+from .services.auth import AuthService
 from .services.bundle import BundleService
 from .services.container import ContainerService
 from .services.notification import NotificationService
@@ -30,6 +34,7 @@ from .services.task import TaskService
 from .services.user_preference import UserPreferenceService
 from .sessions import Sessions
 from .store import Store
+from .tap import Tap
 from .tasks import Tasks
 from .tool_calls import ToolCalls
 from .turns import Turns
@@ -78,11 +83,15 @@ async def _run(settings: dict[str, Any], store: Store) -> None:
 
 
 async def _serve(settings: dict[str, Any], store: Store, model: ChatModel) -> None:
+    keys = ApiKeys(store)
+    audit = Audit(store)
+    metrics = Metrics()
     server = Server(
         max_message_length=settings["max_message_bytes"],
         max_concurrent_streams=settings["max_concurrent_streams"],
         max_connections=settings["max_connections"],
-        authenticate=PeerIdentity(),
+        authenticate=PeerIdentity(keys.verify),
+        metrics=metrics.rpc,
     )
     health = Health()
     server.add_service(HEALTH, health, authenticated=False)
@@ -100,25 +109,34 @@ async def _serve(settings: dict[str, Any], store: Store, model: ChatModel) -> No
     names = register(
         server,
         {
-            "TaskService": TaskService(tasks, containers, sessions),
-            "SessionService": SessionService(sessions, containers, turns),
-            "ContainerService": ContainerService(containers, sessions),
+            "TaskService": TaskService(tasks, containers, sessions, audit),
+            "SessionService": SessionService(sessions, containers, turns, audit),
+            "ContainerService": ContainerService(containers, sessions, audit),
             "NotificationService": NotificationService(notifications),
-            "BundleService": BundleService(Uploads(quilt, registry, notifications)),
+            "BundleService": BundleService(Uploads(quilt, registry, notifications), audit),
             "RegistryService": RegistryService(registry),
-            "UserPreferenceService": UserPreferenceService(preferences),
+            "UserPreferenceService": UserPreferenceService(preferences, audit),
+            "AuthService": AuthService(keys, audit, tokens),
         },
     )
     add_reflection(server, [legacy_pool()])
     for name in names:
         if name.removeprefix("aria.v1.") not in NEED_QUILT:
             health.set(name, SERVING)
+    background = [quilt.run, containers.run, tasks.run]
+    if settings["tap_port"]:
+        background.append(Tap(settings["tap_port"], notifications, tasks, keys.verify).run)
+    if settings["metrics_port"]:
+        live = Live.of_runtime(store, notifications, quilt)
+        background.append(MetricsServer(settings["metrics_port"], metrics, live).run)
     await serve_until_signal(
         server,
         health,
         str(settings["socket"]),
         settings["grace"],
-        background=[quilt.run, containers.run, tasks.run],
+        background=background,
+        socket_mode=settings["socket_mode"],
+        socket_group=settings["socket_group"],
         database=str(store.path),
         quilt=str(quilt.socket),
     )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
+import grp
 import os
 import signal
 import socket
@@ -38,6 +40,29 @@ def prepare_socket_dir(path: Path) -> None:
         os.chmod(folder, 0o700)
     elif folder.stat().st_mode & 0o077:
         log.warning("socket folder is open to other users; the socket itself is 0600", folder=str(folder))
+
+
+def socket_access(mode: int, group: str) -> tuple[int, int | None]:
+    """The socket folder's mode and group for a socket `mode` and `group`: others can only reach a
+    socket they may open when they may also traverse its folder (x, not r)."""
+    gid = None
+    if group:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise StartupError(f"no group {group!r} (--socket-group)") from None
+    folder = 0o700 | (0o010 if mode & 0o060 else 0) | (0o001 if mode & 0o006 else 0)
+    return folder, gid
+
+
+def open_socket(path: Path, folder_mode: int, gid: int | None) -> None:
+    """Open the socket (already `mode`) and its folder to its group or others, as asked."""
+    if gid is not None:
+        os.chown(path, -1, gid)
+        os.chown(path.parent, -1, gid)
+    if folder_mode != 0o700:
+        os.chmod(path.parent, folder_mode)
+        log.warning("socket open beyond its owner", socket=str(path), mode=oct(path.stat().st_mode & 0o777), gid=gid)
 
 
 def take_lock(path: Path) -> int:
@@ -98,17 +123,21 @@ async def serve_until_signal(
     *,
     background: Sequence[Callable[..., Awaitable[None]]] = (),
     on_stop: Callable[[float], Awaitable[None]] | None = None,
+    socket_mode: int = 0o600,
+    socket_group: str = "",
     **log_fields: Any,
 ) -> None:
     """Start `background` services (each with nursery.start), serve on `socket_path`, tell the
     supervisor we are ready; at SIGTERM/SIGINT report NOT_SERVING, drain for `grace` seconds,
     run `on_stop`, then cancel everything. A second signal cuts the drain short."""
+    access = await trio.to_thread.run_sync(socket_access, socket_mode, socket_group)  # (a bad group: StartupError)
     # Signals are caught from here on (before READY), so none is lost between the two.
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             for service in background:
                 await nursery.start(service)
-            await nursery.start(server.serve, socket_path)
+            await nursery.start(functools.partial(server.serve, socket_path, mode=socket_mode))
+            await trio.to_thread.run_sync(open_socket, Path(socket_path), *access)
             log.info("serving", socket=socket_path, pid=os.getpid(), **log_fields)
             sdnotify.notify(f"READY=1\nSTATUS=serving on {socket_path}\nMAINPID={os.getpid()}")
 

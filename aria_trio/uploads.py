@@ -20,6 +20,7 @@ import structlog
 import trio
 
 from . import errors
+from .metrics import BUNDLE_BYTES_RECEIVED
 from .notifications import Notifications
 from .proto.aria.v1 import bundle_pb2 as pb
 from .proto.aria.v1 import notification_pb2 as npb
@@ -187,6 +188,7 @@ async def _read_chunks(
                     fields={"payload": "metadata again" if kind == "metadata" else "empty"},
                 )
             received += len(r.chunk)
+            BUNDLE_BYTES_RECEIVED.inc(len(r.chunk))
             if received > total:
                 raise _size_error(f"more bytes than the {total} declared in metadata")
             await send.send(r.chunk)  # waits while the channel is full: backpressure to the client

@@ -157,17 +157,40 @@ def as_other_user(daemon: Any, call: str) -> str:
     for folder in (daemon.socket.parent, daemon.socket.parent.parent):
         folder.chmod(0o711)
     daemon.socket.chmod(0o666)
-    script = f"""
-import os, sys, grpc
-sys.path.insert(0, {str(Path(__file__).parent)!r})
-from aria_client import AriaClient
-os.setgid({OTHER_UID}); os.setuid({OTHER_UID})
-c = AriaClient(grpc.insecure_channel("unix:" + {str(daemon.socket)!r}))
+    return str(
+        run_as(
+            OTHER_UID,
+            OTHER_UID,
+            daemon.socket,
+            f"""
 try:
     {call}
-    print("OK")
+    result = "OK"
 except grpc.RpcError as e:
-    print(e.code().name)
+    result = e.code().name
+""",
+        )
+    )
+
+
+def run_as(uid: int, gid: int, socket: Path, code: str, groups: tuple[int, ...] = ()) -> Any:
+    """Run `code` as user `uid` (a subprocess: imports first, as root, since the interpreter may
+    live where others cannot read; then setgid/setuid, then the socket is dialled, so SO_PEERCRED
+    names that user). The code has `c` (an AriaClient) and `grpc`, and sets `result` (JSON-able)."""
+    script = f"""
+import json, os, sys, grpc
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+import bundles, zipfile, io
+from google.protobuf import struct_pb2
+from aria_client import AriaClient, bad_fields
+from aria_trio.proto.aria.v1 import aria_pb2, auth_pb2, session_pb2, user_preference_pb2
+os.setgroups({list(groups)!r}); os.setgid({gid}); os.setuid({uid})
+c = AriaClient(grpc.insecure_channel("unix:" + {str(socket)!r}))
+result = None
+{code}
+print(json.dumps(result))
 """
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
-    return done.stdout.strip().splitlines()[-1]
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    if done.returncode != 0:
+        raise AssertionError(f"as uid {uid}: exit {done.returncode}\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])

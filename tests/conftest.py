@@ -22,6 +22,7 @@ import structlog
 from aria_trio import logs
 from aria_trio.rpc import Server
 
+import users
 from probe import Probe, make_server
 
 logs.setup("debug", "json")
@@ -54,6 +55,15 @@ async def probe_server(nursery: Any, sock_dir: Path) -> RunningProbe:
     path = str(sock_dir / "probe.sock")
     await nursery.start(server.serve, path)
     return RunningProbe(probe, server, path)
+
+
+@pytest.fixture(scope="session")
+def unix_users() -> Iterator[dict[str, users.User]]:
+    """Two real Unix users (see users.py), made for this run and removed after it."""
+    try:
+        yield users.make_users()
+    finally:
+        users.remove_users()
 
 
 @pytest.fixture

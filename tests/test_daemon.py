@@ -142,7 +142,7 @@ def test_reflection_describes_current_and_legacy_names(daemon):
         pool = descriptor_pool.DescriptorPool(db)
         legacy = pool.FindServiceByName("aria.TaskService").methods_by_name["GetTask"].output_type.full_name
         current = pool.FindServiceByName("aria.v1.TaskService").methods_by_name["GetTask"].output_type.full_name
-    for name in ("Task", "Session", "Container", "Notification", "Bundle", "Registry", "UserPreference"):
+    for name in ("Task", "Session", "Container", "Notification", "Bundle", "Registry", "UserPreference", "Auth"):
         assert f"aria.v1.{name}Service" in services and f"aria.{name}Service" in services
     assert {"grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection"} <= services
     assert (legacy, current) == ("aria.Task", "aria.v1.Task")
@@ -152,7 +152,7 @@ def test_health_lists_every_service(daemon):
     with daemon.channel() as ch:
         statuses = health_pb2_grpc.HealthStub(ch).List(health_pb2.HealthListRequest(), timeout=5).statuses
     names = {k for k in statuses if k}
-    assert len(names) == 7 and all(s.status == health_pb2.HealthCheckResponse.SERVING for s in statuses.values())
+    assert len(names) == 8 and all(s.status == health_pb2.HealthCheckResponse.SERVING for s in statuses.values())
 
 
 def test_calls_are_logged_with_the_caller(daemon):

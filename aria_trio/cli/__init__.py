@@ -124,7 +124,7 @@ def run_daemon(
     serve_fn: Callable[[dict[str, Any]], Awaitable[None]],
 ) -> None:
     """Resolve the settings, set up logging, run `serve_fn` under trio; startup errors exit 1."""
-    from .. import logs
+    from .. import errors, logs
     from ..lifecycle import StartupError
 
     try:
@@ -135,8 +135,11 @@ def run_daemon(
     os.umask(0o077)  # databases hold API keys and bundles: every file made is this user's alone
     try:
         trio.run(serve_fn, settings)
-    except StartupError as exc:
-        click.echo(f"{name}: {exc}", err=True)
+    except (StartupError, BaseExceptionGroup) as exc:
+        inner = errors.single(exc)  # (a background service that could not start: out of a nursery)
+        if not isinstance(inner, StartupError):
+            raise
+        click.echo(f"{name}: {inner}", err=True)
         sys.exit(1)
     except PermissionError as exc:
         click.echo(f"{name}: {exc.strerror}: {exc.filename}", err=True)
@@ -167,4 +170,4 @@ def serve(ctx: click.Context, /, config_path: Path | None, **flags: Any) -> None
     run_daemon("aria serve", RUNTIME_SETTINGS, flags, config_path, None, serve_daemon)
 
 
-from . import client, quilt, runtime, session  # noqa: E402,F401  (they register their verbs)
+from . import auth, client, quilt, runtime, session  # noqa: E402,F401  (they register their verbs)

@@ -28,7 +28,7 @@ import stat
 import struct
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from typing import Any, Protocol
 
 import h2.errors
 import h2.exceptions
@@ -62,6 +62,16 @@ RECEIVE_SIZE = 256 * 1024
 MiB = 1024 * 1024
 
 Authenticate = Callable[[CallContext], Awaitable[None]]
+
+
+class CallMetrics(Protocol):
+    """Told about every call, if the server has one (aria_trio.metrics.RpcMetrics does). `path` is
+    the registered method's, or None for a method that does not exist (its name is the client's
+    to choose, so it must not become a label)."""
+
+    def call_started(self, path: str | None) -> None: ...
+
+    def call_ended(self, path: str | None, code: str, seconds: float) -> None: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +146,7 @@ class Server:
         connection_window: int = 64 * MiB,
         error_domain: str = "aria.v1",
         authenticate: Authenticate | None = None,
+        metrics: CallMetrics | None = None,
     ) -> None:
         self.max_message_length = max_message_length
         self.max_concurrent_streams = max_concurrent_streams
@@ -143,6 +154,7 @@ class Server:
         self.connection_window = max(connection_window, 2 * max_message_length + 5)
         self.error_domain = error_domain
         self.authenticate = authenticate
+        self.metrics = metrics
         self.methods: dict[str, Method] = {}
         self.path: str | None = None
         self._connections: set[_Connection] = set()
@@ -627,6 +639,9 @@ class _Call:
     async def run(self) -> None:
         server = self.conn.server
         started = trio.current_time()
+        known = self.method.path if self.method is not None else None
+        if server.metrics is not None:  # (no checkpoint before the try: call_ended always follows)
+            server.metrics.call_started(known)
         code, message, reason = StatusCode.CANCELLED, "", "CANCELLED"  # unless we get further
         fields: dict[str, str] = {}
         metadata: dict[str, str] = {}
@@ -652,12 +667,15 @@ class _Call:
         finally:
             self._close()
             server._call_ended()
+            duration = trio.current_time() - started
+            if server.metrics is not None:
+                server.metrics.call_ended(known, code.name, duration)
             identity = self.ctx.identity
             log.info(
                 "rpc",
                 method=self.ctx.method,
                 code=code.name,
-                duration_ms=round((trio.current_time() - started) * 1000, 3),
+                duration_ms=round(duration * 1000, 3),
                 request_id=self.ctx.request_id,
                 peer_uid=self.conn.peer.uid if self.conn.peer else None,
                 user=identity.user if identity else None,

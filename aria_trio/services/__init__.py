@@ -10,6 +10,8 @@ from google.protobuf import descriptor_pool
 
 from ..proto.aria.v1 import (
     aria_pb2,
+    auth_grpc,
+    auth_pb2,
     bundle_grpc,
     bundle_pb2,
     container_grpc,
@@ -39,6 +41,7 @@ SERVICES = [
     (bundle_pb2.DESCRIPTOR, "BundleService", bundle_grpc.BundleServiceServicer),
     (registry_pb2.DESCRIPTOR, "RegistryService", registry_grpc.RegistryServiceServicer),
     (user_preference_pb2.DESCRIPTOR, "UserPreferenceService", user_preference_grpc.UserPreferenceServiceServicer),
+    (auth_pb2.DESCRIPTOR, "AuthService", auth_grpc.AuthServiceServicer),  # ext
 ]
 
 

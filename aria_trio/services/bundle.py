@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+from ..audit import Audit
 from ..proto.aria.v1 import bundle_grpc
 from ..proto.aria.v1 import bundle_pb2 as pb
 from ..rpc import CallContext
@@ -11,12 +12,15 @@ from ..uploads import Uploads
 
 
 class BundleService(bundle_grpc.BundleServiceServicer):  # type: ignore[misc]
-    def __init__(self, uploads: Uploads) -> None:
+    def __init__(self, uploads: Uploads, audit: Audit) -> None:
         self.uploads = uploads
+        self.audit = audit
 
     async def UploadBundle(
         self, requests: AsyncIterator[pb.UploadBundleRequest], ctx: CallContext
     ) -> pb.UploadBundleResponse:
         """Failures answer with a status (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, ...) whose message
         says what was wrong; a response always means success."""
-        return pb.UploadBundleResponse(bundle_id=await self.uploads.upload(ctx.user, requests), success=True)
+        bundle_id = await self.uploads.upload(ctx.user, requests)
+        await self.audit.record(ctx, "bundle.upload", "bundle", bundle_id)
+        return pb.UploadBundleResponse(bundle_id=bundle_id, success=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from .. import errors
+from ..audit import Audit
 from ..containers import Containers
 from ..proto.aria.v1 import container_grpc
 from ..proto.aria.v1 import container_pb2 as pb
@@ -17,9 +18,10 @@ MAX_ENV = 1024
 
 
 class ContainerService(container_grpc.ContainerServiceServicer):  # type: ignore[misc]
-    def __init__(self, containers: Containers, sessions: Sessions) -> None:
+    def __init__(self, containers: Containers, sessions: Sessions, audit: Audit) -> None:
         self.containers = containers
         self.sessions = sessions
+        self.audit = audit
 
     async def CreateContainer(self, request: pb.CreateContainerRequest, ctx: CallContext) -> pb.Container:
         if len(request.environment) > MAX_ENV:
@@ -40,18 +42,22 @@ class ContainerService(container_grpc.ContainerServiceServicer):  # type: ignore
             session_id=session,
             command=list(request.command),
         )
+        await self.audit.record(ctx, "container.create", "container", row["id"], name=request.name)
         return convert.container(row)
 
     async def StartContainer(self, request: pb.StartContainerRequest, ctx: CallContext) -> pb.StartContainerResponse:
         await self.containers.start(ctx.user, request.container_id)
+        await self.audit.record(ctx, "container.start", "container", request.container_id)
         return pb.StartContainerResponse()
 
     async def StopContainer(self, request: pb.StopContainerRequest, ctx: CallContext) -> pb.StopContainerResponse:
         await self.containers.stop(ctx.user, request.container_id)
+        await self.audit.record(ctx, "container.stop", "container", request.container_id)
         return pb.StopContainerResponse()
 
     async def RemoveContainer(self, request: pb.RemoveContainerRequest, ctx: CallContext) -> pb.RemoveContainerResponse:
         await self.containers.remove(ctx.user, request.container_id)
+        await self.audit.record(ctx, "container.remove", "container", request.container_id)
         return pb.RemoveContainerResponse()
 
     async def GetContainer(self, request: pb.GetContainerRequest, ctx: CallContext) -> pb.Container:

@@ -8,6 +8,8 @@ from typing import Any
 from google.protobuf import timestamp_pb2
 
 from ..proto.aria.v1 import container_pb2, session_pb2, task_pb2
+from ..store import tasks as task_table
+from ..tasks import OutputItem
 from ..tool_calls import Call
 from ..turns import tool_calls_of
 
@@ -81,3 +83,15 @@ def message(row: dict[str, Any]) -> session_pb2.Message:
         tool_call_id=row.get("tool_call_id") or "",
         tool_name=row.get("tool_name") or "",
     )
+
+
+def task_output(task_id: str, item: OutputItem) -> task_pb2.TaskOutput:
+    """One stored output item as TaskService.StreamTaskOutput (and the tap) send it."""
+    out = task_pb2.TaskOutput(task_id=task_id, timestamp=timestamp(item.at_us))
+    if item.stream == task_table.PROGRESS:
+        out.progress.CopyFrom(task_pb2.ProgressUpdate(percent_complete=item.percent, operation_description=item.line))
+    elif item.stream == task_table.STDERR:
+        out.stderr_line = item.line
+    else:
+        out.stdout_line = item.line
+    return out

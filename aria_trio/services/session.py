@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+from ..audit import Audit
 from ..containers import Containers
 from ..proto.aria.v1 import session_grpc
 from ..proto.aria.v1 import session_pb2 as pb
@@ -14,19 +15,24 @@ from . import convert
 
 
 class SessionService(session_grpc.SessionServiceServicer):  # type: ignore[misc]
-    def __init__(self, sessions: Sessions, containers: Containers, turns: Turns) -> None:
+    def __init__(self, sessions: Sessions, containers: Containers, turns: Turns, audit: Audit) -> None:
         self.sessions = sessions
         self.containers = containers
         self.turns = turns
+        self.audit = audit
 
     async def CreateSession(self, request: pb.CreateSessionRequest, ctx: CallContext) -> pb.Session:
-        return convert.session(await self.sessions.create(ctx.user, request.agent_id, dict(request.context_data)))
+        row = await self.sessions.create(ctx.user, request.agent_id, dict(request.context_data))
+        await self.audit.record(ctx, "session.create", "session", row["id"], agent=row["agent_id"])
+        return convert.session(row)
 
     async def GetSession(self, request: pb.GetSessionRequest, ctx: CallContext) -> pb.Session:
         return convert.session(await self.sessions.get(ctx.user, request.session_id))
 
     async def EndSession(self, request: pb.EndSessionRequest, ctx: CallContext) -> pb.Session:
-        return convert.session(await self.sessions.end(ctx.user, request.session_id, self.containers))
+        row = await self.sessions.end(ctx.user, request.session_id, self.containers)
+        await self.audit.record(ctx, "session.end", "session", row["id"])
+        return convert.session(row)
 
     async def ListSessions(self, request: pb.ListSessionsRequest, ctx: CallContext) -> pb.ListSessionsResponse:
         rows, token = await self.sessions.page(ctx.user, request.page_size, request.page_token)

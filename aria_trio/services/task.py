@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from .. import errors
+from ..audit import Audit
 from ..containers import Containers
 from ..proto.aria.v1 import task_grpc
 from ..proto.aria.v1 import task_pb2 as pb
@@ -16,10 +17,11 @@ from . import convert
 
 
 class TaskService(task_grpc.TaskServiceServicer):  # type: ignore[misc]
-    def __init__(self, tasks: Tasks, containers: Containers, sessions: Sessions) -> None:
+    def __init__(self, tasks: Tasks, containers: Containers, sessions: Sessions, audit: Audit) -> None:
         self.tasks = tasks
         self.containers = containers
         self.sessions = sessions
+        self.audit = audit
 
     async def LaunchTask(self, request: pb.LaunchTaskRequest, ctx: CallContext) -> pb.LaunchTaskResponse:
         launch = Launch(
@@ -33,6 +35,7 @@ class TaskService(task_grpc.TaskServiceServicer):  # type: ignore[misc]
         if request.session_id:
             await self.sessions.get(ctx.user, request.session_id)  # NOT_FOUND for an unknown one
         task_id = await self.tasks.launch(ctx.user, launch, self.containers.running_quilt_id)
+        await self.audit.record(ctx, "task.launch", "task", task_id, type=request.type, command=launch.command)
         return pb.LaunchTaskResponse(task_id=task_id)
 
     async def GetTask(self, request: pb.GetTaskRequest, ctx: CallContext) -> pb.Task:
@@ -52,14 +55,10 @@ class TaskService(task_grpc.TaskServiceServicer):  # type: ignore[misc]
         self, request: pb.StreamTaskOutputRequest, ctx: CallContext
     ) -> AsyncIterator[pb.TaskOutput]:
         async for item in self.tasks.output(ctx.user, request.task_id, request.follow):
-            out = pb.TaskOutput(task_id=request.task_id, timestamp=convert.timestamp(item.at_us))
-            if item.stream == table.PROGRESS:
-                out.progress.CopyFrom(pb.ProgressUpdate(percent_complete=item.percent, operation_description=item.line))
-            elif item.stream == table.STDERR:
-                out.stderr_line = item.line
-            else:
-                out.stdout_line = item.line
-            yield out
+            yield convert.task_output(request.task_id, item)
 
     async def CancelTask(self, request: pb.CancelTaskRequest, ctx: CallContext) -> pb.CancelTaskResponse:
-        return pb.CancelTaskResponse(cancellation_initiated=await self.tasks.cancel(ctx.user, request.task_id))
+        initiated = await self.tasks.cancel(ctx.user, request.task_id)
+        if initiated:
+            await self.audit.record(ctx, "task.cancel", "task", request.task_id)
+        return pb.CancelTaskResponse(cancellation_initiated=initiated)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from google.protobuf import json_format, struct_pb2
 
+from ..audit import Audit
 from ..preferences import Preferences, masked
 from ..proto.aria.v1 import user_preference_grpc
 from ..proto.aria.v1 import user_preference_pb2 as pb
@@ -17,8 +18,9 @@ def _response(prefs: dict[str, object]) -> pb.UserPreferences:
 
 
 class UserPreferenceService(user_preference_grpc.UserPreferenceServiceServicer):  # type: ignore[misc]
-    def __init__(self, preferences: Preferences) -> None:
+    def __init__(self, preferences: Preferences, audit: Audit) -> None:
         self.preferences = preferences
+        self.audit = audit
 
     async def GetUserPreferences(self, request: pb.GetUserPreferencesRequest, ctx: CallContext) -> pb.UserPreferences:
         return _response(await self.preferences.get(ctx.user))
@@ -27,4 +29,6 @@ class UserPreferenceService(user_preference_grpc.UserPreferenceServiceServicer):
         self, request: pb.UpdateUserPreferencesRequest, ctx: CallContext
     ) -> pb.UserPreferences:
         updates = json_format.MessageToDict(request.updates)  # null values come back as None
-        return _response(await self.preferences.update(ctx.user, updates))
+        result = _response(await self.preferences.update(ctx.user, updates))
+        await self.audit.record(ctx, "preferences.update", "preferences", ctx.user, keys=sorted(updates))
+        return result
