@@ -70,7 +70,12 @@ async def test_server_death_is_unavailable_not_a_hang(sock_dir):
     """)
     proc = await trio.lowlevel.open_process([sys.executable, "-c", script], stdout=subprocess.PIPE)
     try:
-        assert await proc.stdout.receive_some(6) == b"ready\n"
+        said = b""
+        while not said.endswith(b"\n"):  # (one print may arrive in two writes: PYTHONUNBUFFERED)
+            chunk = await proc.stdout.receive_some(6)
+            assert chunk, f"the server ended before it was ready: {said!r}"
+            said += chunk
+        assert said == b"ready\n"
         async with Channel.connect(path) as channel:
             async with channel.call("/grpc.health.v1.Health/Watch", health_pb2.HealthCheckResponse, timeout=30) as call:
                 await call.send(health_pb2.HealthCheckRequest(), end=True)
