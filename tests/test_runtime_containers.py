@@ -36,7 +36,7 @@ def test_lifecycle_status_mapping_and_events(daemon):
     assert container_events(c, box.id, 3) == [
         (aria_pb2.PENDING, "created"),
         (aria_pb2.RUNNING, "started"),
-        (aria_pb2.CANCELLED, "stopped"),
+        (aria_pb2.CANCELLED, "stopped (killed: it does not handle SIGTERM)"),  # (sh, as pid 1)
     ]
     got = [(line.stream, line.line) for line in c.container_logs(box.id)]
     assert sorted(got) == [(pb.ContainerLog.STDOUT, "ready"), (pb.ContainerLog.STDERR, "oops")]

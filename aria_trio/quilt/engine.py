@@ -45,22 +45,20 @@ TASK_FINISHED = {T_COMPLETED, T_FAILED, T_CANCELLED, T_TIMEOUT}
 # The main process of a container started without a command: idles until stopped, and (unlike
 # `sleep`) ends at SIGTERM, which pid 1 of a namespace otherwise ignores.
 IDLE = ["/bin/sh", "-c", "trap 'exit 0' TERM INT; while :; do sleep 3600 & wait $!; done"]
-# A container's command runs under this small pid 1 (where the image has /bin/sh), which passes
-# SIGTERM/SIGINT on: so `stop` ends `sleep 30` or a server at once instead of after the grace
-# period, and the command's exit status is pid 1's. (Exec tasks and tools are killed, not asked.)
-FORWARD = (
-    # (its own stderr goes nowhere, so the shell's "Terminated" notices stay out of the log)
-    'exec 3>&2 2>/dev/null; trap \'kill -TERM "$c"\' TERM INT HUP; "$@" 2>&3 3>&- & c=$!; '
-    'while :; do wait "$c"; s=$?; kill -0 "$c" || exit "$s"; done'
-)
+HANDLER_WAIT = 1.0  # seconds a new pid 1 gets to install its SIGTERM handler before it counts as deaf
 
 
-def main_command(command: list[str], image: Image) -> list[str]:
-    if not command:
-        return IDLE
-    if image.find("/bin/sh"):
-        return ["/bin/sh", "-c", FORWARD, "quilt-init", *command]
-    return command  # an image without a shell: the command is pid 1 and must handle SIGTERM itself
+def catches(pid: int, sig: int) -> bool:
+    """Does the process handle `sig` (so pid 1 of a namespace can be asked to stop with it)?
+    From /proc/<pid>/status SigCgt; a process already gone "handles" it (nothing left to kill)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return True
 
 
 def now_us() -> int:
@@ -111,6 +109,7 @@ class Container:
     cgroup: Cgroup | None = None
     stop_requested: bool = False
     killed_after_grace: bool = False
+    killed_deaf: bool = False  # killed at once: its pid 1 had no SIGTERM handler
     done: trio.Event = field(default_factory=trio.Event)
     lock: trio.Lock = field(default_factory=trio.Lock)
 
@@ -301,8 +300,8 @@ class Engine:
             image = await self.images.resolve(spec.image)
             c.log = await OutputLog.create(self._dir(c.id) / "output.jsonl", self.settings.max_output_bytes)
             c.cgroup = await self._cgroup(c.id, memory, pids)
-            argv, cwd, env = await trio.to_thread.run_sync(  # (main_command looks at the image's files)
-                lambda: self._argv(main_command(spec.command, image), c, image, spec.env, spec.workdir, memory, pids)
+            argv, cwd, env = await trio.to_thread.run_sync(
+                self._argv, spec.command or IDLE, c, image, spec.env, spec.workdir, memory, pids
             )
             async with trio.open_nursery() as nursery:
                 run = await start_process(nursery, argv, c.log, sandboxed=self._sandboxed, cwd=cwd, env=env)
@@ -319,6 +318,7 @@ class Engine:
             if c.stop_requested:
                 c.state = STOPPED
                 killed = " (killed after the grace period)" if c.killed_after_grace else ""
+                killed = " (killed: it does not handle SIGTERM)" if c.killed_deaf else killed
                 c.message = c.message or f"stopped{killed}"
             elif _start_failure(exit_):
                 c.state, c.message = FAILED, f"could not start: {exit_.first_error}"
@@ -356,14 +356,22 @@ class Engine:
             c.message = why
             await self._cancel_tasks_of(c.id, f"container {c.id} stopped")
             # pid 1 of a namespace only gets signals it handles, and one that has not installed
-            # its handler yet (it just started) loses a SIGTERM: say it again now and then.
+            # its handler yet (it just started) loses a SIGTERM: say it again now and then. One
+            # that has run a while without a handler (`sleep 60`) cannot be asked: it is killed.
+            deaf = False
             with trio.move_on_after(grace):
                 while c.handle is not None:
                     c.handle.signal(signal.SIGTERM)
+                    ran_for = (now_us() - (c.started_at or now_us())) / 1e6
+                    if c.handle.pid and not c.handle.group and ran_for > HANDLER_WAIT:
+                        if not await trio.to_thread.run_sync(catches, c.handle.pid, signal.SIGTERM):
+                            deaf = True
+                            break
                     with trio.move_on_after(0.5):
                         await c.done.wait()
             if not c.done.is_set():
-                c.killed_after_grace = True
+                c.killed_after_grace = not deaf
+                c.killed_deaf = deaf
                 if c.handle is not None:
                     c.handle.kill()
                 if c.cgroup is not None:

@@ -59,11 +59,11 @@ class Handle:
     def __init__(self, process: trio.Process, sandbox_pid: int, group: bool) -> None:
         self.process = process
         self.pid = sandbox_pid  # host pid of the sandbox's pid 1 (the command, or its wrapper)
-        self._group = group  # no sandbox: signal the process group instead
+        self.group = group  # no sandbox: signal the process group instead
 
     def signal(self, sig: int) -> None:
         try:
-            if self._group:
+            if self.group:
                 os.killpg(self.process.pid, sig)
             else:
                 os.kill(self.pid, sig)

@@ -2,9 +2,8 @@
 
 Every sandbox gets new pid, ipc, uts, mount, user and (unless network is asked for) network
 namespaces, `--die-with-parent` (it cannot outlive quilt), all capabilities dropped, a fresh
-/proc and /dev, a /tmp and /workspace of its container, and a read-only view of its image. What runs is pid 1 of
-its namespace (`--as-pid-1`), so killing it kills everything it started; for a container's main
-command that is a small init that passes SIGTERM on (see engine.main_command).
+/proc and /dev, a /tmp and /workspace of its container, and a read-only view of its image. The
+command is pid 1 of its namespace (`--as-pid-1`), so killing it kills everything it started.
 
 A small /bin/sh wrapper runs first, outside the sandbox: it joins the container's cgroups (or sets
 rlimits) and then execs bubblewrap, so the limits hold from the start.
