@@ -135,7 +135,7 @@ class Probe:
         try:
             async for req in requests:
                 yield Resp(text=f"echo:{req.mode}")
-        except trio.Cancelled:
+        except (trio.Cancelled, GeneratorExit):  # (GeneratorExit: cancelled while at its yield)
             self._note("Bidi", "cancelled")
             raise
 
