@@ -82,9 +82,10 @@ def eventually(fn, timeout=20.0):
 class Lines:
     """A long-running `aria ...` whose stdout lines are read on a thread, with a timeout each."""
 
-    def __init__(self, daemon, *args):
+    def __init__(self, daemon, *args, stdin=None):
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "aria_trio", *args],
+            stdin=stdin,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

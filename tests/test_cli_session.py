@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import queue
 import signal
 import subprocess
 import sys
-import threading
 
-from test_cli_runtime import aria, aria_env, as_json, fields, json_lines, ok
+from test_cli_runtime import Lines, aria, aria_env, as_json, fields, json_lines, ok
 
 from fake_llm import FakeLLM
 
@@ -33,31 +31,18 @@ def new_session(daemon, *args):
     return ok(daemon, "session", "new", *args).strip()
 
 
-class Interactive:
+class Interactive(Lines):
     """`aria chat SESSION` with its stdin a pipe; stdout lines read on a thread."""
 
     def __init__(self, daemon, session):
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "aria_trio", "chat", session],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=aria_env(daemon),
-        )
-        self.lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self):
-        for line in self.proc.stdout:
-            self.lines.put(line.rstrip("\n"))
+        super().__init__(daemon, "chat", session, stdin=subprocess.PIPE)
 
     def send(self, line):
         self.proc.stdin.write(line + "\n")
         self.proc.stdin.flush()
 
     def take(self, n, timeout=30.0):
-        return [self.lines.get(timeout=timeout) for _ in range(n)]
+        return super().take(n, timeout)
 
     def close(self):
         """End its input; its exit status and stderr."""
