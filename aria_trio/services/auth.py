@@ -18,9 +18,7 @@ def _key(row: dict[str, Any]) -> pb.ApiKey:
     msg = pb.ApiKey(
         id=row["id"], user_id=row["user_id"], name=row["name"], created_at=convert.timestamp(row["created_at"])
     )
-    for field in ("last_used_at", "revoked_at"):
-        if row.get(field) is not None:
-            getattr(msg, field).CopyFrom(convert.timestamp(row[field]))
+    convert.set_times(msg, row, "last_used_at", "revoked_at")
     return msg
 
 

@@ -20,6 +20,13 @@ def timestamp(us: int) -> timestamp_pb2.Timestamp:
     return ts
 
 
+def set_times(msg: Any, row: dict[str, Any], *fields: str) -> None:
+    """The optional timestamp fields of a message, from the row's microseconds where not NULL."""
+    for field in fields:
+        if row.get(field) is not None:
+            getattr(msg, field).CopyFrom(timestamp(row[field]))
+
+
 def task(row: dict[str, Any]) -> task_pb2.Task:
     msg = task_pb2.Task(
         id=row["id"],
@@ -35,9 +42,7 @@ def task(row: dict[str, Any]) -> task_pb2.Task:
         progress_percent=row["progress_percent"],
         current_operation=row["current_operation"],
     )
-    for field in ("started_at", "completed_at"):
-        if row.get(field) is not None:
-            getattr(msg, field).CopyFrom(timestamp(row[field]))
+    set_times(msg, row, "started_at", "completed_at")
     for field in ("parent_task_id", "exit_code", "error_message"):
         if row.get(field) is not None:
             setattr(msg, field, row[field])

@@ -41,7 +41,3 @@ def page(db: sqlite_utils.Database, session_id: str, after_seq: int, limit: int)
 
 def log_tool_execution(db: sqlite_utils.Database, row: dict[str, Any]) -> None:
     db.table("tool_executions").insert(row)
-
-
-def tool_executions(db: sqlite_utils.Database, session_id: str) -> list[dict[str, Any]]:
-    return list(db.query("SELECT * FROM tool_executions WHERE session_id = ? ORDER BY started_at", [session_id]))

@@ -45,12 +45,6 @@ def get(db: sqlite_utils.Database, user_id: str, task_id: str) -> dict[str, Any]
     return rows[0] if rows else None
 
 
-def history(db: sqlite_utils.Database, task_id: str) -> list[dict[str, Any]]:
-    return list(
-        db.query("SELECT seq, status, message, at FROM task_status_history WHERE task_id = ? ORDER BY seq", [task_id])
-    )
-
-
 def unfinished(db: sqlite_utils.Database) -> list[dict[str, Any]]:
     return list(db.query("SELECT * FROM tasks WHERE status IN (1, 2) ORDER BY created_at"))
 
