@@ -15,12 +15,18 @@ layer's remaining ones without monkeypatching:
 * the connection window is a bound we choose, not purerpc's fixed 1 GiB;
 * the client keeps `grpc-status-details-bin` (purerpc drops every grpc-* trailer).
 
+And three short paths for what every call does, each giving h2's and hpack's bytes exactly
+(tests/test_rpc_fast_paths.py): header blocks that repeat are decoded once per state of the
+HPACK table, fixed header pairs are encoded once per state, and a response's HEADERS and DATA
+frames are built here instead of through h2's frame objects.
+
 These touch purerpc internals, so the exact versions are pinned and checked here.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import struct
 import zlib
 from typing import Any
 
@@ -30,9 +36,13 @@ import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
+import h2.stream
 import hpack
 import hpack.table
 import purerpc
+from h2.utilities import is_informational_response
+from hpack import NeverIndexedHeaderTuple
+from hpack.hpack import encode_integer
 from purerpc.grpclib.buffers import MessageReadBuffer
 from purerpc.grpclib.config import GRPCConfiguration
 from purerpc.grpclib.connection import GRPCConnection
@@ -99,7 +109,29 @@ def _read_failure(exc: Exception) -> tuple[StatusCode, str]:
     return StatusCode.INTERNAL, "could not decompress the request message"
 
 
-class _IndexedHeaderTable(hpack.table.HeaderTable):  # type: ignore[misc]
+class _VersionedHeaderTable(hpack.table.HeaderTable):  # type: ignore[misc]
+    """A header table that counts its changes: a header block coded against one state of the table
+    means the same thing for as long as that state lasts, so its coding can be reused."""
+
+    def __init__(self) -> None:
+        self.version = 0
+        super().__init__()
+
+    def add(self, name: bytes, value: bytes) -> None:
+        self.version += 1
+        super().add(name, value)
+
+    @property
+    def maxsize(self) -> int:
+        return int(self._maxsize)
+
+    @maxsize.setter
+    def maxsize(self, newmax: int) -> None:
+        self.version += 1
+        hpack.table.HeaderTable.maxsize.fset(self, newmax)
+
+
+class _IndexedHeaderTable(_VersionedHeaderTable):
     """hpack 3 (the series h2 3 needs) finds a header by scanning all 61 static entries, for
     every header of every message: about half of a unary call's CPU. Same answers, from dicts."""
 
@@ -127,16 +159,176 @@ class _IndexedHeaderTable(hpack.table.HeaderTable):  # type: ignore[misc]
 
 
 class _PlainEncoder(hpack.Encoder):  # type: ignore[misc]
-    """Header values go out as literals, not Huffman-coded: hpack's pure-Python Huffman coder
-    costs more per call than the bytes it saves are worth on a Unix socket."""
+    """hpack's encoder, made cheap for the headers every call sends alike.
+
+    Values go out as literals, not Huffman-coded: hpack's pure-Python Huffman coder costs more per
+    call than the bytes it saves are worth on a Unix socket. And the coding of a plain (name,
+    value) pair is kept while the dynamic table stays as it is: `:status 200`, the content type and
+    `grpc-status 0` then cost a dict lookup each. Sensitive headers (NeverIndexedHeaderTuple: the
+    request id, messages, details) differ per call and are always coded afresh."""
+
+    CACHE_HEADERS = 64  # at the cap the cache starts over; a server sends a handful of fixed pairs
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.header_table = _IndexedHeaderTable()
+        self._cache: dict[tuple[Any, Any], bytes] = {}
+        self._cache_version = 0
 
     def encode(self, headers: Any, huffman: bool = True) -> bytes:
-        encoded: bytes = super().encode(headers, huffman=False)
-        return encoded
+        table = self.header_table
+        if table.resized or isinstance(headers, dict):
+            self._cache.clear()
+            encoded: bytes = super().encode(headers, huffman=False)
+            self._cache_version = table.version
+            return encoded
+        cache = self._cache
+        if table.version != self._cache_version:
+            cache.clear()
+            self._cache_version = table.version
+        parts = []
+        for header in headers:
+            if type(header) is NeverIndexedHeaderTuple:
+                parts.append(_never_indexed(header))
+                continue
+            plain = type(header) is tuple and len(header) == 2
+            if plain and (hit := cache.get(header)) is not None:
+                parts.append(hit)
+                continue
+            before = table.version
+            encoded = super().encode((header,), huffman=False)
+            if table.version != before:  # the pair went into the table: every index moved
+                cache.clear()
+                self._cache_version = table.version
+            elif plain:
+                if len(cache) >= self.CACHE_HEADERS:
+                    cache.clear()
+                cache[header] = encoded
+            parts.append(encoded)
+        return b"".join(parts)
+
+
+def _never_indexed(header: Any) -> bytes:
+    """RFC 7541 6.2.3, the name as a literal too (always valid, whatever the table holds): what
+    hpack would send for a sensitive header, without its general path."""
+    name, value = (x.encode() if isinstance(x, str) else bytes(x) for x in header)
+    return b"".join((b"\x10", encode_integer(len(name), 7), name, encode_integer(len(value), 7), value))
+
+
+class _CachingDecoder(hpack.Decoder):  # type: ignore[misc]
+    """hpack's decoder, remembering the header blocks that left the dynamic table as it was.
+
+    Once a client's headers are in the table, it sends the same few bytes of indexes on every
+    call of a method; while the table (and the header list limit) stays the same, the same bytes
+    decode to the same headers, so they are looked up instead of decoded again."""
+
+    CACHE_BLOCKS = 64  # at the cap the cache starts over
+    CACHE_BLOCK_BYTES = 1024  # larger blocks are decoded every time
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.header_table = _VersionedHeaderTable()
+        self._cache: dict[tuple[bytes, bool], tuple[Any, ...]] = {}
+        self._cache_state: tuple[int, int] = (0, 0)
+
+    def decode(self, data: bytes, raw: bool = False) -> list[Any]:
+        state = (self.header_table.version, self.max_header_list_size)
+        if state != self._cache_state:
+            self._cache.clear()
+            self._cache_state = state
+        key = (bytes(data), raw)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return list(hit)
+        headers: list[Any] = super().decode(data, raw)
+        if self.header_table.version == state[0] and len(key[0]) <= self.CACHE_BLOCK_BYTES:
+            if len(self._cache) >= self.CACHE_BLOCKS:
+                self._cache.clear()
+            self._cache[key] = tuple(headers)
+        return headers
+
+
+_DATA, _HEADERS, _CONTINUATION = 0x0, 0x1, 0x9  # HTTP/2 frame types (RFC 9113 6)
+_END_STREAM, _END_HEADERS = 0x1, 0x4  # and flags
+_FRAME_HEADER = struct.Struct(">HBBBL")  # length (24 bits, as 16 + 8), type, flags, stream id
+
+
+def _frame_header(length: int, kind: int, flags: int, stream_id: int) -> bytes:
+    return _FRAME_HEADER.pack(length >> 8, length & 0xFF, kind, flags, stream_id)
 
 
 class _GracefulH2Connection(h2.connection.H2Connection):  # type: ignore[misc]
-    """Two fixes to h2 3.x's reading of the peer's frames (h2 4 is not supported by purerpc)."""
+    """h2 3.x with two fixes to its reading of the peer's frames (h2 4 is not supported by
+    purerpc), and a short path for the frames a response is made of."""
+
+    # The two methods that send a unary call's response, without h2's frame objects: the same
+    # checks and state changes, then the frame bytes built here. Anything unusual (a stream h2
+    # does not hold, padding, priority, informational headers) takes h2's own path.
+
+    def send_headers(
+        self,
+        stream_id: int,
+        headers: Any,
+        end_stream: bool = False,
+        priority_weight: Any = None,
+        priority_depends_on: Any = None,
+        priority_exclusive: Any = None,
+    ) -> None:
+        stream = self.streams.get(stream_id)
+        if (
+            stream is None
+            or self.config.client_side
+            or priority_weight is not None
+            or priority_depends_on is not None
+            or priority_exclusive is not None
+            or is_informational_response(headers)
+        ):
+            super().send_headers(
+                stream_id, headers, end_stream, priority_weight, priority_depends_on, priority_exclusive
+            )
+            return
+        self.state_machine.process_input(h2.connection.ConnectionInputs.SEND_HEADERS)
+        stream.state_machine.process_input(h2.stream.StreamInputs.SEND_HEADERS)
+        block = self.encoder.encode(headers)
+        flags = _END_HEADERS
+        if end_stream:
+            stream.state_machine.process_input(h2.stream.StreamInputs.SEND_END_STREAM)
+            flags |= _END_STREAM
+        elif stream.state_machine.trailers_sent:
+            raise h2.exceptions.ProtocolError("Trailers must have END_STREAM set.")
+        limit = self.max_outbound_frame_size
+        if len(block) <= limit:
+            self._data_to_send += _frame_header(len(block), _HEADERS, flags, stream_id) + block
+            return
+        # Larger than a frame: HEADERS, then CONTINUATION frames, END_HEADERS on the last one.
+        chunks = [block[i : i + limit] for i in range(0, len(block), limit)]
+        for n, chunk in enumerate(chunks):
+            kind = _HEADERS if n == 0 else _CONTINUATION
+            bits = (flags & _END_STREAM if n == 0 else 0) | (_END_HEADERS if n == len(chunks) - 1 else 0)
+            self._data_to_send += _frame_header(len(chunk), kind, bits, stream_id) + chunk
+
+    def send_data(self, stream_id: int, data: bytes, end_stream: bool = False, pad_length: Any = None) -> None:
+        stream = self.streams.get(stream_id)
+        if stream is None or pad_length is not None:
+            super().send_data(stream_id, data, end_stream, pad_length)
+            return
+        size = len(data)
+        window = min(self.outbound_flow_control_window, stream.outbound_flow_control_window)
+        if size > window:
+            raise h2.exceptions.FlowControlError(f"Cannot send {size} bytes, flow control window is {window}.")
+        if size > self.max_outbound_frame_size:
+            raise h2.exceptions.FrameTooLargeError(
+                f"Cannot send frame size {size}, max frame size is {self.max_outbound_frame_size}"
+            )
+        self.state_machine.process_input(h2.connection.ConnectionInputs.SEND_DATA)
+        stream.state_machine.process_input(h2.stream.StreamInputs.SEND_DATA)
+        flags = 0
+        if end_stream:
+            stream.state_machine.process_input(h2.stream.StreamInputs.SEND_END_STREAM)
+            flags = _END_STREAM
+        stream.outbound_flow_control_window -= size
+        self.outbound_flow_control_window -= size
+        self._data_to_send += _frame_header(size, _DATA, flags, stream_id) + data
 
     def _receive_window_update_frame(self, frame: Any) -> Any:
         # RFC 9113 6.9: a WINDOW_UPDATE may arrive for a stream that is already closed, and must
@@ -192,7 +384,9 @@ class _Connection(GRPCConnection):  # type: ignore[misc]
             )
         )
         self.h2_connection.encoder = _PlainEncoder()
-        self.h2_connection.encoder.header_table = _IndexedHeaderTable()
+        decoder = _CachingDecoder()
+        decoder.max_header_list_size = self.h2_connection.decoder.max_header_list_size
+        self.h2_connection.decoder = decoder
         self.h2_connection.clear_outbound_data_buffer()
         self._set_h2_connection_local_settings()
 

@@ -1,0 +1,157 @@
+"""The protocol engine's short paths (HPACK caches, response frames built without h2's frame
+objects) give exactly what hpack and h2 give on their own general paths, byte for byte."""
+
+from __future__ import annotations
+
+import h2.config
+import h2.connection
+import h2.exceptions
+import hpack
+import pytest
+from hpack import NeverIndexedHeaderTuple
+
+from aria_trio.rpc.protocol import _CachingDecoder, _GracefulH2Connection, _PlainEncoder
+
+RESPONSE = [(":status", "200"), ("content-type", "application/grpc+proto")]
+
+
+def _header_lists() -> list[list[object]]:
+    """What a server sends over a connection: fixed pairs again and again, per-call sensitive
+    values, pairs new to the table, one that evicts the others, and repeats after that."""
+    lists: list[list[object]] = []
+    for n in range(40):
+        lists.append([*RESPONSE, ("x-served-by", "aria")])
+        trailers: list[object] = [("grpc-status", "0" if n % 3 else "5")]
+        trailers.append(NeverIndexedHeaderTuple("x-request-id", f"{n:032x}"))
+        if n % 7 == 0:
+            trailers.append(NeverIndexedHeaderTuple("grpc-message", "é" * (n * 5)))  # long, non-ASCII
+        if n % 5 == 0:
+            trailers.append((f"x-new-{n}", "v" * 200))  # goes into the table, indexes move
+        if n == 25:
+            trailers.append(("x-huge", "h" * 3000))  # larger than the table: it empties
+        lists.append(trailers)
+    return lists
+
+
+def _plain(headers: list[object]) -> list[tuple[str, str]]:
+    return [(str(name), str(value)) for name, value in headers]  # type: ignore[misc]
+
+
+def test_encoder_codes_like_hpack_and_decodes_back() -> None:
+    ours, reference = _PlainEncoder(), hpack.Encoder()
+    decoder = hpack.Decoder()
+    for i, headers in enumerate(_header_lists()):
+        if i == 50:  # the peer shrinks the table: a size update leads the next block
+            ours.header_table_size = reference.header_table_size = 1024
+        block = ours.encode(headers)
+        assert block == reference.encode(headers, huffman=False), f"block {i}"
+        assert decoder.decode(block) == _plain(headers)
+    assert len(ours._cache) <= ours.CACHE_HEADERS
+
+
+def test_encoder_cache_is_used_and_bounded() -> None:
+    encoder = _PlainEncoder()
+    encoder.encode(RESPONSE)  # content-type goes into the table
+    first = encoder.encode(RESPONSE)
+    assert set(encoder._cache) == {(":status", "200"), ("content-type", "application/grpc+proto")}
+    assert encoder.encode(RESPONSE) == first
+    for n in range(encoder.CACHE_HEADERS * 3):  # values the static table names: no table change
+        encoder.encode([(":status", str(100 + n))])
+        assert len(encoder._cache) <= encoder.CACHE_HEADERS
+
+
+def test_decoder_decodes_like_hpack() -> None:
+    encoder = hpack.Encoder()  # with Huffman coding, as other clients send
+    ours, reference = _CachingDecoder(), hpack.Decoder()
+    blocks = []
+    for i, headers in enumerate(_header_lists() * 2):
+        if i == 60:
+            encoder.header_table_size = 512
+        blocks.append(encoder.encode(headers))
+    for block in blocks:
+        assert ours.decode(block, raw=True) == reference.decode(block, raw=True)
+    repeated = encoder.encode(RESPONSE)
+    assert ours.decode(repeated) == reference.decode(repeated) == RESPONSE
+    assert (repeated, False) in ours._cache  # indexes only: kept
+    assert ours.decode(repeated) == RESPONSE  # and served from there
+    assert len(ours._cache) <= ours.CACHE_BLOCKS
+
+
+def test_decoder_cache_honours_a_lower_header_list_limit() -> None:
+    encoder, decoder = hpack.Encoder(), _CachingDecoder()
+    headers = [("x-big", "b" * 1000)]
+    decoder.decode(encoder.encode(headers))  # a literal that goes into the table
+    block = encoder.encode(headers)  # an index only now
+    assert decoder.decode(block) == headers
+    decoder.max_header_list_size = 100
+    with pytest.raises(hpack.OversizedHeaderListError):
+        decoder.decode(block)
+
+
+def _pair() -> tuple[h2.connection.H2Connection, h2.connection.H2Connection, h2.connection.H2Connection]:
+    """Our server connection, h2's own, and a client that opened streams 1, 3, 5 on both."""
+    config = h2.config.H2Configuration(client_side=False, header_encoding="utf-8", validate_outbound_headers=False)
+    ours, theirs = _GracefulH2Connection(config), h2.connection.H2Connection(config)
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    for sid in (1, 3, 5):
+        client.send_headers(sid, [(":method", "POST"), (":scheme", "http"), (":path", "/s/m"), (":authority", "x")])
+    client.send_data(5, b"x", end_stream=True)
+    wire = client.data_to_send()
+    for server in (ours, theirs):
+        server.encoder = _PlainEncoder()
+        server.initiate_connection()
+        server.receive_data(wire)
+        server.data_to_send()
+    return ours, theirs, client
+
+
+def _same(ours: h2.connection.H2Connection, theirs: h2.connection.H2Connection, action: object) -> None:
+    outcomes = []
+    for server in (ours, theirs):
+        try:
+            action(server)  # type: ignore[operator]
+            outcomes.append(("ok", server.data_to_send()))
+        except h2.exceptions.H2Error as exc:
+            outcomes.append((type(exc).__name__, server.data_to_send()))
+    assert outcomes[0] == outcomes[1]
+    for sid in (1, 3, 5):
+        if sid in theirs.streams:
+            mine, other = ours.streams[sid], theirs.streams[sid]
+            assert mine.state_machine.state == other.state_machine.state
+            assert mine.outbound_flow_control_window == other.outbound_flow_control_window
+    assert ours.outbound_flow_control_window == theirs.outbound_flow_control_window
+    assert ours.state_machine.state == theirs.state_machine.state
+
+
+def test_response_frames_are_h2s() -> None:
+    ours, theirs, _ = _pair()
+    _same(ours, theirs, lambda s: s.send_headers(5, RESPONSE))
+    _same(ours, theirs, lambda s: s.send_data(5, b"\0\0\0\0\x03abc"))
+    _same(ours, theirs, lambda s: s.send_headers(5, [("grpc-status", "0")]))  # trailers need END_STREAM
+    trailers = [("grpc-status", "0"), NeverIndexedHeaderTuple("x-request-id", "r1")]
+    _same(ours, theirs, lambda s: s.send_headers(5, trailers, end_stream=True))
+    _same(ours, theirs, lambda s: s.send_data(5, b"late"))  # the stream is closed
+    _same(ours, theirs, lambda s: s.send_headers(5, RESPONSE))
+    # Headers larger than a frame: HEADERS and CONTINUATION frames; END_STREAM on the first.
+    big = [*RESPONSE, NeverIndexedHeaderTuple("x-big", "b" * 40000)]
+    _same(ours, theirs, lambda s: s.send_headers(3, big, end_stream=True))
+    # Data and windows: a frame of the largest size, more than a frame, more than the window.
+    _same(ours, theirs, lambda s: s.send_headers(1, RESPONSE))
+    _same(ours, theirs, lambda s: s.send_data(1, b"d" * 16_384))
+    _same(ours, theirs, lambda s: s.send_data(1, b"d" * 16_385))
+    _same(ours, theirs, lambda s: s.send_data(1, b"d" * 16_384))
+    _same(ours, theirs, lambda s: s.send_data(1, b"d" * 16_384))
+    _same(ours, theirs, lambda s: s.send_data(1, b"d" * 20_000))  # 65535 - 49152 left
+    _same(ours, theirs, lambda s: s.send_data(1, b"d" * 16_383, end_stream=True))
+    _same(ours, theirs, lambda s: s.send_data(7, b"never opened"))
+
+
+def test_reset_streams_refuse_alike() -> None:
+    ours, theirs, client = _pair()
+    client.reset_stream(1)
+    wire = client.data_to_send()
+    for server in (ours, theirs):
+        server.receive_data(wire)
+    _same(ours, theirs, lambda s: s.send_headers(1, RESPONSE))
+    _same(ours, theirs, lambda s: s.send_data(1, b"x"))
