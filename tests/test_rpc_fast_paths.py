@@ -1,16 +1,24 @@
 """The protocol engine's short paths (HPACK caches, response frames built without h2's frame
-objects) give exactly what hpack and h2 give on their own general paths, byte for byte."""
+objects, request parses kept per header list) give exactly what hpack, h2 and purerpc give on
+their own general paths."""
 
 from __future__ import annotations
 
+import socket
+
 import h2.config
 import h2.connection
+import h2.errors
+import h2.events
 import h2.exceptions
 import hpack
 import pytest
+import trio
 from hpack import NeverIndexedHeaderTuple
+from purerpc.grpclib.config import GRPCConfiguration
+from purerpc.grpclib.events import RequestReceived
 
-from aria_trio.rpc.protocol import _CachingDecoder, _GracefulH2Connection, _PlainEncoder
+from aria_trio.rpc.protocol import ServerConnection, _CachingDecoder, _GracefulH2Connection, _PlainEncoder
 
 RESPONSE = [(":status", "200"), ("content-type", "application/grpc+proto")]
 
@@ -155,3 +163,69 @@ def test_reset_streams_refuse_alike() -> None:
         server.receive_data(wire)
     _same(ours, theirs, lambda s: s.send_headers(1, RESPONSE))
     _same(ours, theirs, lambda s: s.send_data(1, b"x"))
+
+
+def _request(path: str = "/probe.v1.Probe/Unary", *extra: tuple[bytes, bytes]) -> list[tuple[bytes, bytes]]:
+    return [
+        (b":method", b"POST"),
+        (b":scheme", b"http"),
+        (b":path", path.encode()),
+        (b":authority", b"localhost"),
+        (b"te", b"trailers"),
+        (b"content-type", b"application/grpc"),
+        *extra,
+    ]
+
+
+def test_request_parses_are_reused_per_header_list() -> None:
+
+    server = ServerConnection(
+        GRPCConfiguration(client_side=False), max_concurrent_streams=100, connection_window=1 << 20
+    )
+    server.initiate_connection()
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    lists = [_request(), _request(), _request("/probe.v1.Probe/Unary", (b"grpc-timeout", b"5S"), (b"k", b"v"))]
+    lists.append(_request())
+    for n, headers in enumerate(lists):
+        client.send_headers(2 * n + 1, headers)
+    events = [e for e in server.receive_data(client.data_to_send()) if isinstance(e, RequestReceived)]
+    first, second, third, fourth = events
+    assert [e.stream_id for e in events] == [1, 3, 5, 7]
+    assert first is not second and vars(first) == {**vars(second), "stream_id": 1}
+    assert (third.timeout.total_seconds(), third.custom_metadata) == (5.0, (("k", "v"),))
+    assert (fourth.timeout, fourth.custom_metadata, fourth.method_name) == (None, (), "Unary")
+    assert len(server._requests) == 2
+    for n in range(server.REQUEST_CACHE * 2):  # a new header list per call: the cache stays bounded
+        client.send_headers(9 + 2 * n, _request("/probe.v1.Probe/Unary", (b"x-n", str(n).encode())))
+        server.receive_data(client.data_to_send())
+        assert len(server._requests) <= server.REQUEST_CACHE
+
+
+async def test_a_request_header_that_is_not_utf8_fails_only_its_stream(probe_server) -> None:
+    def exchange() -> tuple[list[object], bytes]:
+        client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        client.initiate_connection()
+        client.send_headers(1, _request("/probe.v1.Probe/Unary", (b"x-bad", b"\xff\xfe")))
+        client.send_data(1, b"\0\0\0\0\0", end_stream=True)
+        client.send_headers(3, _request())
+        client.send_data(3, b"\0\0\0\0\0", end_stream=True)
+        events: list[object] = []
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(5)
+            sock.connect(probe_server.path)
+            sock.sendall(client.data_to_send())
+            data = b""
+            while not any(isinstance(e, h2.events.StreamEnded) and e.stream_id == 3 for e in events):
+                chunk = sock.recv(65536)
+                assert chunk, "the server closed the connection"
+                data += chunk
+                events += client.receive_data(chunk)
+                sock.sendall(client.data_to_send())
+        return events, data
+
+    events, _ = await trio.to_thread.run_sync(exchange)
+    resets = [e for e in events if isinstance(e, h2.events.StreamReset)]
+    assert [(e.stream_id, e.error_code) for e in resets] == [(1, h2.errors.ErrorCodes.PROTOCOL_ERROR)]
+    trailers = [e for e in events if isinstance(e, h2.events.TrailersReceived) and e.stream_id == 3]
+    assert (b"grpc-status", b"0") in trailers[0].headers

@@ -367,11 +367,16 @@ class _Connection(GRPCConnection):  # type: ignore[misc]
         # purerpc reads MAX_CONCURRENT_STREAMS from the class while building its settings.
         self.MAX_CONCURRENT_STREAMS = max_concurrent_streams
         self._connection_window = connection_window
+        self._handlers: dict[type, Any] = {}
         super().__init__(config)
         self.h2_connection = _GracefulH2Connection(
             h2.config.H2Configuration(
                 client_side=config.client_side,
-                header_encoding="utf-8",
+                # Received headers stay bytes: the server turns a request's headers into text once
+                # per distinct header list (ServerConnection), not once per call.
+                header_encoding=None,
+                # Its one job is joining cookie headers, which gRPC has none of.
+                normalize_inbound_headers=False,
                 # The headers we send are built here, lower-case and well-formed (custom metadata
                 # passes purerpc's sanitize_headers): checking them again is wasted work.
                 validate_outbound_headers=False,
@@ -389,6 +394,42 @@ class _Connection(GRPCConnection):  # type: ignore[misc]
         self.h2_connection.decoder = decoder
         self.h2_connection.clear_outbound_data_buffer()
         self._set_h2_connection_local_settings()
+
+    def receive_data(self, data: bytes) -> list[Any]:
+        """purerpc's, with a lookup by event type instead of a chain of isinstance per event."""
+        out: list[Any] = []
+        handlers = self._handlers
+        for event in self.h2_connection.receive_data(data):
+            kind = type(event)
+            handler = handlers.get(kind) if kind in handlers else self._handler_for(kind)
+            if handler is not None:
+                out.extend(handler(event))
+        return out
+
+    def _handler_for(self, kind: type) -> Any:
+        """The handler purerpc's isinstance chain picks for events of this type, remembered."""
+        ev = h2.events
+        chain = (
+            (ev.RequestReceived, self._request_received),
+            (ev.ResponseReceived, self._response_received),
+            (ev.TrailersReceived, self._trailers_received),
+            (ev.InformationalResponseReceived, self._informational_response_received),
+            (ev.DataReceived, self._data_received),
+            (ev.WindowUpdated, self._window_updated),
+            (ev.RemoteSettingsChanged, self._remote_settings_changed),
+            (ev.PingAcknowledged, self._ping_acknowledged),
+            (ev.StreamEnded, self._stream_ended),
+            (ev.StreamReset, self._stream_reset),
+            (ev.PushedStreamReceived, self._push_stream_received),
+            (ev.SettingsAcknowledged, self._settings_acknowledged),
+            (ev.PriorityUpdated, self._priority_updated),
+            (ev.ConnectionTerminated, self._connection_terminated),
+            (ev.AlternativeServiceAvailable, self._alternative_service_available),
+            (ev.UnknownFrameReceived, self._unknown_frame_received),
+        )
+        handler = next((method for base, method in chain if issubclass(kind, base)), None)
+        self._handlers[kind] = handler  # bounded by h2's event classes
+        return handler
 
     def _connection_terminated(self, event: h2.events.ConnectionTerminated) -> list[Any]:
         return [GoAway(event.last_stream_id or 0, int(event.error_code or 0))]
@@ -424,26 +465,42 @@ class _Connection(GRPCConnection):  # type: ignore[misc]
 
 
 class ServerConnection(_Connection):
+    # A client sends the same header list for every call of a method (deadlines and metadata
+    # aside): its parse is kept, keyed by the headers as received, and copied for each stream.
+    REQUEST_CACHE = 32  # header lists; at the cap the cache starts over
+    REQUEST_CACHE_BYTES = 1024  # longer header lists are parsed every time
+
+    def __init__(self, config: GRPCConfiguration, *, max_concurrent_streams: int, connection_window: int):
+        super().__init__(config, max_concurrent_streams=max_concurrent_streams, connection_window=connection_window)
+        self._requests: dict[tuple[Any, ...], RequestReceived] = {}
+
     def _request_received(self, event: h2.events.RequestReceived) -> list[Any]:
-        try:
-            if event.stream_ended:
-                raise ProtocolError("request ended before any message was sent")
-            request = RequestReceived.parse_from_stream_id_and_headers_destructive(
-                event.stream_id, HeaderDict(event.headers)
-            )
-        except Exception as exc:  # e.g. a repeated :path arrives as a list: refuse the stream
-            return [BadRequestHeaders(event.stream_id, str(exc) or type(exc).__name__)]
-        self.message_read_buffers[event.stream_id] = _MessageReadBuffer(
-            request.message_encoding, self.config.max_message_length
-        )
+        sid = event.stream_id
+        if event.stream_ended:
+            return [BadRequestHeaders(sid, "request ended before any message was sent")]
+        key = tuple(event.headers)
+        parsed = self._requests.get(key)
+        if parsed is None:
+            try:
+                parsed = RequestReceived.parse_from_stream_id_and_headers_destructive(0, HeaderDict(_text(key)))
+            except Exception as exc:  # e.g. a repeated :path arrives as a list: refuse the stream
+                return [BadRequestHeaders(sid, str(exc) or type(exc).__name__)]
+            if sum(len(name) + len(value) for name, value in key) <= self.REQUEST_CACHE_BYTES:
+                if len(self._requests) >= self.REQUEST_CACHE:
+                    self._requests.clear()
+                self._requests[key] = parsed
+        request = RequestReceived.__new__(RequestReceived)
+        request.__dict__.update(parsed.__dict__)  # its values are strings, tuples and a timedelta
+        request.stream_id = sid
+        self.message_read_buffers[sid] = _MessageReadBuffer(request.message_encoding, self.config.max_message_length)
         return [request]
 
 
 class ClientConnection(_Connection):
     def _response_received(self, event: h2.events.ResponseReceived) -> list[Any]:
-        headers = HeaderDict(event.headers)
-        details = headers.pop("grpc-status-details-bin", None)
         try:
+            headers = HeaderDict(_text(event.headers))
+            details = headers.pop("grpc-status-details-bin", None)
             received = ResponseReceived.parse_from_stream_id_and_headers_destructive(event.stream_id, headers)
             if not event.stream_ended:
                 self.message_read_buffers[event.stream_id] = _MessageReadBuffer(
@@ -459,14 +516,19 @@ class ClientConnection(_Connection):
         return [received, ended]
 
     def _trailers_received(self, event: h2.events.TrailersReceived) -> list[Any]:
-        headers = HeaderDict(event.headers)
-        details = headers.pop("grpc-status-details-bin", None)
         try:
+            headers = HeaderDict(_text(event.headers))
+            details = headers.pop("grpc-status-details-bin", None)
             ended = ResponseEnded.parse_from_stream_id_and_headers_destructive(event.stream_id, headers)
         except (ProtocolError, KeyError, ValueError) as exc:
             return [StreamFailed(event.stream_id, StatusCode.INTERNAL, f"malformed response trailers: {exc}")]
         ended.status_details_bin = _details(details)
         return [ended]
+
+
+def _text(headers: Any) -> list[tuple[str, str]]:
+    """Received headers (bytes, as h2 hands them over) as text; UnicodeDecodeError if not UTF-8."""
+    return [(name.decode(), value.decode()) for name, value in headers]
 
 
 def _details(raw: Any) -> bytes | None:
