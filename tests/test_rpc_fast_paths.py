@@ -4,6 +4,7 @@ their own general paths."""
 
 from __future__ import annotations
 
+import random
 import socket
 
 import h2.config
@@ -11,14 +12,22 @@ import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
+import h2.frame_buffer
 import hpack
 import pytest
 import trio
 from hpack import NeverIndexedHeaderTuple
+from hyperframe.frame import ContinuationFrame, DataFrame, HeadersFrame, PingFrame, WindowUpdateFrame
 from purerpc.grpclib.config import GRPCConfiguration
 from purerpc.grpclib.events import RequestReceived
 
-from aria_trio.rpc.protocol import ServerConnection, _CachingDecoder, _GracefulH2Connection, _PlainEncoder
+from aria_trio.rpc.protocol import (
+    ServerConnection,
+    _CachingDecoder,
+    _FrameBuffer,
+    _GracefulH2Connection,
+    _PlainEncoder,
+)
 
 RESPONSE = [(":status", "200"), ("content-type", "application/grpc+proto")]
 
@@ -229,3 +238,51 @@ async def test_a_request_header_that_is_not_utf8_fails_only_its_stream(probe_ser
     assert [(e.stream_id, e.error_code) for e in resets] == [(1, h2.errors.ErrorCodes.PROTOCOL_ERROR)]
     trailers = [e for e in events if isinstance(e, h2.events.TrailersReceived) and e.stream_id == 3]
     assert (b"grpc-status", b"0") in trailers[0].headers
+
+
+def _frames_of(buffer: object, stream: bytes, cuts: list[int]) -> list[object]:
+    """What a frame reader yields for `stream` arriving in pieces cut at `cuts`, or the error."""
+    out: list[object] = []
+    pieces = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+    try:
+        for piece in pieces:
+            buffer.add_data(piece)  # type: ignore[attr-defined]
+            out += [(type(f).__name__, f.stream_id, sorted(f.flags), f.serialize()) for f in buffer]  # type: ignore[attr-defined]
+    except h2.exceptions.H2Error as exc:
+        out.append(type(exc).__name__)
+    return out
+
+
+def test_frame_reader_reads_like_h2s() -> None:
+    frames = []
+    headers = HeadersFrame(1, data=b"h" * 100, flags=["PADDED"])
+    headers.pad_length = 7
+    frames.append(headers.serialize())
+    frames.append(ContinuationFrame(1, data=b"c" * 50).serialize())
+    frames.append(ContinuationFrame(1, data=b"d" * 20, flags=["END_HEADERS"]).serialize())
+    frames.append(DataFrame(1, data=b"x" * 40_000, flags=["END_STREAM"]).serialize())
+    frames.append(WindowUpdateFrame(0, window_increment=1000).serialize())
+    frames.append(b"\x00\x00\x03\xee\x05\x00\x00\x00\x03abc")  # a frame type hyperframe does not know
+    frames.append(PingFrame(0, opaque_data=b"12345678").serialize())
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+    good = preface + b"".join(frames)
+    bad_stream = preface + b"\x00\x00\x08\x06\x00\x00\x00\x00\x01" + b"12345678"  # a PING on stream 1
+    short_body = preface + b"\x00\x00\x03\x08\x00\x00\x00\x00\x00" + b"abc"  # WINDOW_UPDATE of 3 bytes
+    oversized = preface + b"\x00\x40\x01\x00\x00\x00\x00\x00\x01"  # 16 KiB + 1, body not sent yet
+    rng = random.Random(7)
+    for stream in (good, bad_stream, short_body, oversized):
+        for _ in range(30):
+            cuts = sorted(rng.sample(range(1, len(stream)), min(5, len(stream) - 1)))
+            theirs, ours = h2.frame_buffer.FrameBuffer(server=True), _FrameBuffer(server=True)
+            theirs.max_frame_size = ours.max_frame_size = 16_384 * 4
+            if stream is oversized:
+                theirs.max_frame_size = ours.max_frame_size = 16_384
+                # h2 waits for the whole oversized frame before refusing it; ours refuses at once
+                assert _frames_of(ours, stream, cuts)[-1] == "FrameTooLargeError"
+                assert _frames_of(theirs, stream + b"x" * 16_385, cuts)[-1] == "FrameTooLargeError"
+                continue
+            assert _frames_of(ours, stream, cuts) == _frames_of(theirs, stream, cuts)
+    reader = _FrameBuffer(server=True)
+    reader.max_frame_size = 65_536
+    whole = _frames_of(reader, good, [len(preface)])
+    assert [f[0] for f in whole] == ["HeadersFrame", "DataFrame", "WindowUpdateFrame", "ExtensionFrame", "PingFrame"]  # type: ignore[index]

@@ -15,10 +15,12 @@ layer's remaining ones without monkeypatching:
 * the connection window is a bound we choose, not purerpc's fixed 1 GiB;
 * the client keeps `grpc-status-details-bin` (purerpc drops every grpc-* trailer).
 
-And three short paths for what every call does, each giving h2's and hpack's bytes exactly
-(tests/test_rpc_fast_paths.py): header blocks that repeat are decoded once per state of the
-HPACK table, fixed header pairs are encoded once per state, and a response's HEADERS and DATA
-frames are built here instead of through h2's frame objects.
+And short paths for what every call does, each giving what h2, hpack and purerpc give on their
+general paths (tests/test_rpc_fast_paths.py): header blocks that repeat are decoded once per
+state of the HPACK table and fixed header pairs encoded once per state; a request's headers are
+turned into text and parsed once per distinct header list; frames are read without copying the
+buffer after each; a response's HEADERS and DATA frames are built here instead of through h2's
+frame objects. Together they halve the protocol work of a unary call.
 
 These touch purerpc internals, so the exact versions are pinned and checked here.
 """
@@ -36,9 +38,12 @@ import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
+import h2.frame_buffer
 import h2.stream
 import hpack
 import hpack.table
+import hyperframe.exceptions
+import hyperframe.frame
 import purerpc
 from h2.utilities import is_informational_response
 from hpack import NeverIndexedHeaderTuple
@@ -257,9 +262,62 @@ def _frame_header(length: int, kind: int, flags: int, stream_id: int) -> bytes:
     return _FRAME_HEADER.pack(length >> 8, length & 0xFF, kind, flags, stream_id)
 
 
+class _FrameBuffer(h2.frame_buffer.FrameBuffer):  # type: ignore[misc]
+    """h2's frame reader, with the frame header read by one struct call, a frame's body parsed
+    from a view instead of a copy, and consumed frames skipped by an offset: h2 copied the rest
+    of the buffer after every frame (a 256 KiB read of 16 KiB frames copied about 2 MiB). An
+    oversized frame is refused as soon as its header is in, not after its body."""
+
+    data: bytes
+
+    def __init__(self, server: bool = False) -> None:
+        super().__init__(server)
+        self._pos = 0
+
+    def add_data(self, data: bytes) -> None:
+        if self._pos:
+            self.data = self.data[self._pos :]
+            self._pos = 0
+        super().add_data(data)
+
+    def next(self) -> Any:
+        while True:
+            data, pos = self.data, self._pos
+            if len(data) - pos < 9:
+                raise StopIteration
+            high, low, kind, flag_byte, stream_id = _FRAME_HEADER.unpack_from(data, pos)
+            length = (high << 8) + low
+            stream_id &= 0x7FFFFFFF
+            frame_class = hyperframe.frame.FRAMES.get(kind)
+            try:
+                if frame_class is None:
+                    frame = hyperframe.frame.ExtensionFrame(type=kind, stream_id=stream_id)
+                else:
+                    frame = frame_class(stream_id)
+            except ValueError as exc:  # a stream id the frame type cannot have
+                raise h2.exceptions.ProtocolError(f"Invalid frame header received: {exc}") from None
+            self._validate_frame_length(length)
+            end = pos + 9 + length
+            if len(data) < end:
+                raise StopIteration
+            frame.parse_flags(flag_byte)
+            try:
+                frame.parse_body(memoryview(data)[pos + 9 : end])
+            except hyperframe.exceptions.InvalidFrameError:
+                raise h2.exceptions.FrameDataMissingError("Frame data missing or invalid") from None
+            self._pos = end
+            frame = self._update_header_buffer(frame)
+            if frame is not None:  # else the middle of a header block, or a frame to skip
+                return frame
+
+
 class _GracefulH2Connection(h2.connection.H2Connection):  # type: ignore[misc]
     """h2 3.x with two fixes to its reading of the peer's frames (h2 4 is not supported by
-    purerpc), and a short path for the frames a response is made of."""
+    purerpc), a faster frame reader, and a short path for the frames a response is made of."""
+
+    def __init__(self, config: h2.config.H2Configuration) -> None:
+        super().__init__(config)
+        self.incoming_buffer = _FrameBuffer(server=not config.client_side)
 
     # The two methods that send a unary call's response, without h2's frame objects: the same
     # checks and state changes, then the frame bytes built here. Anything unusual (a stream h2
