@@ -339,7 +339,7 @@ class _GracefulH2Connection(h2.connection.H2Connection):  # type: ignore[misc]
             or priority_weight is not None
             or priority_depends_on is not None
             or priority_exclusive is not None
-            or is_informational_response(headers)
+            or (headers and headers[0][0] in (":status", b":status") and is_informational_response(headers))
         ):
             super().send_headers(
                 stream_id, headers, end_stream, priority_weight, priority_depends_on, priority_exclusive

@@ -380,6 +380,12 @@ class _Connection:
             for event in events:
                 self._dispatch(event)
             self.flush()
+            if len(data) < RECEIVE_SIZE:
+                # A short read emptied the socket: wait for more rather than make a read that
+                # would only say EAGAIN (if more came meanwhile, the wait returns at once).
+                busy = 0
+                await trio.lowlevel.wait_readable(fd)
+                continue
             busy += 1
             if busy >= 4:
                 busy = 0
