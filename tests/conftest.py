@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -146,13 +147,21 @@ def wait_ready(daemon: Daemon, timeout: float = 20) -> None:
     raise RuntimeError(f"daemon not ready after {timeout}s:\n{daemon.log_path.read_text()}")
 
 
+SLOW_STOP_S = 5.0  # a daemon with nothing in flight stops in well under a second
+
+
 @pytest.fixture
 def daemon(sock_dir: Path) -> Iterator[Daemon]:
     d = start_daemon(sock_dir)
     yield d
     if d.proc.poll() is not None:  # it died during the test: show why
         print(f"daemon exited with {d.proc.returncode}:\n" + "\n".join(d.log_path.read_text().splitlines()[-40:]))
+    started = time.monotonic()
     d.stop()
+    took = time.monotonic() - started
+    if took > SLOW_STOP_S:  # seen once in a full run (10 s); its log says where the time went
+        tail = "\n".join(d.log_path.read_text().splitlines()[-30:])
+        warnings.warn(f"the daemon took {took:.1f} s to stop; the end of its log:\n{tail}", stacklevel=1)
 
 
 @pytest.fixture
