@@ -72,6 +72,13 @@ def test_encoder_cache_is_used_and_bounded() -> None:
     first = encoder.encode(RESPONSE)
     assert set(encoder._cache) == {(":status", "200"), ("content-type", "application/grpc+proto")}
     assert encoder.encode(RESPONSE) == first
+    huge = ("x-huge", "h" * 5000)  # larger than the table: a literal every time, too long to keep
+    reference = hpack.Encoder()
+    reference.encode(RESPONSE, huffman=False), reference.encode(RESPONSE, huffman=False)
+    for _ in range(3):
+        assert encoder.encode([huge]) == reference.encode([huge], huffman=False)
+    assert huge not in encoder._cache
+    assert all(len(coded) <= encoder.CACHE_HEADER_BYTES for coded in encoder._cache.values())
     for n in range(encoder.CACHE_HEADERS * 3):  # values the static table names: no table change
         encoder.encode([(":status", str(100 + n))])
         assert len(encoder._cache) <= encoder.CACHE_HEADERS

@@ -172,7 +172,10 @@ class _PlainEncoder(hpack.Encoder):  # type: ignore[misc]
     `grpc-status 0` then cost a dict lookup each. Sensitive headers (NeverIndexedHeaderTuple: the
     request id, messages, details) differ per call and are always coded afresh."""
 
-    CACHE_HEADERS = 64  # at the cap the cache starts over; a server sends a handful of fixed pairs
+    # At the cap the cache starts over; a server sends a handful of fixed pairs, and a long value
+    # (custom metadata) is coded every time: at most 64 x 256 bytes per connection.
+    CACHE_HEADERS = 64
+    CACHE_HEADER_BYTES = 256
 
     def __init__(self) -> None:
         super().__init__()
@@ -205,7 +208,7 @@ class _PlainEncoder(hpack.Encoder):  # type: ignore[misc]
             if table.version != before:  # the pair went into the table: every index moved
                 cache.clear()
                 self._cache_version = table.version
-            elif plain:
+            elif plain and len(encoded) <= self.CACHE_HEADER_BYTES:
                 if len(cache) >= self.CACHE_HEADERS:
                     cache.clear()
                 cache[header] = encoded
@@ -227,8 +230,11 @@ class _CachingDecoder(hpack.Decoder):  # type: ignore[misc]
     call of a method; while the table (and the header list limit) stays the same, the same bytes
     decode to the same headers, so they are looked up instead of decoded again."""
 
-    CACHE_BLOCKS = 64  # at the cap the cache starts over
-    CACHE_BLOCK_BYTES = 1024  # larger blocks are decoded every time
+    # At the cap the cache starts over; larger blocks are decoded every time. Each kept block
+    # decodes to at most the header list limit (8 KiB as purerpc sets it): ~150 KiB per connection
+    # at worst, a few hundred bytes in practice (a client sends one block per method it calls).
+    CACHE_BLOCKS = 16
+    CACHE_BLOCK_BYTES = 1024
 
     def __init__(self) -> None:
         super().__init__()
@@ -525,8 +531,8 @@ class _Connection(GRPCConnection):  # type: ignore[misc]
 class ServerConnection(_Connection):
     # A client sends the same header list for every call of a method (deadlines and metadata
     # aside): its parse is kept, keyed by the headers as received, and copied for each stream.
-    REQUEST_CACHE = 32  # header lists; at the cap the cache starts over
-    REQUEST_CACHE_BYTES = 1024  # longer header lists are parsed every time
+    REQUEST_CACHE = 16  # header lists; at the cap the cache starts over
+    REQUEST_CACHE_BYTES = 1024  # longer header lists are parsed every time (so: < 40 KiB kept)
 
     def __init__(self, config: GRPCConfiguration, *, max_concurrent_streams: int, connection_window: int):
         super().__init__(config, max_concurrent_streams=max_concurrent_streams, connection_window=connection_window)
