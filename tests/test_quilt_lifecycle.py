@@ -13,7 +13,7 @@ import pytest
 from aria_trio.proto.quilt.v1 import quilt_pb2 as pb
 
 from conftest import start_quilt
-from quilt_client import QuiltClient, T, alive, error_of
+from quilt_client import C, QuiltClient, T, alive, error_of
 
 
 @pytest.fixture
@@ -298,3 +298,68 @@ def test_container_logs_since_a_time(q):
     since = lines[1].timestamp
     later = q.stream("/quilt.v1.Containers/ContainerLogs", pb.ContainerLogsRequest(id=c.id, since=since), pb.OutputLine)
     assert [ln.text for ln in later] == ["late"]
+
+
+def test_a_start_whose_caller_gives_up_still_ends_under_supervision(quilt, q):
+    """StartContainer calls whose deadline passes while the sandbox starts: each container either
+    never started or runs to its end, watched; none is left running unwatched, and Quilt stops at
+    once. (A start cancelled half-way used to leave a running container nobody supervised, and a
+    shutdown that waited for it until it was killed.)"""
+    took = []
+    for _ in range(5):  # how long a start takes here
+        cid = q.create(["/bin/true"]).id
+        began = time.monotonic()
+        q.start(cid)
+        took.append(time.monotonic() - began)
+    typical = sorted(took)[2]
+    ids = []
+    for step in range(60):  # deadlines from well before the end of a start to just after it
+        cid = q.create(["/bin/true"]).id
+        ids.append(cid)
+        try:
+            q.call(C + "StartContainer", pb.ContainerRef(id=cid), pb.Container, timeout=typical * (0.4 + step / 75))
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    states = {}
+    for cid in ids:
+        deadline = time.monotonic() + 10
+        while (state := q.get(cid).state) == pb.CONTAINER_RUNNING and time.monotonic() < deadline:
+            time.sleep(0.02)
+        states[cid] = state
+    unwatched = [cid for cid, state in states.items() if state == pb.CONTAINER_RUNNING]
+    assert not unwatched, f"left running, never to end: {unwatched}"
+    assert set(states.values()) <= {pb.CONTAINER_CREATED, pb.CONTAINER_EXITED}, states
+    assert pb.CONTAINER_EXITED in states.values()  # some starts did begin, and were seen through
+    started = time.monotonic()
+    assert quilt.stop() == 0
+    assert time.monotonic() - started < 5
+
+
+def test_an_exec_whose_caller_gives_up_still_ends_under_supervision(quilt, q):
+    """The same for ExecAsync: every task that began runs to its end, and Quilt stops at once."""
+    box = q.run()  # an idle container
+    took = []
+    for _ in range(5):
+        began = time.monotonic()
+        q.exec_async(box.id, ["/bin/true"])
+        took.append(time.monotonic() - began)
+    typical = sorted(took)[2]
+    for step in range(60):
+        request = pb.ExecRequest(container_id=box.id, command=["/bin/true"])
+        try:
+            q.call(T + "ExecAsync", request, pb.Task, timeout=typical * (0.4 + step / 75))
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    listing = pb.ListTasksRequest(container_id=box.id)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        tasks = q.call(T + "ListTasks", listing, pb.ListTasksResponse).tasks
+        if all(t.state == pb.TASK_COMPLETED for t in tasks):
+            break
+        time.sleep(0.05)
+    unfinished = [(t.id, t.state) for t in tasks if t.state != pb.TASK_COMPLETED]
+    assert not unfinished, f"left unfinished: {unfinished}"
+    assert len(tasks) >= 5
+    started = time.monotonic()
+    assert quilt.stop() == 0
+    assert time.monotonic() - started < 5

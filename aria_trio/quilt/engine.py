@@ -288,7 +288,13 @@ class Engine:
                     reason="INVALID_TRANSITION",
                 )
             assert self._nursery is not None
-            await self._nursery.start(self._supervise_container, c)
+            # Once begun, a start is seen through and the container supervised, whatever becomes
+            # of the caller: trio leaves a task that calls started() under a cancelled caller
+            # where it was, to be cancelled with it, which left a running container unwatched
+            # (and a shutdown waiting for it) when a client gave up at that moment. A start is
+            # local work of a few tens of milliseconds.
+            with trio.CancelScope(shield=True):
+                await self._nursery.start(self._supervise_container, c)
         return c
 
     async def _supervise_container(self, c: Container, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -432,10 +438,11 @@ class Engine:
         if spec.timeout_seconds < 0:
             raise errors.InvalidArgument("timeout must not be negative", fields={"timeout_seconds": "negative"})
         t = Task(new_id("t-"), c.id, list(spec.command), dict(spec.labels), timeout_seconds=spec.timeout_seconds)
-        await self.store.run(table.upsert, "tasks", t.row())
-        self.tasks[t.id] = t
         assert self._nursery is not None
-        await self._nursery.start(self._supervise_task, t, c, image, spec, captured)
+        with trio.CancelScope(shield=True):  # seen through once begun, as a container's start
+            await self.store.run(table.upsert, "tasks", t.row())
+            self.tasks[t.id] = t
+            await self._nursery.start(self._supervise_task, t, c, image, spec, captured)
         return t
 
     async def exec_and_wait(self, spec: ExecSpec) -> tuple[Task, Captured]:
