@@ -31,6 +31,7 @@ log = structlog.get_logger("aria.containers")
 PENDING, RUNNING, COMPLETED, FAILED, CANCELLED = 1, 2, 3, 4, 5
 QC = "/quilt.v1.Containers/"
 MAX_NAME = 128
+START_TIMEOUT = 10.0  # seconds for Quilt to start a container (it takes tens of milliseconds)
 
 
 def status_of(c: q.Container) -> int:
@@ -118,13 +119,17 @@ class Containers:
     async def start(self, user: str, container_id: str) -> dict[str, Any]:
         row = await self.owned(user, container_id)
         async with self._lock(container_id):
-            started = await self.quilt.unary(
-                QC + "StartContainer", q.ContainerRef(id=row["quilt_container_id"]), q.Container
-            )
-            await self._record(row, started, "started")
-        if row["status"] == RUNNING:
-            assert self._nursery is not None
-            self._nursery.start_soon(self._watch, row)
+            # Once Quilt is asked, the start is recorded and watched whatever becomes of the
+            # caller (a client that gave up in between left a running container nobody watched).
+            # A start is local work: START_TIMEOUT bounds the wait this shield can cause.
+            with trio.CancelScope(shield=True):
+                started = await self.quilt.unary(
+                    QC + "StartContainer", q.ContainerRef(id=row["quilt_container_id"]), q.Container, START_TIMEOUT
+                )
+                await self._record(row, started, "started")
+                if row["status"] == RUNNING:
+                    assert self._nursery is not None
+                    self._nursery.start_soon(self._watch, row)
         return row
 
     async def stop(self, user: str, container_id: str) -> dict[str, Any]:

@@ -164,9 +164,12 @@ class Tasks:
             "progress_percent": 0.0,
             "current_operation": "",
         }
-        await self.store.run(table.insert, row, "launched")
-        await self._event(row, PENDING, "launched")
-        self._watch(row, resume=False)
+        # A stored task always gets its watcher, whatever becomes of the caller: a launch whose
+        # client gave up between the two left the task PENDING until the next restart.
+        with trio.CancelScope(shield=True):
+            await self.store.run(table.insert, row, "launched")
+            await self._event(row, PENDING, "launched")
+            self._watch(row, resume=False)
         return str(row["id"])
 
     def _watch(self, row: dict[str, Any], *, resume: bool) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import pytest
 from google.protobuf import timestamp_pb2
@@ -9,7 +11,7 @@ from google.protobuf import timestamp_pb2
 from aria_trio.proto.aria.v1 import aria_pb2, session_pb2
 from aria_trio.proto.aria.v1 import container_pb2 as pb
 
-from aria_client import SESSIONS, AriaClient, as_other_user
+from aria_client import CONTAINERS, SESSIONS, AriaClient, as_other_user
 
 FINISHED = {aria_pb2.COMPLETED, aria_pb2.FAILED, aria_pb2.CANCELLED}
 
@@ -129,3 +131,38 @@ def test_ending_a_session_removes_its_containers_that_are_not_persistent(daemon)
     with pytest.raises(grpc.RpcError) as info:
         c.call(SESSIONS + "EndSession", session_pb2.EndSessionRequest(session_id="s-nope"), session_pb2.Session)
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_start_whose_caller_gives_up_is_still_recorded_and_watched(daemon):
+    """StartContainer calls whose deadline passes mid-way: each container either never started
+    or is watched to its end (one whose client gave up in between stayed RUNNING forever)."""
+    c = AriaClient(daemon.channel())
+    took = []
+    for n in range(5):
+        box = c.create_container(f"warm-{n}", command=["true"])
+        began = time.monotonic()
+        c.container_call("Start", box.id)
+        took.append(time.monotonic() - began)
+    typical = sorted(took)[2]
+    for step in range(40):
+        box = c.create_container(f"box-{step}", command=["true"])
+        request = pb.StartContainerRequest(container_id=box.id)
+        try:
+            c.call(
+                CONTAINERS + "StartContainer", request, pb.StartContainerResponse, timeout=typical * (0.2 + step / 33)
+            )
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        listed = c.list_containers()
+        if all(box.status != aria_pb2.RUNNING for box in listed):
+            break
+        time.sleep(0.1)
+    running = [box.id for box in listed if box.status == aria_pb2.RUNNING]
+    assert not running, f"never seen to end: {running}"
+    # What the runtime had recorded is what Quilt says (a Get asks Quilt): a start it ran is not
+    # left PENDING here.
+    stale = [(box.id, box.status) for box in listed if c.container_call("Get", box.id).status != box.status]
+    assert not stale, f"recorded state differs from Quilt's: {stale}"
+    assert sum(box.status == aria_pb2.COMPLETED for box in listed) >= 5

@@ -12,8 +12,9 @@ import grpc
 import pytest
 
 from aria_trio.proto.aria.v1 import aria_pb2
+from aria_trio.proto.aria.v1 import task_pb2 as tpb
 
-from aria_client import AriaClient, as_other_user, bad_fields
+from aria_client import TASKS, AriaClient, as_other_user, bad_fields
 
 SCRIPT = "echo one; echo '::progress 40 building'; echo two >&2; sleep 0.5; echo three"
 
@@ -203,3 +204,30 @@ def test_sessions_and_parent_tasks(daemon):
     with pytest.raises(grpc.RpcError) as info:
         c.session(agent_id="no-such-agent")
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_launch_whose_caller_gives_up_is_still_watched_to_its_end(daemon):
+    """LaunchTask calls whose deadline passes mid-way: every task that was stored is watched and
+    reaches its end (one stored but never watched stayed PENDING until the next restart)."""
+    c = AriaClient(daemon.channel())
+    took = []
+    for _ in range(5):
+        began = time.monotonic()
+        c.launch(["true"])
+        took.append(time.monotonic() - began)
+    typical = sorted(took)[2]
+    request = tpb.LaunchTaskRequest(command_json='["true"]')
+    for step in range(60):
+        try:
+            c.call(TASKS + "LaunchTask", request, tpb.LaunchTaskResponse, timeout=typical * (0.2 + step / 50))
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        tasks = c.list_tasks(page_size=100).tasks
+        if all(t.status == aria_pb2.COMPLETED for t in tasks):
+            break
+        time.sleep(0.1)
+    unfinished = [(t.id, aria_pb2.TaskStatus.Name(t.status)) for t in tasks if t.status != aria_pb2.COMPLETED]
+    assert not unfinished, f"never finished: {unfinished}"
+    assert len(tasks) >= 5
