@@ -305,14 +305,14 @@ def test_a_start_whose_caller_gives_up_still_ends_under_supervision(quilt, q):
     never started or runs to its end, watched; none is left running unwatched, and Quilt stops at
     once. (A start cancelled half-way used to leave a running container nobody supervised, and a
     shutdown that waited for it until it was killed.)"""
-    took = []
+    took, ids = [], []
     for _ in range(5):  # how long a start takes here
         cid = q.create(["/bin/true"]).id
+        ids.append(cid)
         began = time.monotonic()
         q.start(cid)
         took.append(time.monotonic() - began)
     typical = sorted(took)[2]
-    ids = []
     for step in range(60):  # deadlines from well before the end of a start to just after it
         cid = q.create(["/bin/true"]).id
         ids.append(cid)
@@ -329,7 +329,7 @@ def test_a_start_whose_caller_gives_up_still_ends_under_supervision(quilt, q):
     unwatched = [cid for cid, state in states.items() if state == pb.CONTAINER_RUNNING]
     assert not unwatched, f"left running, never to end: {unwatched}"
     assert set(states.values()) <= {pb.CONTAINER_CREATED, pb.CONTAINER_EXITED}, states
-    assert pb.CONTAINER_EXITED in states.values()  # some starts did begin, and were seen through
+    assert list(states.values()).count(pb.CONTAINER_EXITED) >= 5  # the five timed starts, at least
     started = time.monotonic()
     assert quilt.stop() == 0
     assert time.monotonic() - started < 5
