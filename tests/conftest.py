@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -192,3 +192,26 @@ def quilt(sock_dir: Path) -> Iterator[Quilt]:
     q = start_quilt(sock_dir)
     yield q
     q.stop()
+
+
+# -- callers that give up half-way ------------------------------------------------------------------
+
+
+def typical_seconds(call: Callable[[Any], object], prepare: Callable[[], Any] = lambda: None, runs: int = 5) -> float:
+    """The median time of `call(prepare())` over `runs` runs; `prepare` is not timed."""
+    took = []
+    for _ in range(runs):
+        argument = prepare()
+        began = time.monotonic()
+        call(argument)
+        took.append(time.monotonic() - began)
+    return sorted(took)[runs // 2]
+
+
+def give_up_midway(call: Callable[[float], object], timeouts: Iterable[float]) -> None:
+    """`call(timeout)` for each timeout: each call succeeds or its deadline passes, nothing else."""
+    for timeout in timeouts:
+        try:
+            call(timeout)
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED

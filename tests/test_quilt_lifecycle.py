@@ -12,7 +12,7 @@ import pytest
 
 from aria_trio.proto.quilt.v1 import quilt_pb2 as pb
 
-from conftest import start_quilt
+from conftest import give_up_midway, start_quilt, typical_seconds
 from quilt_client import C, QuiltClient, T, alive, error_of
 
 
@@ -305,21 +305,20 @@ def test_a_start_whose_caller_gives_up_still_ends_under_supervision(quilt, q):
     never started or runs to its end, watched; none is left running unwatched, and Quilt stops at
     once. (A start cancelled half-way used to leave a running container nobody supervised, and a
     shutdown that waited for it until it was killed.)"""
-    took, ids = [], []
-    for _ in range(5):  # how long a start takes here
-        cid = q.create(["/bin/true"]).id
-        ids.append(cid)
-        began = time.monotonic()
-        q.start(cid)
-        took.append(time.monotonic() - began)
-    typical = sorted(took)[2]
-    for step in range(60):  # deadlines from well before the end of a start to just after it
-        cid = q.create(["/bin/true"]).id
-        ids.append(cid)
-        try:
-            q.call(C + "StartContainer", pb.ContainerRef(id=cid), pb.Container, timeout=typical * (0.4 + step / 75))
-        except grpc.RpcError as err:
-            assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    ids: list[str] = []
+
+    def new_container() -> str:
+        ids.append(q.create(["/bin/true"]).id)
+        return ids[-1]
+
+    typical = typical_seconds(q.start, new_container)  # how long a start takes here
+    # deadlines from well before the end of a start to just after it
+    give_up_midway(
+        lambda timeout: q.call(
+            C + "StartContainer", pb.ContainerRef(id=new_container()), pb.Container, timeout=timeout
+        ),
+        [typical * (0.4 + step / 75) for step in range(60)],
+    )
     states = {}
     for cid in ids:
         deadline = time.monotonic() + 10
@@ -338,18 +337,12 @@ def test_a_start_whose_caller_gives_up_still_ends_under_supervision(quilt, q):
 def test_an_exec_whose_caller_gives_up_still_ends_under_supervision(quilt, q):
     """The same for ExecAsync: every task that began runs to its end, and Quilt stops at once."""
     box = q.run()  # an idle container
-    took = []
-    for _ in range(5):
-        began = time.monotonic()
-        q.exec_async(box.id, ["/bin/true"])
-        took.append(time.monotonic() - began)
-    typical = sorted(took)[2]
-    for step in range(60):
-        request = pb.ExecRequest(container_id=box.id, command=["/bin/true"])
-        try:
-            q.call(T + "ExecAsync", request, pb.Task, timeout=typical * (0.4 + step / 75))
-        except grpc.RpcError as err:
-            assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    typical = typical_seconds(lambda _: q.exec_async(box.id, ["/bin/true"]))
+    request = pb.ExecRequest(container_id=box.id, command=["/bin/true"])
+    give_up_midway(
+        lambda timeout: q.call(T + "ExecAsync", request, pb.Task, timeout=timeout),
+        [typical * (0.4 + step / 75) for step in range(60)],
+    )
     listing = pb.ListTasksRequest(container_id=box.id)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
