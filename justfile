@@ -13,11 +13,9 @@ default:
 serve *args:
     @aria serve "$@"
 
-# Run the test suite (arguments go to pytest), in two workers: the tests mostly wait on real
-# daemons, sandboxes and a browser, so two halve the time on two cores. Tests that make real Unix
-# users share one worker (xdist_group "unix-users"). `-n 0` runs them in this process.
+# Run the test suite (arguments go to pytest).
 test *args:
-    @pytest -n 2 --dist loadgroup "$@"
+    @pytest "$@"
 
 # Run the benchmarks; results in bench/results/ (arguments: benchmark names).
 bench *args:

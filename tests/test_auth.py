@@ -17,9 +17,6 @@ from aria_client import AriaClient, run_as
 from conftest import start_daemon
 from users import group_id, open_path_to
 
-# The real Unix users these tests make exist once per run: one test worker runs them all.
-pytestmark = pytest.mark.xdist_group("unix-users")
-
 AUTH = "/aria.v1.AuthService/"
 PREFS = "/aria.v1.UserPreferenceService/GetUserPreferences"
 

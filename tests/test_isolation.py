@@ -8,9 +8,6 @@ from aria_client import run_as
 from conftest import start_daemon
 from users import open_path_to
 
-# The real Unix users these tests make exist once per run: one test worker runs them all.
-pytestmark = pytest.mark.xdist_group("unix-users")
-
 OWNER = """
 c.upload_bytes(bundles.flat())
 session = c.session(agent_id="Calculator")
