@@ -185,7 +185,7 @@ class Containers:
         if since_ns is not None:
             request.since.FromNanoseconds(since_ns)
         try:
-            async with self.quilt.channel().call(QC + "ContainerLogs", q.OutputLine) as call:
+            async with self.quilt.call(QC + "ContainerLogs", q.OutputLine) as call:
                 await call.send(request, end=True)
                 async for line in call:
                     if line.stream != q.SYSTEM:

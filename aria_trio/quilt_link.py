@@ -2,8 +2,14 @@
 
 By default the runtime runs `aria quilt serve` as a supervised child process (restarted with
 backoff when it dies); with `--quilt-socket` it uses a Quilt that is already running. Either way
-there is one HTTP/2 connection, multiplexing every call (no lock around calls); while it is down,
-calls fail at once with UNAVAILABLE and the services that need Quilt report NOT_SERVING.
+one HTTP/2 connection multiplexes the calls (no lock around calls); while it is down, calls fail
+at once with UNAVAILABLE and the services that need Quilt report NOT_SERVING.
+
+Quilt lets one connection carry a bounded number of calls at once (its stream cap), and long
+calls (a watcher per running task and container, follows, uploads) hold theirs for minutes. So a
+call never fails for being one too many: when every connection is full, the link opens another,
+up to MAX_CONNECTIONS; past that, the call waits for a free stream under its own deadline (the
+channel's bounded queue).
 """
 
 from __future__ import annotations
@@ -14,7 +20,8 @@ import secrets
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,6 +30,7 @@ import trio
 
 from . import errors
 from .rpc import Channel, Health, RpcError, StatusCode
+from .rpc.client import ClientCall
 from .rpc.health import NOT_SERVING, SERVING
 
 log = structlog.get_logger("aria.quilt_link")
@@ -31,6 +39,7 @@ R = TypeVar("R")
 BACKOFF_FIRST, BACKOFF_MAX = 0.25, 30.0
 READY_TIMEOUT = 30.0
 STOP_GRACE = 10.0
+MAX_CONNECTIONS = 8  # to Quilt, each with Quilt's stream cap (1024): 8,192 calls at once, then a queue
 
 
 def quilt_command(socket: Path, data_dir: Path, sandbox: str, log_level: str, log_format: str) -> list[str]:
@@ -59,7 +68,10 @@ class QuiltLink:
         self.spawn = list(spawn) if spawn else None
         self.health = health
         self.services = list(services)
-        self._channel: Channel | None = None
+        self._channel: Channel | None = None  # the first connection: the link is up while it is
+        self._extra: list[Channel] = []  # more, opened while every connection is full
+        self._extras: trio.Nursery | None = None
+        self._opening = trio.Lock()
         self.up = trio.Event()
         self.restarts = 0
         self._connections = 0  # connections made so far
@@ -135,18 +147,19 @@ class QuiltLink:
 
     async def _connect_and_hold(self) -> None:
         try:
-            async with Channel.connect(str(self.socket)) as channel:
-                self._channel = channel
+            async with Channel.connect(str(self.socket)) as channel, trio.open_nursery() as extras:
+                self._channel, self._extras = channel, extras
                 self._connections += 1
                 self._changed_now()
                 self.up.set()
                 self._report(True)
                 log.info("quilt link up", socket=str(self.socket))
                 await channel.closed.wait()
+                extras.cancel_scope.cancel()  # the others go with the first
         except RpcError as exc:
             log.warning("cannot reach quilt", socket=str(self.socket), error=exc.message)
         finally:
-            self._channel = None
+            self._channel, self._extras = None, None
             self._changed_now()
             if self.up.is_set():
                 self.up = trio.Event()
@@ -168,14 +181,51 @@ class QuiltLink:
     # -- calls ------------------------------------------------------------------------------------
 
     def channel(self) -> Channel:
+        """The first connection (UNAVAILABLE while there is none): for a check that Quilt is up."""
         if self._channel is None:
             raise errors.Unavailable("the container service (quilt) is not available right now; try again shortly")
         return self._channel
 
+    async def _pick(self) -> Channel:
+        """The connection with the most free streams; a new one if all are full (up to
+        MAX_CONNECTIONS; then the fullest waits in its channel's queue)."""
+        first = self.channel()
+        channels = [c for c in (first, *self._extra) if c.usable]
+        best = max(channels, key=Channel.free_streams, default=first)
+        if best.free_streams() > 0 or len(channels) >= MAX_CONNECTIONS or self._extras is None:
+            return best
+        async with self._opening:  # one new connection at a time; others then find its streams
+            best = max((c for c in (first, *self._extra) if c.usable), key=Channel.free_streams, default=first)
+            if best.free_streams() > 0 or self._extras is None:
+                return best
+            try:
+                return await self._extras.start(self._hold_extra)  # type: ignore[no-any-return]
+            except RpcError as exc:
+                log.warning("cannot open another connection to quilt", error=exc.message)
+                return best  # (its queue)
+
+    async def _hold_extra(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        async with Channel.connect(str(self.socket)) as channel:
+            self._extra.append(channel)
+            log.info("another connection to quilt", connections=1 + len(self._extra))
+            try:
+                task_status.started(channel)
+                await channel.closed.wait()
+            finally:
+                self._extra.remove(channel)
+
+    @asynccontextmanager
+    async def call(self, path: str, reply: type[R], *, timeout: float | None = None) -> AsyncIterator[ClientCall[R]]:
+        """A streaming call on a connection with room for it (raw: its RpcErrors are the caller's)."""
+        channel = await self._pick()
+        async with channel.call(path, reply, timeout=timeout) as call:
+            yield call
+
     async def unary(self, path: str, request: Any, reply: type[R], timeout: float | None = 60) -> R:
         """One call; Quilt's errors come back as domain errors with Quilt's own message."""
         try:
-            return await self.channel().unary(path, request, reply, timeout=timeout)
+            channel = await self._pick()
+            return await channel.unary(path, request, reply, timeout=timeout)
         except RpcError as exc:
             raise as_domain_error(exc) from None
 

@@ -22,8 +22,9 @@ mapping with proto field names, default values included, 64-bit integers as numb
   connection stays open; another user's task is NOT_FOUND, as over gRPC).
 
 Origins: a browser page may connect only when served by the tap itself (http://127.0.0.1:<port>,
-http://localhost:<port>) or opened from disk (Origin "null"); a client that sends no Origin is a
-tool, not a page, and is let in (it still needs an API key). Anything else: 403 at the handshake.
+http://localhost:<port>); a client that sends no Origin is a tool, not a page, and is let in (it
+still needs an API key). Anything else is 403 at the handshake, "null" included: it is what a
+page opened from disk sends, but also what any site's sandboxed iframe or data: page sends.
 
 Bounds, and what happens when one is hit:
 - connections: MAX_CONNECTIONS at once; more are answered 503 and closed.
@@ -137,7 +138,7 @@ class Tap:
             raise StartupError(f"cannot serve the tap on {self.host}:{self.port}: {exc.strerror}") from None
         self.port = listeners[0].socket.getsockname()[1]
         hosts = {self.host, "127.0.0.1", "localhost"}
-        self._origins = {f"http://{h}:{self.port}" for h in hosts} | {"null"}
+        self._origins = {f"http://{h}:{self.port}" for h in hosts}
         async with trio.open_nursery() as nursery:
             await nursery.start(trio.serve_listeners, self._connection, listeners)
             log.info("tap serving", url=f"http://{self.host}:{self.port}/", websocket=WS_PATH)

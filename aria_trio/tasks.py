@@ -356,7 +356,7 @@ class Tasks:
         batch: list[tuple[int, int, str, float | None, int]] = []
         offset = request.offset
         try:
-            async with self.quilt.channel().call(path, q.OutputLine) as call:
+            async with self.quilt.call(path, q.OutputLine) as call:
                 await call.send(request, end=True)
                 async for line in _batched(call):
                     if line is None:  # the stream paused: store what came

@@ -135,7 +135,7 @@ class Uploads:
         head.labels["aria.user"] = user
         answer: list[q.Bundle] = []
         try:
-            async with self.quilt.channel().call(QB + "UploadBundle", q.Bundle) as call:
+            async with self.quilt.call(QB + "UploadBundle", q.Bundle) as call:
                 await call.send(q.UploadBundleRequest(metadata=head))
                 send, receive = trio.open_memory_channel[bytes](FORWARD_AHEAD)
                 async with trio.open_nursery() as nursery:

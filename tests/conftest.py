@@ -23,10 +23,21 @@ import structlog
 from aria_trio import logs
 from aria_trio.rpc import Server
 
+import background
 import users
 from probe import Probe, make_server
 
 logs.setup("debug", "json")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    background.start_early(items)
+
+
+def pytest_sessionfinish() -> None:
+    for d in _STARTED:  # (a background scenario interrupted with the session)
+        if d.proc.poll() is None:
+            d.stop(signal.SIGKILL)
 
 
 @pytest.fixture

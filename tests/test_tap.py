@@ -254,13 +254,14 @@ async def test_a_bad_key_or_a_bad_first_message_is_closed_1008(env: Env) -> None
 
 
 async def test_a_page_of_another_origin_is_refused_at_the_handshake(env: Env) -> None:
-    for origin in ("http://evil.example", f"http://127.0.0.1:{env.tap.port + 1}", "https://localhost"):
+    # ("null": a page from disk, but also any site's sandboxed iframe or data: page)
+    for origin in ("http://evil.example", f"http://127.0.0.1:{env.tap.port + 1}", "https://localhost", "null"):
         with pytest.raises(ConnectionRejected) as info:
             async with client(env, key=None, origin=origin):
                 pass
         assert info.value.status_code == 403, origin
-    # the tap's own pages, a page opened from disk ("null") and tools (no Origin) are let in
-    for origin in (f"http://127.0.0.1:{env.tap.port}", f"http://localhost:{env.tap.port}", "null", None):
+    # the tap's own pages and tools (no Origin) are let in
+    for origin in (f"http://127.0.0.1:{env.tap.port}", f"http://localhost:{env.tap.port}", None):
         async with client(env, origin=origin):
             pass
 

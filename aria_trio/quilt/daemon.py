@@ -28,6 +28,9 @@ from .tools import ToolRunner
 log = structlog.get_logger("quilt.daemon")
 
 PARENT_ENV = "QUILT_PARENT_PID"  # set by a runtime that runs this Quilt as its child
+# Calls one connection may carry at once: the runtime, its only client, keeps a long call per
+# running task and container; past this it opens another connection (quilt_link.MAX_CONNECTIONS).
+QUILT_STREAMS = 1024
 
 
 async def serve(settings: dict[str, Any]) -> None:
@@ -76,7 +79,7 @@ async def _run(settings: dict[str, Any], store: Store, sandbox: Sandbox) -> None
     runner = ToolRunner(
         sandbox, bundles, data_dir / "tools", settings["tool_timeout"], settings["memory_bytes"], settings["pids"]
     )
-    server = Server(error_domain="quilt.v1")
+    server = Server(error_domain="quilt.v1", max_concurrent_streams=QUILT_STREAMS)
     health = Health()
     server.add_service(HEALTH, health, authenticated=False)
     services = quilt_pb2.DESCRIPTOR.services_by_name

@@ -15,6 +15,7 @@ metadata of a failed call are kept on the RpcError.
 from __future__ import annotations
 
 import datetime
+import math
 import struct
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
@@ -33,6 +34,10 @@ from .status import RpcError, StatusCode
 
 MiB = 1024 * 1024
 RECEIVE_SIZE = 256 * 1024
+# Calls that may wait at once for one of the server's streams (past its
+# SETTINGS_MAX_CONCURRENT_STREAMS): each waits under its own deadline; one more than this fails
+# at once with RESOURCE_EXHAUSTED rather than queue without bound.
+MAX_WAITING_CALLS = 10_000
 
 R = TypeVar("R")
 _END = object()
@@ -51,6 +56,8 @@ class Channel:
         self._lost: str | None = None  # why no new call can start
         self.closed = trio.Event()  # set once the connection is gone
         self._goaway_last: int | None = None
+        self._stream_freed = trio.Event()  # set (and replaced) whenever a call lets go of its stream
+        self.waiting_calls = 0
 
     @classmethod
     @asynccontextmanager
@@ -124,6 +131,32 @@ class Channel:
         self.closed.set()
         for call in list(self._calls.values()):
             call._fail(RpcError(StatusCode.UNAVAILABLE, reason))
+        self._free_stream()
+
+    @property
+    def usable(self) -> bool:
+        return self._lost is None
+
+    def free_streams(self) -> int:
+        """Calls the server lets us start now: its SETTINGS_MAX_CONCURRENT_STREAMS less ours open."""
+        return int(self.h2.remote_settings.max_concurrent_streams) - int(self.h2.open_outbound_streams)
+
+    def _free_stream(self) -> None:
+        self._stream_freed.set()
+        self._stream_freed = trio.Event()
+
+    async def _stream_slot(self) -> None:
+        """Wait for a stream the server lets us open: a call past its cap queues here (under its
+        deadline) instead of failing with h2's TooManyStreamsError."""
+        while self._lost is None and self.free_streams() <= 0:
+            if self.waiting_calls >= MAX_WAITING_CALLS:
+                raise RpcError(StatusCode.RESOURCE_EXHAUSTED, "too many calls waiting for the server; try again")
+            self.waiting_calls += 1
+            try:
+                with trio.move_on_after(1.0):  # (also sees a SETTINGS frame that raised the cap)
+                    await self._stream_freed.wait()
+            finally:
+                self.waiting_calls -= 1
 
     def _dispatch(self, event: Any) -> None:
         kind = type(event)
@@ -183,31 +216,43 @@ class Channel:
         metadata: Sequence[tuple[str, str | bytes]] = (),
         timeout: float | None = None,
     ) -> AsyncIterator[ClientCall[R]]:
-        """Open a call of any kind; leaving the block before the response ended cancels it."""
+        """Open a call of any kind; leaving the block before the response ended cancels it. Past the
+        server's stream cap the call waits for a stream, its deadline running."""
+        deadline = trio.current_time() + timeout if timeout is not None else math.inf
+        if self._lost is None and self.free_streams() <= 0:
+            with trio.move_on_at(deadline) as waited:
+                await self._stream_slot()
+            if waited.cancelled_caught:
+                raise RpcError(StatusCode.DEADLINE_EXCEEDED, "deadline exceeded (waiting for a free stream)")
         if self._lost is not None:
             raise RpcError(StatusCode.UNAVAILABLE, self._lost)
         service, method = path.strip("/").split("/")
         sid = self.h2.get_next_available_stream_id()
         call: ClientCall[R] = ClientCall(self, sid, response_type)
         self._calls[sid] = call
-        td = datetime.timedelta(seconds=timeout) if timeout is not None else None
+        td = datetime.timedelta(seconds=max(0.0, deadline - trio.current_time())) if timeout is not None else None
         try:
             self.proto.start_request(sid, "http", service, method, None, self.authority, td, "+proto", tuple(metadata))
             self.kick()
-            with trio.fail_after(timeout) if timeout is not None else trio.CancelScope():
+            with trio.fail_at(deadline):
                 yield call
         except trio.TooSlowError:
             raise RpcError(StatusCode.DEADLINE_EXCEEDED, "deadline exceeded") from None
         finally:
             self._calls.pop(sid, None)
             self.proto.message_read_buffers.pop(sid, None)
-            if not call._ended:
-                try:  # tell the server to stop working on it (purerpc's own client never does)
+            stream = self.h2.streams.get(sid)
+            if not call._ended or (stream is not None and not stream.closed):
+                # Tell the server to stop working on it (purerpc's own client never does); and a
+                # call the server ended before we finished sending must not keep its stream open
+                # (half-closed), or it counts against the server's stream cap for ever.
+                try:
                     self.h2.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
                 except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
                     pass
                 self.kick()
             call._release_credit()
+            self._free_stream()
 
     async def unary(
         self,
