@@ -70,6 +70,29 @@ def _path(text: str) -> Path:
     return Path(os.path.expanduser(str(text)))
 
 
+def _optional_path(text: str) -> Path | None:
+    return Path(os.path.expanduser(str(text))) if str(text) else None
+
+
+def _paths(text: str) -> tuple[Path, ...]:
+    """Paths separated by ':' (as in PATH)."""
+    return tuple(Path(os.path.expanduser(p)) for p in str(text).split(":") if p)
+
+
+def _uid(text: str) -> int:
+    value = int(text)
+    if not 1 <= value < 2**32 - 1:
+        raise ValueError("must be a uid from 1 to 4294967294 (never 0: root)")
+    return value
+
+
+def _cpus(text: str) -> float:
+    value = float(text)
+    if not 0.01 <= value <= 1024:
+        raise ValueError("must be a number of CPUs from 0.01 to 1024")
+    return value
+
+
 def _logging(prefix: str) -> tuple[Setting, Setting]:
     return (
         Setting("log_level", str, lambda: "info", f"{prefix}_LOG_LEVEL", "Least severe log level written.", LEVELS),
@@ -162,6 +185,14 @@ RUNTIME_SETTINGS: tuple[Setting, ...] = (
         "Seconds an agent's tool call may run (bundle tools and run_command).",
     ),
     Setting(
+        "images_dir",
+        _optional_path,
+        lambda: None,
+        "ARIA_IMAGES_DIR",
+        "Folder of the images containers may use by name (rootfs folders or tar archives; given to the"
+        " child Quilt); empty: only the host view.",
+    ),
+    Setting(
         "quilt_sandbox",
         str,
         lambda: "bubblewrap",
@@ -213,6 +244,78 @@ QUILT_SETTINGS: tuple[Setting, ...] = (
         "Default memory limit of a container or tool run.",
     ),
     Setting("pids", _positive_int, lambda: 256, "QUILT_PIDS", "Default limit on the processes of a container."),
+    Setting("cpus", _cpus, lambda: 1.0, "QUILT_CPUS", "Default CPU time a container may use, in CPUs."),
+    Setting(
+        "disk_bytes",
+        _positive_int,
+        lambda: 1024 * MiB,
+        "QUILT_DISK_BYTES",
+        "Default size of a container's disk (its workspace and /tmp together; enforced when Quilt runs as root).",
+    ),
+    Setting(
+        "max_memory_bytes",
+        _positive_int,
+        lambda: 8 * 1024 * MiB,
+        "QUILT_MAX_MEMORY_BYTES",
+        "Most memory a container may ask for.",
+    ),
+    Setting("max_pids", _positive_int, lambda: 4096, "QUILT_MAX_PIDS", "Most processes a container may ask for."),
+    Setting(
+        "max_cpus",
+        _cpus,
+        lambda: float(os.cpu_count() or 1),
+        "QUILT_MAX_CPUS",
+        "Most CPUs a container may ask for (default: this machine's count).",
+    ),
+    Setting(
+        "max_disk_bytes",
+        _positive_int,
+        lambda: 64 * 1024 * MiB,
+        "QUILT_MAX_DISK_BYTES",
+        "Largest disk a container may ask for.",
+    ),
+    Setting(
+        "exec_timeout",
+        _positive_float,
+        lambda: 3600.0,
+        "QUILT_EXEC_TIMEOUT",
+        "Seconds a command run in a container may take when it asks for no timeout (0 is this, never no limit).",
+    ),
+    Setting(
+        "images_dir",
+        _optional_path,
+        lambda: None,
+        "QUILT_IMAGES_DIR",
+        "Folder of the images containers may use, by name (rootfs folders or tar archives); empty: only host.",
+    ),
+    Setting(
+        "max_image_bytes",
+        _positive_int,
+        lambda: 4 * 1024 * MiB,
+        "QUILT_MAX_IMAGE_BYTES",
+        "Largest image archive unpacked (bytes written).",
+    ),
+    Setting(
+        "max_image_cache_bytes",
+        _positive_int,
+        lambda: 16 * 1024 * MiB,
+        "QUILT_MAX_IMAGE_CACHE_BYTES",
+        "Unpacked images kept; past this, the least recently used unused ones go.",
+    ),
+    Setting(
+        "sandbox_uid",
+        _uid,
+        lambda: 200000,
+        "QUILT_SANDBOX_UID",
+        "When Quilt runs as root: the unprivileged uid (and gid) its sandboxes run as; a uid of no one else's.",
+    ),
+    Setting(
+        "hide",
+        _paths,
+        lambda: (),
+        "QUILT_HIDE",
+        "More paths no sandbox may see, ':'-separated (Quilt's own socket and data folder always are).",
+    ),
     Setting(
         "max_output_bytes",
         _positive_int,

@@ -68,7 +68,13 @@ def quilt_link(settings: dict[str, Any], health: Health) -> QuiltLink:
     data_dir: Path = settings["data_dir"]
     socket = data_dir / "quilt.sock"
     command = quilt_command(
-        socket, data_dir / "quilt", settings["quilt_sandbox"], settings["log_level"], settings["log_format"]
+        socket,
+        data_dir / "quilt",
+        settings["quilt_sandbox"],
+        settings["log_level"],
+        settings["log_format"],
+        images_dir=settings["images_dir"],
+        hide=(data_dir, Path(settings["socket"])),
     )
     return QuiltLink(socket, spawn=command, health=health, services=needs)
 

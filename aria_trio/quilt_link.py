@@ -42,7 +42,21 @@ STOP_GRACE = 10.0
 MAX_CONNECTIONS = 8  # to Quilt, each with Quilt's stream cap (1024): 8,192 calls at once, then a queue
 
 
-def quilt_command(socket: Path, data_dir: Path, sandbox: str, log_level: str, log_format: str) -> list[str]:
+def quilt_command(
+    socket: Path,
+    data_dir: Path,
+    sandbox: str,
+    log_level: str,
+    log_format: str,
+    *,
+    images_dir: Path | None = None,
+    hide: Sequence[Path] = (),
+) -> list[str]:
+    """`aria quilt serve` as the runtime's child: its socket and data under the runtime's data
+    folder, the operator's images, and the runtime's own paths hidden from every sandbox."""
+    extra = ["--images-dir", str(images_dir)] if images_dir is not None else []
+    if hide:
+        extra += ["--hide", ":".join(str(p) for p in hide)]
     return [
         sys.executable,
         "-m",
@@ -59,6 +73,7 @@ def quilt_command(socket: Path, data_dir: Path, sandbox: str, log_level: str, lo
         log_level,
         "--log-format",
         "json" if log_format == "auto" and not sys.stderr.isatty() else log_format,
+        *extra,
     ]
 
 

@@ -137,6 +137,7 @@ class BundleStore:
         self.root = root
         self.store = store
         self.max_bytes = max_bytes
+        self._unpacking: dict[str, trio.Lock] = {}  # one per bundle used since start (bounded by the bundles)
 
     def object_path(self, bundle_id: str) -> Path:
         return self.root / "objects" / bundle_id[:2] / f"{bundle_id}.aria"
@@ -308,11 +309,14 @@ class BundleStore:
         return ""
 
     async def unpacked(self, bundle_id: str) -> Path:
-        """The bundle's files (the inner archive's, for the nested layout), unpacked once."""
+        """The bundle's files (the inner archive's, for the nested layout), unpacked once: two
+        first uses at once wait for the one unpack (a lock per bundle)."""
         bundle = await self.get(bundle_id)
         target = self.root / "unpacked" / bundle_id
-        if not await trio.to_thread.run_sync(target.is_dir):
-            await trio.to_thread.run_sync(_unpack, self.object_path(bundle_id), target, bundle.layout)
+        lock = self._unpacking.setdefault(bundle_id, trio.Lock())
+        async with lock:
+            if not await trio.to_thread.run_sync(target.is_dir):
+                await trio.to_thread.run_sync(_unpack, self.object_path(bundle_id), target, bundle.layout)
         return target
 
 
@@ -333,6 +337,8 @@ def _unpack(archive: Path, target: Path, layout: str) -> None:
                     inner.extractall(staging)  # member names were checked at upload
             else:
                 outer.extractall(staging)
+        # Readable by the sandbox user (bundles are read-only in a sandbox, at /bundle); mkdtemp's 0700.
+        os.chmod(staging, 0o755)
         os.rename(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 from pathlib import Path
@@ -16,14 +17,16 @@ from ..rpc import Health, Server, add_reflection
 from ..rpc.health import DESCRIPTOR as HEALTH
 from ..rpc.health import SERVING
 from ..store import Store
-from . import limits
+from . import limits, seccomp, stage
 from .bundles import BundleStore
+from .disks import Disks
 from .engine import Engine, Settings
 from .images import Images
 from .sandbox import Sandbox
 from .service import BundlesService, ContainersService, SystemService, TasksService
+from .stage import Stage
 from .store import MIGRATIONS
-from .tools import ToolRunner
+from .tools import RUNNERS, ToolRunner
 
 log = structlog.get_logger("quilt.daemon")
 
@@ -31,10 +34,17 @@ PARENT_ENV = "QUILT_PARENT_PID"  # set by a runtime that runs this Quilt as its 
 # Calls one connection may carry at once: the runtime, its only client, keeps a long call per
 # running task and container; past this it opens another connection (quilt_link.MAX_CONNECTIONS).
 QUILT_STREAMS = 1024
+SECCOMP_FILE = "seccomp.bpf"  # the sandboxes' filter, written at each start (quilt/seccomp.py)
 
 
 async def serve(settings: dict[str, Any]) -> None:
     data_dir: Path = settings["data_dir"]
+    as_root = os.geteuid() == 0 and settings["sandbox"] == "bubblewrap"
+    if as_root:  # first, while no thread exists (quilt/stage.py)
+        try:
+            stage.enter_private_mounts()
+        except OSError as exc:
+            raise StartupError(f"quilt runs as root but cannot have a mount namespace of its own: {exc}") from None
     mode = await trio.to_thread.run_sync(limits.detect)
     try:
         sandbox = Sandbox.detect(settings["sandbox"], mode)
@@ -48,12 +58,16 @@ async def serve(settings: dict[str, Any]) -> None:
     log.info("sandbox", sandbox=sandbox.kind, bwrap=sandbox.bwrap, limits=mode.name)
     if mode.name == "rlimits":
         log.warning("cgroups are not writable here: limits fall back to rlimits (per process, weaker)")
+    if mode.name != "rlimits" and not mode.cpu:
+        log.warning("the cpu cgroup controller is not writable here: no CPU limits")
     lock_fd = await trio.to_thread.run_sync(claim, settings["socket"], data_dir)
     try:
+        if sandbox.kind == "bubblewrap":
+            sandbox = await _harden(settings, sandbox, as_root)
         store = await Store.open(data_dir / "quilt.db", MIGRATIONS)
         try:
             os.chmod(store.path, 0o600)
-            await _run(settings, store, sandbox)
+            await _run(settings, store, sandbox, Disks.detect(as_root))
         finally:
             with trio.CancelScope(shield=True):
                 await store.close()
@@ -61,8 +75,35 @@ async def serve(settings: dict[str, Any]) -> None:
         os.close(lock_fd)
 
 
-async def _run(settings: dict[str, Any], store: Store, sandbox: Sandbox) -> None:
+async def _harden(settings: dict[str, Any], sandbox: Sandbox, as_root: bool) -> Sandbox:
+    """The seccomp filter, the paths no sandbox may see, and as root the sandbox user and stage."""
     data_dir: Path = settings["data_dir"]
+    try:
+        await trio.to_thread.run_sync(seccomp.write, data_dir / SECCOMP_FILE)
+    except RuntimeError as exc:  # a machine the filter does not know: no sandbox without it
+        raise StartupError(f"cannot build the sandboxes' seccomp filter: {exc}") from None
+    hidden = (data_dir, Path(settings["socket"]), *settings["hide"])
+    sandbox = dataclasses.replace(sandbox, seccomp=data_dir / SECCOMP_FILE, hidden=hidden)
+    if not as_root:
+        return sandbox
+    folders = {
+        "containers": data_dir / "containers",
+        "bundles": data_dir / "bundles" / "unpacked",
+        "images": data_dir / "images",
+        "runners": RUNNERS,
+    }
+    if settings["images_dir"] is not None:
+        folders["operator-images"] = settings["images_dir"]
+    built = await trio.to_thread.run_sync(Stage.build, folders)
+    uid = settings["sandbox_uid"]
+    log.info("sandboxes run as an unprivileged user", uid=uid, gid=uid)
+    return dataclasses.replace(sandbox, user=(uid, uid), stage=built)
+
+
+async def _run(settings: dict[str, Any], store: Store, sandbox: Sandbox, disks: Disks) -> None:
+    data_dir: Path = settings["data_dir"]
+    if sandbox.kind == "bubblewrap" and not disks.enabled:
+        log.warning("container disks have no size limit here", why=disks.why_not)
     engine = Engine(
         store,
         sandbox,
@@ -72,12 +113,20 @@ async def _run(settings: dict[str, Any], store: Store, sandbox: Sandbox) -> None
             max_output_bytes=settings["max_output_bytes"],
             default_memory_bytes=settings["memory_bytes"],
             default_pids=settings["pids"],
+            default_cpus=settings["cpus"],
+            default_disk_bytes=settings["disk_bytes"],
+            max_memory_bytes=settings["max_memory_bytes"],
+            max_pids=settings["max_pids"],
+            max_cpus=settings["max_cpus"],
+            max_disk_bytes=settings["max_disk_bytes"],
+            exec_timeout=settings["exec_timeout"],
             stop_grace=settings["stop_grace"],
         ),
+        disks,
     )
     bundles = BundleStore(data_dir / "bundles", store, settings["max_bundle_bytes"])
     runner = ToolRunner(
-        sandbox, bundles, data_dir / "tools", settings["tool_timeout"], settings["memory_bytes"], settings["pids"]
+        sandbox, bundles, settings["tool_timeout"], settings["memory_bytes"], settings["pids"], settings["cpus"]
     )
     server = Server(error_domain="quilt.v1", max_concurrent_streams=QUILT_STREAMS)
     health = Health()

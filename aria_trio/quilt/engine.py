@@ -11,7 +11,9 @@ truth: what was running then is FAILED "quilt restarted" (the sandboxes die with
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import os
 import secrets
 import shutil
 import signal
@@ -26,6 +28,7 @@ import trio
 from .. import errors
 from ..store import Store
 from . import store as table
+from .disks import MIN_DISK_BYTES, MOUNT, Disks
 from .images import Images
 from .limits import Cgroup
 from .output import OutputLog
@@ -69,12 +72,24 @@ def new_id(prefix: str) -> str:
     return prefix + secrets.token_hex(6)
 
 
+GiB = 1024 * 1024 * 1024
+
+
 @dataclass(frozen=True)
 class Settings:
     data_dir: Path
     max_output_bytes: int = 64 * 1024 * 1024
     default_memory_bytes: int = 512 * 1024 * 1024
     default_pids: int = 256
+    default_cpus: float = 1.0
+    default_disk_bytes: int = GiB
+    # The operator's maxima: a container may ask for up to these (more is INVALID_ARGUMENT).
+    max_memory_bytes: int = 8 * GiB
+    max_pids: int = 4096
+    max_cpus: float = 64.0
+    max_disk_bytes: int = 64 * GiB
+    exec_timeout: float = 3600.0  # an exec's timeout when it asks for none (0): never "no limit"
+    max_exec_timeout: float = 7 * 24 * 3600.0
     stop_grace: float = 10.0
 
 
@@ -89,6 +104,8 @@ class Spec:
     memory_bytes: int = 0
     pids: int = 0
     labels: dict[str, str] = field(default_factory=dict)
+    cpus: float = 0.0
+    disk_bytes: int = 0
 
 
 @dataclass
@@ -202,11 +219,14 @@ class ExecSpec:
 
 
 class Engine:
-    def __init__(self, store: Store, sandbox: Sandbox, images: Images, settings: Settings) -> None:
+    def __init__(
+        self, store: Store, sandbox: Sandbox, images: Images, settings: Settings, disks: Disks | None = None
+    ) -> None:
         self.store = store
         self.sandbox = sandbox
         self.images = images
         self.settings = settings
+        self.disks = disks or Disks(False, "not asked for")
         self.containers: dict[str, Container] = {}
         self.tasks: dict[str, Task] = {}  # the running ones; finished tasks live in the database
         self._nursery: trio.Nursery | None = None
@@ -251,16 +271,56 @@ class Engine:
         image = await self.images.resolve(spec.image)
         if spec.command:
             await trio.to_thread.run_sync(self._check_command, spec.command, image, "command")
-        if spec.memory_bytes < 0 or spec.pids < 0:
-            raise errors.InvalidArgument("limits must not be negative", fields={"limits": "negative"})
+        self._check_limits(spec)
         if not spec.workdir.startswith("/"):
             raise errors.InvalidArgument("workdir must be an absolute path", fields={"workdir": "not absolute"})
         c = Container(new_id("c-"), spec)
-        await trio.to_thread.run_sync(self._make_dirs, c.id)
+        try:
+            await trio.to_thread.run_sync(self._make_dirs, c.id, self._limits(spec).disk_bytes)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(lambda: shutil.rmtree(self._dir(c.id), ignore_errors=True))
+            raise
         await self.store.run(table.upsert, "containers", c.row())
         self.containers[c.id] = c
         log.info("container created", container=c.id, image=image.name, command=spec.command or "(idle)")
         return c
+
+    def _check_limits(self, spec: Spec) -> None:
+        """Each limit 0 (the default) or within the operator's maximum."""
+        st = self.settings
+        for name, value, most in (
+            ("memory_bytes", spec.memory_bytes, st.max_memory_bytes),
+            ("pids", spec.pids, st.max_pids),
+            ("cpus", spec.cpus, st.max_cpus),
+            ("disk_bytes", spec.disk_bytes, st.max_disk_bytes),
+        ):
+            if not (value == value and 0 <= value <= most):  # (NaN is not a limit either)
+                raise errors.InvalidArgument(
+                    f"limits.{name} must be between 0 (the default) and {most:g}, the operator's maximum",
+                    fields={f"limits.{name}": "out of range"},
+                )
+        if 0 < spec.memory_bytes < 4 * 1024 * 1024:
+            raise errors.InvalidArgument(
+                "limits.memory_bytes must be at least 4 MiB", fields={"limits.memory_bytes": "too small"}
+            )
+        if 0 < spec.disk_bytes < MIN_DISK_BYTES:
+            raise errors.InvalidArgument(
+                f"limits.disk_bytes must be at least {MIN_DISK_BYTES} bytes", fields={"limits.disk_bytes": "too small"}
+            )
+        if 0 < spec.cpus < 0.01:
+            raise errors.InvalidArgument("limits.cpus must be at least 0.01", fields={"limits.cpus": "too small"})
+
+    def _limits(self, spec: Spec) -> Spec:
+        """The spec's limits with the defaults filled in."""
+        st = self.settings
+        return dataclasses.replace(
+            spec,
+            memory_bytes=spec.memory_bytes or st.default_memory_bytes,
+            pids=spec.pids or st.default_pids,
+            cpus=spec.cpus or st.default_cpus,
+            disk_bytes=spec.disk_bytes or st.default_disk_bytes,
+        )
 
     def _check_command(self, command: list[str], image: Image, field_name: str) -> None:
         if not command or not command[0]:
@@ -275,9 +335,25 @@ class Engine:
     def _dir(self, cid: str) -> Path:
         return self.settings.data_dir / "containers" / cid
 
-    def _make_dirs(self, cid: str) -> None:
-        for sub in ("workspace", "tmp"):
-            (self._dir(cid) / sub).mkdir(parents=True, exist_ok=True)
+    def _make_dirs(self, cid: str, disk_bytes: int) -> None:
+        """The container's folder (0711: the sandbox user may pass, not look), and in it either
+        its disk (an image of `disk_bytes`) or, where disks cannot be, plain folders."""
+        folder = self._dir(cid)
+        folder.mkdir(parents=True, exist_ok=True)
+        os.chmod(folder.parent, 0o711)
+        os.chmod(folder, 0o711)
+        uid, gid = self.sandbox.user or (os.getuid(), os.getgid())
+        if self.disks.enabled:
+            self.disks.make(folder, disk_bytes, uid, gid)
+            return
+        for sub, mode in (("workspace", 0o755), ("tmp", 0o1777)):
+            (folder / sub).mkdir(exist_ok=True)
+            os.chown(folder / sub, uid, gid)
+            os.chmod(folder / sub, mode)
+
+    def _files(self, cid: str) -> Path:
+        """Where the container's workspace/ and tmp/ are: its disk (mounted while it runs), or its folder."""
+        return self._dir(cid) / (MOUNT if self.disks.enabled else "")
 
     async def start(self, cid: str) -> Container:
         c = self.container(cid)
@@ -299,18 +375,24 @@ class Engine:
 
     async def _supervise_container(self, c: Container, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         spec = c.spec
-        memory = spec.memory_bytes or self.settings.default_memory_bytes
-        pids = spec.pids or self.settings.default_pids
-        started = False
+        limits = self._limits(spec)
+        memory, pids = limits.memory_bytes, limits.pids
+        started = attached = False
         try:
             image = await self.images.resolve(spec.image)
             c.log = await OutputLog.create(self._dir(c.id) / "output.jsonl", self.settings.max_output_bytes)
-            c.cgroup = await self._cgroup(c.id, memory, pids)
+            c.cgroup = await self._cgroup(c.id, memory, pids, limits.cpus)
+            if self.disks.enabled:
+                uid, gid = self.sandbox.user or (os.getuid(), os.getgid())
+                attached = True
+                await trio.to_thread.run_sync(self.disks.attach, self._dir(c.id), self._files(c.id), uid, gid)
             argv, cwd, env = await trio.to_thread.run_sync(
                 self._argv, spec.command or IDLE, c, image, spec.env, spec.workdir, memory, pids
             )
             async with trio.open_nursery() as nursery:
-                run = await start_process(nursery, argv, c.log, sandboxed=self._sandboxed, cwd=cwd, env=env)
+                run = await start_process(
+                    nursery, argv, c.log, sandboxed=self._sandboxed, cwd=cwd, env=env, files=self._spawn_files
+                )
                 c.handle = run.handle
                 assert c.handle is not None
                 c.state, c.started_at, c.pid = RUNNING, now_us(), c.handle.pid
@@ -337,6 +419,9 @@ class Engine:
             c.state, c.message = FAILED, f"quilt lost track of it ({type(exc).__name__})"
         finally:
             await self._release(c.cgroup)
+            if attached:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(self.disks.detach, self._files(c.id))
         c.finished_at, c.pid, c.handle = now_us(), 0, None
         with trio.CancelScope(shield=True):
             await self.store.run(table.upsert, "containers", c.row())
@@ -435,9 +520,15 @@ class Engine:
             )
         image = await self.images.resolve(c.spec.image)
         await trio.to_thread.run_sync(self._check_command, spec.command, image, "command")
-        if spec.timeout_seconds < 0:
-            raise errors.InvalidArgument("timeout must not be negative", fields={"timeout_seconds": "negative"})
-        t = Task(new_id("t-"), c.id, list(spec.command), dict(spec.labels), timeout_seconds=spec.timeout_seconds)
+        timeout = spec.timeout_seconds
+        if not (timeout == timeout and 0 <= timeout <= self.settings.max_exec_timeout):
+            raise errors.InvalidArgument(
+                f"timeout_seconds must be between 0 (the default, {self.settings.exec_timeout:g} s) and "
+                f"{self.settings.max_exec_timeout:g}",
+                fields={"timeout_seconds": "out of range"},
+            )
+        timeout = timeout or self.settings.exec_timeout
+        t = Task(new_id("t-"), c.id, list(spec.command), dict(spec.labels), timeout_seconds=timeout)
         assert self._nursery is not None
         with trio.CancelScope(shield=True):  # seen through once begun, as a container's start
             await self.store.run(table.upsert, "tasks", t.row())
@@ -466,8 +557,8 @@ class Engine:
         captured: Captured | None,
         task_status: Any = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        memory = c.spec.memory_bytes or self.settings.default_memory_bytes
-        pids = c.spec.pids or self.settings.default_pids
+        limits = self._limits(c.spec)
+        memory, pids = limits.memory_bytes, limits.pids
         env = {**c.spec.env, **spec.env}
         started = False
         try:
@@ -485,6 +576,7 @@ class Engine:
                     env=full_env,
                     stdin=spec.stdin,
                     captured=captured,
+                    files=self._spawn_files,
                 )
                 t.handle = run.handle
                 assert t.handle is not None
@@ -590,8 +682,8 @@ class Engine:
         argv = self.sandbox.argv(
             command,
             image=image,
-            workspace=self._dir(c.id) / "workspace",
-            tmp=self._dir(c.id) / "tmp",
+            workspace=self._files(c.id) / "workspace",
+            tmp=self._files(c.id) / "tmp",
             workdir=workdir,
             env=full_env,
             network=c.spec.network,
@@ -602,20 +694,24 @@ class Engine:
         )
         if self.sandbox.kind == "none":
             # Unisolated: the workspace is a host folder; /workspace paths are translated.
-            workspace = str(self._dir(c.id) / "workspace")
+            workspace = str(self._files(c.id) / "workspace")
             cwd = workspace + workdir[len("/workspace") :] if workdir.startswith("/workspace") else workdir
-            return argv, cwd, {**full_env, "HOME": workspace, "TMPDIR": str(self._dir(c.id) / "tmp")}
+            return argv, cwd, {**full_env, "HOME": workspace, "TMPDIR": str(self._files(c.id) / "tmp")}
         return argv, None, None
 
     @property
     def _sandboxed(self) -> bool:
         return self.sandbox.kind == "bubblewrap"
 
-    async def _cgroup(self, name: str, memory: int, pids: int) -> Cgroup | None:
+    @property
+    def _spawn_files(self) -> dict[str, Path]:
+        return {"{seccomp_fd}": self.sandbox.seccomp} if self.sandbox.seccomp is not None else {}
+
+    async def _cgroup(self, name: str, memory: int, pids: int, cpus: float = 0.0) -> Cgroup | None:
         if not self.sandbox.limits.parents:
             return None
         cgroup = Cgroup(self.sandbox.limits, name)
-        await trio.to_thread.run_sync(cgroup.create, memory, pids)
+        await trio.to_thread.run_sync(cgroup.create, memory, pids, cpus)
         return cgroup
 
     async def _release(self, cgroup: Cgroup | None) -> None:

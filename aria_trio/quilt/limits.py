@@ -1,10 +1,16 @@
-"""Memory and process limits for a sandbox: cgroups (v2, else v1) where we may write them, else rlimits.
+"""Memory, process and CPU limits for a sandbox: cgroups (v2, else v1) where we may write them,
+else rlimits.
 
 A container gets a cgroup of its own under the daemon's; its main process and every command exec'd
 in it join that cgroup before they start (the spawn wrapper writes its pid into cgroup.procs and
 then execs), so the limits hold for the whole tree from its first instruction. Without writable
 cgroups, the wrapper sets RLIMIT_AS and RLIMIT_NPROC instead: weaker (per process, and per user),
-and the daemon says so at start.
+with no CPU limit, and the daemon says so at start.
+
+CPU: each sandbox gets a quota (`cpus`: CPU time per period, cfs_quota_us in v1, cpu.max in v2),
+and all sandboxes together sit in one parent with a low weight (SANDBOX_WEIGHT of the default),
+so that sandboxes spinning on every core still leave the daemons, which answer everyone, their
+share of the CPU.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ import structlog
 log = structlog.get_logger("quilt.limits")
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+CPU_PERIOD_US = 100_000
+SANDBOX_WEIGHT = 0.25  # of the CPU weight a process outside the sandboxes has, for all sandboxes together
 
 
 @dataclass(frozen=True)
@@ -27,6 +35,7 @@ class LimitsMode:
     name: str  # "cgroup v2", "cgroup v1", "rlimits"
     # v2: the folder under which container cgroups go; v1: one such folder per controller
     parents: tuple[Path, ...] = ()
+    cpu: bool = False  # can we limit CPU (v2: the cpu controller; v1: the last parent is cpu's)
 
 
 def _own_cgroup(controller: str | None) -> str | None:
@@ -59,40 +68,57 @@ def _detect_v2() -> LimitsMode | None:
         return None
     base = CGROUP_ROOT / own.lstrip("/")
     try:
-        available = (base / "cgroup.controllers").read_text().split()
-        if not {"memory", "pids"} <= set(available):
+        available = set((base / "cgroup.controllers").read_text().split())
+        if not {"memory", "pids"} <= available:
             return None
+        wanted = "+memory +pids" + (" +cpu" if "cpu" in available else "")
         control = base / "cgroup.subtree_control"
         try:
-            control.write_text("+memory +pids")
+            control.write_text(wanted)
         except OSError:
             # "no internal processes": move the daemon into a leaf of its own first.
             leaf = base / "quilt-daemon"
             leaf.mkdir(exist_ok=True)
             (leaf / "cgroup.procs").write_text(str(os.getpid()))
-            control.write_text("+memory +pids")
+            control.write_text(wanted)
     except OSError:
         return None
     parent = base / "quilt"
     if not _try_parent(parent):
         return None
+    cpu = False
     with contextlib.suppress(OSError):
-        (parent / "cgroup.subtree_control").write_text("+memory +pids")
-    return LimitsMode("cgroup v2", (parent,))
+        (parent / "cgroup.subtree_control").write_text(wanted)
+        if "cpu" in available:
+            (parent / "cpu.weight").write_text(str(max(1, int(100 * SANDBOX_WEIGHT))))
+            cpu = True
+    return LimitsMode("cgroup v2", (parent,), cpu)
+
+
+def _v1_parent(controller: str) -> Path | None:
+    own = _own_cgroup(controller)
+    mount = CGROUP_ROOT / controller
+    if own is None or not (mount / "cgroup.procs").exists():
+        return None
+    parent = mount / own.lstrip("/") / "quilt"
+    return parent if _try_parent(parent) else None
 
 
 def _detect_v1() -> LimitsMode | None:
     parents = []
     for controller in ("memory", "pids"):
-        own = _own_cgroup(controller)
-        mount = CGROUP_ROOT / controller
-        if own is None or not (mount / "cgroup.procs").exists():
-            return None
-        parent = mount / own.lstrip("/") / "quilt"
-        if not _try_parent(parent):
+        parent = _v1_parent(controller)
+        if parent is None:
             return None
         parents.append(parent)
-    return LimitsMode("cgroup v1", tuple(parents))
+    cpu = _v1_parent("cpu")
+    if cpu is not None:
+        try:
+            (cpu / "cpu.shares").write_text(str(max(2, int(1024 * SANDBOX_WEIGHT))))
+            parents.append(cpu)
+        except OSError:
+            cpu = None
+    return LimitsMode("cgroup v1", tuple(parents), cpu is not None)
 
 
 def detect() -> LimitsMode:
@@ -106,21 +132,29 @@ class Cgroup:
         self.mode = mode
         self.dirs = [parent / name for parent in mode.parents]
 
-    def create(self, memory_bytes: int, pids: int) -> None:
+    def create(self, memory_bytes: int, pids: int, cpus: float = 0.0) -> None:
+        """Make the cgroup with its limits (`cpus` 0: no CPU quota, only the sandboxes' weight)."""
         for d in self.dirs:
             d.mkdir(exist_ok=True)
+        quota = max(1000, int(cpus * CPU_PERIOD_US)) if cpus > 0 else 0
         if self.mode.name == "cgroup v2":
             d = self.dirs[0]
             (d / "memory.max").write_text(str(memory_bytes))
             with contextlib.suppress(OSError):
                 (d / "memory.swap.max").write_text("0")
             (d / "pids.max").write_text(str(pids))
+            if self.mode.cpu and quota:
+                (d / "cpu.max").write_text(f"{quota} {CPU_PERIOD_US}")
         elif self.mode.name == "cgroup v1":
-            memory, pid_dir = self.dirs
+            memory, pid_dir = self.dirs[:2]
             (memory / "memory.limit_in_bytes").write_text(str(memory_bytes))
             with contextlib.suppress(OSError):  # no swap accounting: the memory limit alone
                 (memory / "memory.memsw.limit_in_bytes").write_text(str(memory_bytes))
             (pid_dir / "pids.max").write_text(str(pids))
+            if self.mode.cpu and quota:
+                cpu = self.dirs[2]
+                (cpu / "cpu.cfs_period_us").write_text(str(CPU_PERIOD_US))
+                (cpu / "cpu.cfs_quota_us").write_text(str(quota))
 
     @property
     def procs_files(self) -> list[str]:

@@ -21,6 +21,7 @@ import signal
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -114,8 +115,10 @@ async def start_process(
     env: Mapping[str, str] | None = None,
     stdin: bytes = b"",
     captured: Captured | None = None,
+    files: Mapping[str, Path] | None = None,
 ) -> Run:
-    """_run_process in `nursery`; returns once the process exists (raises if it could not start)."""
+    """_run_process in `nursery`; returns once the process exists (raises if it could not start).
+    `files`: placeholders of the argv ("{seccomp_fd}") for a descriptor of a file of its own."""
     run = Run()
 
     async def body(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -128,6 +131,7 @@ async def start_process(
                 env=env,
                 stdin=stdin,
                 captured=captured,
+                files=files or {},
                 task_status=task_status,
             )
         finally:
@@ -146,21 +150,29 @@ async def _run_process(
     env: Mapping[str, str] | None = None,
     stdin: bytes = b"",
     captured: Captured | None = None,
+    files: Mapping[str, Path],
     task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> Exit:
-    info_r = info_w = -1
-    pass_fds: tuple[int, ...] = ()
+    info_r = -1
+    fds: dict[str, int] = {}
     argv = list(argv)
-    if sandboxed:
-        info_r, info_w = os.pipe2(os.O_CLOEXEC)
-        pass_fds = (info_w,)
-        argv = [a if a != "{info_fd}" else str(info_w) for a in argv]
     stderr_head = bytearray()
     try:
-        process = Process.spawn(argv, stdin=bool(stdin), pass_fds=pass_fds, cwd=cwd, env=env, new_session=not sandboxed)
+        if sandboxed:
+            info_r, fds["{info_fd}"] = os.pipe2(os.O_CLOEXEC)
+        for placeholder, path in files.items():
+            fds[placeholder] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # (each spawn reads its own)
+        argv = [str(fds[a]) if a in fds else a for a in argv]
+        process = Process.spawn(
+            argv, stdin=bool(stdin), pass_fds=tuple(fds.values()), cwd=cwd, env=env, new_session=not sandboxed
+        )
+    except BaseException:
+        if info_r >= 0:
+            os.close(info_r)
+        raise
     finally:
-        if info_w >= 0:
-            os.close(info_w)
+        for fd in fds.values():
+            os.close(fd)
     try:
         pid = process.pid
         if sandboxed:

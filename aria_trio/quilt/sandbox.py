@@ -1,9 +1,11 @@
 """How a command becomes a sandboxed process: the argv for bubblewrap (or for no sandbox at all).
 
 Every sandbox gets new pid, ipc, uts, mount, user and (unless network is asked for) network
-namespaces, `--die-with-parent` (it cannot outlive quilt), all capabilities dropped, a fresh
-/proc and /dev, a /tmp and /workspace of its container, and a read-only view of its image. The
-command is pid 1 of its namespace (`--as-pid-1`), so killing it kills everything it started.
+namespaces, `--die-with-parent` (it cannot outlive quilt), all capabilities dropped, no new
+privileges, no new user namespaces (`--disable-userns` and the seccomp filter), a fresh /proc and
+/dev, a /tmp and /workspace of its container, and a read-only view of its image. The command is
+pid 1 of its namespace (`--as-pid-1`), so killing it kills everything it started. When Quilt runs
+as root, bubblewrap runs as the unprivileged sandbox user, never as root.
 
 A small /bin/sh wrapper runs first, outside the sandbox: it joins the container's cgroups (or sets
 rlimits) and then execs bubblewrap, so the limits hold from the start.
@@ -13,11 +15,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from .limits import Cgroup, LimitsMode
+from .stage import Stage
 
 BWRAP_INSTALL_HINT = (
     "bubblewrap (bwrap) is not installed; quilt needs it to sandbox containers. Install it with "
@@ -100,11 +104,23 @@ def _exists_in(root: Path, target: Path) -> bool:
 
 @dataclass(frozen=True)
 class Sandbox:
-    """The daemon's way of running things: bubblewrap, or nothing ("none", when asked for)."""
+    """The daemon's way of running things: bubblewrap, or nothing ("none", when asked for).
+
+    `user` (set when Quilt runs as root): the unprivileged uid:gid bubblewrap runs as, so no
+    sandbox is ever root on the host (inside, it is `nobody`); `stage` is where that user's
+    bubblewrap finds Quilt's folders (quilt/stage.py). `seccomp` is the filter every sandbox gets
+    (quilt/seccomp.py), `hidden` the host paths no sandbox may see even where the host view would
+    show them (the daemons' sockets and data folders, if they live under /usr, say).
+    """
 
     kind: str  # "bubblewrap" or "none"
     limits: LimitsMode
     bwrap: str | None = None
+    user: tuple[int, int] | None = None
+    stage: Stage | None = None
+    seccomp: Path | None = None
+    disable_userns: bool = False  # bubblewrap 0.8+: no user namespace inside, besides the filter
+    hidden: tuple[Path, ...] = ()
 
     @classmethod
     def detect(cls, kind: str, limits: LimitsMode) -> Sandbox:
@@ -113,15 +129,19 @@ class Sandbox:
         bwrap = shutil.which("bwrap")
         if bwrap is None:
             raise FileNotFoundError(BWRAP_INSTALL_HINT)
-        return cls("bubblewrap", limits, bwrap)
+        return cls("bubblewrap", limits, bwrap, disable_userns=_bwrap_version(bwrap) >= (0, 8))
+
+    def source(self, path: Path) -> str:
+        """A host path as bubblewrap finds it (on the stage, when it runs as the sandbox user)."""
+        return str(self.stage.path(path)) if self.stage is not None else str(path)
 
     def argv(
         self,
         command: Sequence[str],
         *,
         image: Image,
-        workspace: Path,
-        tmp: Path,
+        workspace: Path | None,
+        tmp: Path | None,
         workdir: str,
         env: Mapping[str, str],
         network: bool,
@@ -130,9 +150,12 @@ class Sandbox:
         memory_bytes: int,
         pids: int,
         ro_binds: Sequence[tuple[Path, str]] = (),
+        scratch_bytes: int = 0,
     ) -> list[str]:
         """The whole argv: wrapper, sandbox, command. `{info_fd}` stands for the descriptor on
-        which bubblewrap reports the sandbox's pid (quilt.process fills it in)."""
+        which bubblewrap reports the sandbox's pid, `{seccomp_fd}` for one of the filter's file
+        (quilt.process fills both in). `workspace`/`tmp` None: a tmpfs of `scratch_bytes` each,
+        the sandbox's own (a tool run's)."""
         wrap = ["/bin/sh", "-c", _WRAPPER, "quilt-spawn"]
         if cgroup is not None and cgroup.dirs:
             wrap += [f"cg={p}" for p in cgroup.procs_files]
@@ -143,6 +166,9 @@ class Sandbox:
             # No isolation at all: the command runs as the daemon's user, in the workspace.
             return [*wrap, "setpriv", "--pdeathsig", "KILL", "--", *command]
         assert self.bwrap is not None
+        if self.user is not None:  # root: bubblewrap (and all below it) as the sandbox user
+            uid, gid = self.user
+            wrap += ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--"]
         args = [
             self.bwrap,
             "--unshare-user",
@@ -158,13 +184,25 @@ class Sandbox:
             "--hostname",
             hostname,
         ]
+        if self.user is not None:
+            args += ["--uid", str(NOBODY), "--gid", str(NOBODY)]
+        if self.disable_userns:
+            args.append("--disable-userns")
         if not network:
             args.append("--unshare-net")
         args += ["--info-fd", "{info_fd}"]
-        args += _root_view(image, network)
-        args += ["--proc", "/proc", "--dev", "/dev", "--bind", str(tmp), "/tmp", "--bind", str(workspace), "/workspace"]
+        if self.seccomp is not None:
+            args += ["--seccomp", "{seccomp_fd}"]
+        args += _root_view(image, network, self)
+        args += ["--proc", "/proc", "--dev", "/dev"]
+        for place, folder in (("/tmp", tmp), ("/workspace", workspace)):
+            if folder is None:
+                args += ["--perms", "1777" if place == "/tmp" else "0755", "--size", str(scratch_bytes)]
+                args += ["--tmpfs", place]
+            else:
+                args += ["--bind", self.source(folder), place]
         for src, dst in ro_binds:
-            args += ["--ro-bind", str(src), dst]
+            args += ["--ro-bind", self.source(src), dst]
         args += ["--clearenv"]
         for key, value in env.items():
             args += ["--setenv", key, value]
@@ -172,9 +210,21 @@ class Sandbox:
         return [*wrap, *args]
 
 
-def _root_view(image: Image, network: bool) -> list[str]:
+NOBODY = 65534  # the uid and gid a sandbox has inside when Quilt runs as root
+
+
+def _bwrap_version(bwrap: str) -> tuple[int, ...]:
+    try:
+        out = subprocess.run([bwrap, "--version"], capture_output=True, text=True, timeout=10).stdout
+        return tuple(int(x) for x in out.split()[-1].split("."))
+    except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+        return (0,)
+
+
+def _root_view(image: Image, network: bool, sandbox: Sandbox) -> list[str]:
     """The image's top-level entries, read-only, on the sandbox's own (tmpfs) root: that root
-    stays writable for the mount points of /proc, /dev, /tmp and /workspace."""
+    stays writable for the mount points of /proc, /dev, /tmp and /workspace. In the host view,
+    a hidden path that lies in a bound folder is covered (an empty tmpfs, or /dev/null)."""
     args: list[str] = []
     if image.root is not None:
         for entry in sorted(image.root.iterdir()):
@@ -184,18 +234,25 @@ def _root_view(image: Image, network: bool) -> list[str]:
             if entry.is_symlink():
                 args += ["--symlink", os.readlink(entry), target]
             else:
-                args += ["--ro-bind", str(entry), target]
+                args += ["--ro-bind", sandbox.source(entry), target]
         return args
+    bound: list[Path] = []
     for top in HOST_TOP:
         path = Path("/") / top
         if path.is_symlink():
             args += ["--symlink", os.readlink(path), str(path)]
         elif path.is_dir():
             args += ["--ro-bind", str(path), str(path)]
+            bound.append(path)
     for name in HOST_ETC + (NETWORK_ETC if network else ()):
         path = Path("/etc") / name
         if path.exists():
             args += ["--ro-bind", str(path), str(path)]
+            bound.append(path)
+    for hidden in sandbox.hidden:
+        real = hidden.resolve()
+        if real.exists() and any(real == b or b in real.parents for b in bound):
+            args += ["--tmpfs", str(real)] if real.is_dir() else ["--ro-bind", "/dev/null", str(real)]
     return args
 
 

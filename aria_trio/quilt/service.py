@@ -41,7 +41,7 @@ def container_pb(c: Container) -> pb.Container:
             env=s.env,
             workdir=s.workdir,
             network=s.network,
-            limits=pb.Limits(memory_bytes=s.memory_bytes, pids=s.pids),
+            limits=pb.Limits(memory_bytes=s.memory_bytes, pids=s.pids, cpus=s.cpus, disk_bytes=s.disk_bytes),
             labels=s.labels,
         ),
         state=pb.ContainerState.Name(c.state),
@@ -131,6 +131,8 @@ class ContainersService(quilt_grpc.ContainersServicer):  # type: ignore[misc]
             network=s.network,
             memory_bytes=s.limits.memory_bytes,
             pids=s.limits.pids,
+            cpus=s.limits.cpus,
+            disk_bytes=s.limits.disk_bytes,
             labels=dict(s.labels),
         )
         if s.command and not s.command[0]:

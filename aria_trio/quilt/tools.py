@@ -8,8 +8,7 @@ timeout, or stdout that is not that document is a failed call, with the reason.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from .process import Captured, start_process
 from .sandbox import Sandbox, base_env
 
 RUNNERS = Path(__file__).resolve().parent / "runners"
+SCRATCH_BYTES = 64 * 1024 * 1024  # each of a tool run's /tmp and /workspace (tmpfs: counted as its memory)
 COMMANDS = {
     "python": ["python3", "/runner/python_runner.py"],
     "node": ["node", "/runner/node_runner.js"],
@@ -46,17 +46,19 @@ class ToolRunner:
         self,
         sandbox: Sandbox,
         bundles: BundleStore,
-        work_dir: Path,
         default_timeout: float,
         default_memory: int,
         pids: int,
+        cpus: float = 1.0,
+        scratch_bytes: int = SCRATCH_BYTES,
     ) -> None:
         self.sandbox = sandbox
         self.bundles = bundles
-        self.work_dir = work_dir
         self.default_timeout = default_timeout
         self.default_memory = default_memory
         self.pids = pids
+        self.cpus = cpus
+        self.scratch_bytes = scratch_bytes
 
     async def run(
         self, bundle_id: str, tool_name: str, arguments_json: str, timeout: float, memory: int, network: bool
@@ -76,21 +78,20 @@ class ToolRunner:
         files = await self.bundles.unpacked(bundle_id)
         timeout = timeout or self.default_timeout
         memory = memory or self.default_memory
-        scratch = Path(await trio.to_thread.run_sync(lambda: tempfile.mkdtemp(prefix="tool-", dir=self._mkdir())))
+        name = "tool-" + secrets.token_hex(6)
         cgroup = None
         try:
-            for sub in ("tmp", "workspace"):
-                await trio.to_thread.run_sync((scratch / sub).mkdir)
             if self.sandbox.limits.parents:
-                cgroup = Cgroup(self.sandbox.limits, scratch.name)
-                await trio.to_thread.run_sync(cgroup.create, memory, self.pids)
+                cgroup = Cgroup(self.sandbox.limits, name)
+                await trio.to_thread.run_sync(cgroup.create, memory, self.pids, self.cpus)
             command = [*COMMANDS[tool.runtime], f"/bundle/{tool.entry}", tool.name]
             argv = await trio.to_thread.run_sync(
                 lambda: self.sandbox.argv(
                     command,
                     image=HOST,
-                    workspace=scratch / "workspace",
-                    tmp=scratch / "tmp",
+                    workspace=None,  # /tmp and /workspace: the run's own tmpfs, gone with it
+                    tmp=None,
+                    scratch_bytes=self.scratch_bytes,
                     workdir="/bundle",
                     env=base_env({"NODE_PATH": "/bundle/node_modules"}),
                     network=network,
@@ -111,11 +112,6 @@ class ToolRunner:
                 if cgroup is not None:
                     await trio.to_thread.run_sync(cgroup.kill_all)
                     await trio.to_thread.run_sync(cgroup.remove)
-                await trio.to_thread.run_sync(lambda: shutil.rmtree(scratch, ignore_errors=True))
-
-    def _mkdir(self) -> str:
-        self.work_dir.mkdir(parents=True, exist_ok=True)
-        return str(self.work_dir)
 
     async def _call(
         self,
@@ -139,6 +135,7 @@ class ToolRunner:
                 env=env,
                 stdin=stdin,
                 captured=captured,
+                files={"{seccomp_fd}": self.sandbox.seccomp} if self.sandbox.seccomp is not None else {},
             )
             with trio.move_on_after(timeout) as scope:
                 await run.result()

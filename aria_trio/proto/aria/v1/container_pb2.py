@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from aria_trio.proto.aria.v1 import aria_pb2 as aria_dot_v1_dot_aria__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x61ria/v1/container.proto\x12\x07\x61ria.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x12\x61ria/v1/aria.proto\"\xc7\x01\n\tContainer\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x17\n\nsession_id\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x12\n\nimage_path\x18\x05 \x01(\t\x12#\n\x06status\x18\x06 \x01(\x0e\x32\x13.aria.v1.TaskStatus\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\r\n\x0b_session_id\"\xb3\x01\n\x16\x43reateContainerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nimage_path\x18\x02 \x01(\t\x12*\n\x0b\x65nvironment\x18\x03 \x03(\x0b\x32\x15.aria.v1.KeyValuePair\x12\x12\n\npersistent\x18\x04 \x01(\x08\x12\x17\n\nsession_id\x18\x05 \x01(\tH\x00\x88\x01\x01\x12\x0f\n\x07\x63ommand\x18\x06 \x03(\tB\r\n\x0b_session_id\"-\n\x15StartContainerRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\"\x18\n\x16StartContainerResponse\",\n\x14StopContainerRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\"\x17\n\x15StopContainerResponse\".\n\x16RemoveContainerRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\"\x19\n\x17RemoveContainerResponse\"+\n\x13GetContainerRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\"?\n\x15ListContainersRequest\x12\x17\n\nsession_id\x18\x01 \x01(\tH\x00\x88\x01\x01\x42\r\n\x0b_session_id\"@\n\x16ListContainersResponse\x12&\n\ncontainers\x18\x01 \x03(\x0b\x32\x12.aria.v1.Container\"|\n\x1aStreamContainerLogsRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\x12.\n\x05since\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampH\x00\x88\x01\x01\x42\x08\n\x06_since\"\xb3\x01\n\x0c\x43ontainerLog\x12\x0c\n\x04line\x18\x01 \x01(\t\x12,\n\x06stream\x18\x02 \x01(\x0e\x32\x1c.aria.v1.ContainerLog.Stream\x12-\n\ttimestamp\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"8\n\x06Stream\x12\x16\n\x12STREAM_UNSPECIFIED\x10\x00\x12\n\n\x06STDOUT\x10\x01\x12\n\n\x06STDERR\x10\x02\x32\xbd\x04\n\x10\x43ontainerService\x12\x46\n\x0f\x43reateContainer\x12\x1f.aria.v1.CreateContainerRequest\x1a\x12.aria.v1.Container\x12Q\n\x0eStartContainer\x12\x1e.aria.v1.StartContainerRequest\x1a\x1f.aria.v1.StartContainerResponse\x12N\n\rStopContainer\x12\x1d.aria.v1.StopContainerRequest\x1a\x1e.aria.v1.StopContainerResponse\x12T\n\x0fRemoveContainer\x12\x1f.aria.v1.RemoveContainerRequest\x1a .aria.v1.RemoveContainerResponse\x12@\n\x0cGetContainer\x12\x1c.aria.v1.GetContainerRequest\x1a\x12.aria.v1.Container\x12Q\n\x0eListContainers\x12\x1e.aria.v1.ListContainersRequest\x1a\x1f.aria.v1.ListContainersResponse\x12S\n\x13StreamContainerLogs\x12#.aria.v1.StreamContainerLogsRequest\x1a\x15.aria.v1.ContainerLog0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x61ria/v1/container.proto\x12\x07\x61ria.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x12\x61ria/v1/aria.proto\"\xc7\x01\n\tContainer\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x17\n\nsession_id\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x12\n\nimage_path\x18\x05 \x01(\t\x12#\n\x06status\x18\x06 \x01(\x0e\x32\x13.aria.v1.TaskStatus\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\r\n\x0b_session_id\"\xdd\x01\n\x16\x43reateContainerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nimage_path\x18\x02 \x01(\t\x12*\n\x0b\x65nvironment\x18\x03 \x03(\x0b\x32\x15.aria.v1.KeyValuePair\x12\x12\n\npersistent\x18\x04 \x01(\x08\x12\x17\n\nsession_id\x18\x05 \x01(\tH\x00\x88\x01\x01\x12\x0f\n\x07\x63ommand\x18\x06 \x03(\t\x12(\n\x06limits\x18\x07 \x01(\x0b\x32\x18.aria.v1.ContainerLimitsB\r\n\x0b_session_id\"W\n\x0f\x43ontainerLimits\x12\x14\n\x0cmemory_bytes\x18\x01 \x01(\x04\x12\x0c\n\x04\x63pus\x18\x02 \x01(\x01\x12\x0c\n\x04pids\x18\x03 \x01(\r\x12\x12\n\ndisk_bytes\x18\x04 \x01(\x04\"-\n\x15StartContainerRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\"\x18\n\x16StartContainerResponse\",\n\x14StopContainerRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\"\x17\n\x15StopContainerResponse\".\n\x16RemoveContainerRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\"\x19\n\x17RemoveContainerResponse\"+\n\x13GetContainerRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\"?\n\x15ListContainersRequest\x12\x17\n\nsession_id\x18\x01 \x01(\tH\x00\x88\x01\x01\x42\r\n\x0b_session_id\"@\n\x16ListContainersResponse\x12&\n\ncontainers\x18\x01 \x03(\x0b\x32\x12.aria.v1.Container\"|\n\x1aStreamContainerLogsRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\x12.\n\x05since\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampH\x00\x88\x01\x01\x42\x08\n\x06_since\"\xb3\x01\n\x0c\x43ontainerLog\x12\x0c\n\x04line\x18\x01 \x01(\t\x12,\n\x06stream\x18\x02 \x01(\x0e\x32\x1c.aria.v1.ContainerLog.Stream\x12-\n\ttimestamp\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"8\n\x06Stream\x12\x16\n\x12STREAM_UNSPECIFIED\x10\x00\x12\n\n\x06STDOUT\x10\x01\x12\n\n\x06STDERR\x10\x02\x32\xbd\x04\n\x10\x43ontainerService\x12\x46\n\x0f\x43reateContainer\x12\x1f.aria.v1.CreateContainerRequest\x1a\x12.aria.v1.Container\x12Q\n\x0eStartContainer\x12\x1e.aria.v1.StartContainerRequest\x1a\x1f.aria.v1.StartContainerResponse\x12N\n\rStopContainer\x12\x1d.aria.v1.StopContainerRequest\x1a\x1e.aria.v1.StopContainerResponse\x12T\n\x0fRemoveContainer\x12\x1f.aria.v1.RemoveContainerRequest\x1a .aria.v1.RemoveContainerResponse\x12@\n\x0cGetContainer\x12\x1c.aria.v1.GetContainerRequest\x1a\x12.aria.v1.Container\x12Q\n\x0eListContainers\x12\x1e.aria.v1.ListContainersRequest\x1a\x1f.aria.v1.ListContainersResponse\x12S\n\x13StreamContainerLogs\x12#.aria.v1.StreamContainerLogsRequest\x1a\x15.aria.v1.ContainerLog0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,31 +37,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CONTAINER']._serialized_start=90
   _globals['_CONTAINER']._serialized_end=289
   _globals['_CREATECONTAINERREQUEST']._serialized_start=292
-  _globals['_CREATECONTAINERREQUEST']._serialized_end=471
-  _globals['_STARTCONTAINERREQUEST']._serialized_start=473
-  _globals['_STARTCONTAINERREQUEST']._serialized_end=518
-  _globals['_STARTCONTAINERRESPONSE']._serialized_start=520
-  _globals['_STARTCONTAINERRESPONSE']._serialized_end=544
-  _globals['_STOPCONTAINERREQUEST']._serialized_start=546
-  _globals['_STOPCONTAINERREQUEST']._serialized_end=590
-  _globals['_STOPCONTAINERRESPONSE']._serialized_start=592
-  _globals['_STOPCONTAINERRESPONSE']._serialized_end=615
-  _globals['_REMOVECONTAINERREQUEST']._serialized_start=617
-  _globals['_REMOVECONTAINERREQUEST']._serialized_end=663
-  _globals['_REMOVECONTAINERRESPONSE']._serialized_start=665
-  _globals['_REMOVECONTAINERRESPONSE']._serialized_end=690
-  _globals['_GETCONTAINERREQUEST']._serialized_start=692
-  _globals['_GETCONTAINERREQUEST']._serialized_end=735
-  _globals['_LISTCONTAINERSREQUEST']._serialized_start=737
-  _globals['_LISTCONTAINERSREQUEST']._serialized_end=800
-  _globals['_LISTCONTAINERSRESPONSE']._serialized_start=802
-  _globals['_LISTCONTAINERSRESPONSE']._serialized_end=866
-  _globals['_STREAMCONTAINERLOGSREQUEST']._serialized_start=868
-  _globals['_STREAMCONTAINERLOGSREQUEST']._serialized_end=992
-  _globals['_CONTAINERLOG']._serialized_start=995
-  _globals['_CONTAINERLOG']._serialized_end=1174
-  _globals['_CONTAINERLOG_STREAM']._serialized_start=1118
-  _globals['_CONTAINERLOG_STREAM']._serialized_end=1174
-  _globals['_CONTAINERSERVICE']._serialized_start=1177
-  _globals['_CONTAINERSERVICE']._serialized_end=1750
+  _globals['_CREATECONTAINERREQUEST']._serialized_end=513
+  _globals['_CONTAINERLIMITS']._serialized_start=515
+  _globals['_CONTAINERLIMITS']._serialized_end=602
+  _globals['_STARTCONTAINERREQUEST']._serialized_start=604
+  _globals['_STARTCONTAINERREQUEST']._serialized_end=649
+  _globals['_STARTCONTAINERRESPONSE']._serialized_start=651
+  _globals['_STARTCONTAINERRESPONSE']._serialized_end=675
+  _globals['_STOPCONTAINERREQUEST']._serialized_start=677
+  _globals['_STOPCONTAINERREQUEST']._serialized_end=721
+  _globals['_STOPCONTAINERRESPONSE']._serialized_start=723
+  _globals['_STOPCONTAINERRESPONSE']._serialized_end=746
+  _globals['_REMOVECONTAINERREQUEST']._serialized_start=748
+  _globals['_REMOVECONTAINERREQUEST']._serialized_end=794
+  _globals['_REMOVECONTAINERRESPONSE']._serialized_start=796
+  _globals['_REMOVECONTAINERRESPONSE']._serialized_end=821
+  _globals['_GETCONTAINERREQUEST']._serialized_start=823
+  _globals['_GETCONTAINERREQUEST']._serialized_end=866
+  _globals['_LISTCONTAINERSREQUEST']._serialized_start=868
+  _globals['_LISTCONTAINERSREQUEST']._serialized_end=931
+  _globals['_LISTCONTAINERSRESPONSE']._serialized_start=933
+  _globals['_LISTCONTAINERSRESPONSE']._serialized_end=997
+  _globals['_STREAMCONTAINERLOGSREQUEST']._serialized_start=999
+  _globals['_STREAMCONTAINERLOGSREQUEST']._serialized_end=1123
+  _globals['_CONTAINERLOG']._serialized_start=1126
+  _globals['_CONTAINERLOG']._serialized_end=1305
+  _globals['_CONTAINERLOG_STREAM']._serialized_start=1249
+  _globals['_CONTAINERLOG_STREAM']._serialized_end=1305
+  _globals['_CONTAINERSERVICE']._serialized_start=1308
+  _globals['_CONTAINERSERVICE']._serialized_end=1881
 # @@protoc_insertion_point(module_scope)

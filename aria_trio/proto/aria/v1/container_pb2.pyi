@@ -31,20 +31,34 @@ class Container(_message.Message):
     def __init__(self, id: _Optional[str] = ..., user_id: _Optional[str] = ..., session_id: _Optional[str] = ..., name: _Optional[str] = ..., image_path: _Optional[str] = ..., status: _Optional[_Union[_aria_pb2.TaskStatus, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class CreateContainerRequest(_message.Message):
-    __slots__ = ("name", "image_path", "environment", "persistent", "session_id", "command")
+    __slots__ = ("name", "image_path", "environment", "persistent", "session_id", "command", "limits")
     NAME_FIELD_NUMBER: _ClassVar[int]
     IMAGE_PATH_FIELD_NUMBER: _ClassVar[int]
     ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
     PERSISTENT_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     COMMAND_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
     name: str
     image_path: str
     environment: _containers.RepeatedCompositeFieldContainer[_aria_pb2.KeyValuePair]
     persistent: bool
     session_id: str
     command: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., image_path: _Optional[str] = ..., environment: _Optional[_Iterable[_Union[_aria_pb2.KeyValuePair, _Mapping]]] = ..., persistent: _Optional[bool] = ..., session_id: _Optional[str] = ..., command: _Optional[_Iterable[str]] = ...) -> None: ...
+    limits: ContainerLimits
+    def __init__(self, name: _Optional[str] = ..., image_path: _Optional[str] = ..., environment: _Optional[_Iterable[_Union[_aria_pb2.KeyValuePair, _Mapping]]] = ..., persistent: _Optional[bool] = ..., session_id: _Optional[str] = ..., command: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[ContainerLimits, _Mapping]] = ...) -> None: ...
+
+class ContainerLimits(_message.Message):
+    __slots__ = ("memory_bytes", "cpus", "pids", "disk_bytes")
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CPUS_FIELD_NUMBER: _ClassVar[int]
+    PIDS_FIELD_NUMBER: _ClassVar[int]
+    DISK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    memory_bytes: int
+    cpus: float
+    pids: int
+    disk_bytes: int
+    def __init__(self, memory_bytes: _Optional[int] = ..., cpus: _Optional[float] = ..., pids: _Optional[int] = ..., disk_bytes: _Optional[int] = ...) -> None: ...
 
 class StartContainerRequest(_message.Message):
     __slots__ = ("container_id",)

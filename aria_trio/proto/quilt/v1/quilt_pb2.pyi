@@ -55,12 +55,16 @@ TASK_CANCELLED: TaskState
 TASK_TIMEOUT: TaskState
 
 class Limits(_message.Message):
-    __slots__ = ("memory_bytes", "pids")
+    __slots__ = ("memory_bytes", "pids", "cpus", "disk_bytes")
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     PIDS_FIELD_NUMBER: _ClassVar[int]
+    CPUS_FIELD_NUMBER: _ClassVar[int]
+    DISK_BYTES_FIELD_NUMBER: _ClassVar[int]
     memory_bytes: int
     pids: int
-    def __init__(self, memory_bytes: _Optional[int] = ..., pids: _Optional[int] = ...) -> None: ...
+    cpus: float
+    disk_bytes: int
+    def __init__(self, memory_bytes: _Optional[int] = ..., pids: _Optional[int] = ..., cpus: _Optional[float] = ..., disk_bytes: _Optional[int] = ...) -> None: ...
 
 class ContainerSpec(_message.Message):
     __slots__ = ("name", "image", "command", "env", "workdir", "network", "limits", "labels")
