@@ -21,7 +21,7 @@ from . import limits, seccomp, stage
 from .bundles import BundleStore
 from .disks import Disks
 from .engine import Engine, Settings
-from .images import Images
+from .images import DEFAULT_MAX_CACHE_BYTES, DEFAULT_MAX_IMAGE_BYTES, Images
 from .sandbox import Sandbox
 from .service import BundlesService, ContainersService, SystemService, TasksService
 from .stage import Stage
@@ -107,7 +107,12 @@ async def _run(settings: dict[str, Any], store: Store, sandbox: Sandbox, disks: 
     engine = Engine(
         store,
         sandbox,
-        Images(data_dir / "images"),
+        Images(  # to be wired to --images-dir and its limits
+            settings.get("images_dir"),
+            data_dir / "images",
+            max_image_bytes=settings.get("max_image_bytes") or DEFAULT_MAX_IMAGE_BYTES,
+            max_cache_bytes=settings.get("max_cache_bytes") or DEFAULT_MAX_CACHE_BYTES,
+        ),
         Settings(
             data_dir=data_dir,
             max_output_bytes=settings["max_output_bytes"],

@@ -68,25 +68,70 @@ exec "$@"
 
 @dataclass(frozen=True)
 class Image:
-    """What a sandbox's root shows: the host view, or a rootfs folder."""
+    """What a sandbox's root shows: the host view, or a rootfs folder.
+
+    `name` is what clients see ("host", or the image's name in the operator's images folder,
+    such as "alpine"); `root` is a host path, for the sandbox's mounts only: never put it in a
+    message."""
 
     root: Path | None  # None: the host view
+    name: str = "host"
 
-    @property
-    def name(self) -> str:
-        return "host" if self.root is None else str(self.root)
+    def __post_init__(self) -> None:
+        if self.root is not None and self.name == "host":
+            raise ValueError("a rootfs image needs a name of its own")
 
     def find(self, program: str, path: str = DEFAULT_PATH) -> bool:
         """Is `program` there (an absolute path, or a name found on PATH) inside the image?"""
-        base = Path("/") if self.root is None else self.root
         candidates = [program] if "/" in program else [f"{d}/{program}" for d in path.split(":") if d]
         for c in candidates:
-            target = base / c.lstrip("/")
-            if self.root is None and not any(c.startswith(f"/{top}/") for top in HOST_TOP):
-                continue  # outside the host view
-            if _exists_in(base, target):
+            if self.root is None:
+                if any(c.startswith(f"/{top}/") for top in HOST_TOP) and _exists_in(Path("/"), Path(c)):
+                    return True  # the host's own paths, as the sandbox sees them
+            elif self._executable_in(self.root, c):
                 return True
         return False
+
+    @staticmethod
+    def _executable_in(root: Path, path: str) -> bool:
+        """Is `path` an executable file in the rootfs `root`, its symlinks resolved as the
+        sandbox would (absolute ones from `root`, `..` stopping at it)? No symlink is followed on
+        the host: each component is looked at with lstat, under components already found to be
+        real folders, so a link in the image (`usr -> /`) cannot make this look at the host."""
+        import stat  # here, not at the top: only this class of the module is this change's
+        from collections import deque
+
+        here: list[str] = []
+        todo = deque(path.split("/") if path.startswith("/") else ["", *path.split("/")])
+        hops = 0
+        try:
+            st = os.lstat(root)
+            while todo:
+                name = todo.popleft()
+                if name in ("", "."):
+                    continue
+                if not stat.S_ISDIR(st.st_mode):
+                    return False  # a component after a file: ENOTDIR
+                if name == "..":
+                    if here:
+                        here.pop()
+                        st = os.lstat(root.joinpath(*here))
+                    continue
+                st = os.lstat(root.joinpath(*here, name))
+                if stat.S_ISLNK(st.st_mode):
+                    hops += 1
+                    if hops > 40:
+                        return False  # ELOOP
+                    link = os.readlink(root.joinpath(*here, name))
+                    if link.startswith("/"):
+                        here = []
+                    st = os.lstat(root.joinpath(*here))
+                    todo.extendleft(reversed(link.split("/")))
+                    continue
+                here.append(name)
+            return stat.S_ISREG(st.st_mode) and os.access(root.joinpath(*here), os.X_OK)
+        except (OSError, ValueError):  # not there (ENOENT), or a NUL in the name
+            return False
 
 
 def _exists_in(root: Path, target: Path) -> bool:
