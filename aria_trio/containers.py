@@ -21,10 +21,11 @@ from .proto.aria.v1 import aria_pb2
 from .proto.aria.v1 import notification_pb2 as npb
 from .proto.quilt.v1 import quilt_pb2 as q
 from .quilt_link import QuiltLink
+from .quotas import Quotas, exceeded
 from .rpc import RpcError
 from .store import Store
 from .store import containers as table
-from .store.db import now_us
+from .store.db import background, now_us
 
 log = structlog.get_logger("aria.containers")
 
@@ -47,10 +48,13 @@ def status_of(c: q.Container) -> int:
 
 
 class Containers:
-    def __init__(self, store: Store, quilt: QuiltLink, notifications: Notifications) -> None:
+    def __init__(
+        self, store: Store, quilt: QuiltLink, notifications: Notifications, quotas: Quotas | None = None
+    ) -> None:
         self.store = store
         self.quilt = quilt
         self.notifications = notifications
+        self.quotas = quotas
         self._locks: dict[str, trio.Lock] = {}
         self._nursery: trio.Nursery | None = None
 
@@ -86,6 +90,7 @@ class Containers:
         persistent: bool,
         session_id: str | None,
         command: list[str],
+        limits: q.Limits | None = None,
     ) -> dict[str, Any]:
         if len(name) > MAX_NAME:
             raise errors.InvalidArgument(f"name is longer than {MAX_NAME} characters", fields={"name": "too long"})
@@ -94,6 +99,7 @@ class Containers:
             image=image_path or "host",
             command=command,
             env=environment,
+            limits=limits,
             labels={"aria.user": user, "aria.persistent": str(persistent).lower(), "aria.session": session_id or ""},
         )
         created = await self.quilt.unary(QC + "CreateContainer", q.CreateContainerRequest(spec=spec), q.Container)
@@ -118,7 +124,11 @@ class Containers:
 
     async def start(self, user: str, container_id: str) -> dict[str, Any]:
         row = await self.owned(user, container_id)
-        async with self._lock(container_id):
+        async with self._lock(container_id), self._lock(f"user:{user}"):
+            if self.quotas is not None and row["status"] != RUNNING:
+                limit = self.quotas.running_containers
+                if await self.store.run(table.running_count, user) >= limit:
+                    raise exceeded("max_running_containers", limit, "containers running")
             # Once Quilt is asked, the start is recorded and watched whatever becomes of the
             # caller (a client that gave up in between left a running container nobody watched).
             # A start is local work: START_TIMEOUT bounds the wait this shield can cause.
@@ -235,7 +245,21 @@ class Containers:
         )
 
     async def _watch(self, row: dict[str, Any]) -> None:
-        """Wait in Quilt for the end of a running container; record how it ended."""
+        """Wait in Quilt for the end of a running container; record how it ended. An unexpected
+        error is logged and the container recorded FAILED: nothing here reaches the nursery."""
+        background()  # a full disk makes its writes wait for space, not fail (store/db.py)
+        try:
+            await self._wait_for_end(row)
+        except Exception as exc:
+            log.exception("container watcher failed", container=row["id"], user=row["user_id"])
+            why = exc.message if isinstance(exc, errors.AriaError) else "the runtime lost track of it (see its log)"
+            try:
+                async with self._lock(row["id"]):
+                    await self._record(row, q.Container(state=q.CONTAINER_FAILED, message=why))
+            except Exception:
+                log.exception("could not record a container's failure", container=row["id"])
+
+    async def _wait_for_end(self, row: dict[str, Any]) -> None:
         quilt_id = row["quilt_container_id"]
         while row["status"] == RUNNING:
             try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from .notifications import Notifications
 from .pagination import PageTokens, load_key
 from .preferences import Preferences
 from .quilt_link import QuiltLink, quilt_command
+from .quotas import Quotas
 from .registry import Registry
 from .rpc import Health, Server, add_reflection
 from .rpc.health import DESCRIPTOR as HEALTH
@@ -35,7 +37,7 @@ from .services.user_preference import UserPreferenceService
 from .sessions import Sessions
 from .store import Store
 from .tap import Tap
-from .tasks import Tasks
+from .tasks import Tasks, TaskTimeouts
 from .tool_calls import ToolCalls
 from .turns import Turns
 from .uploads import Uploads
@@ -58,6 +60,11 @@ async def serve(settings: dict[str, Any]) -> None:
                 await store.close()  # last: nothing else uses it by now
     finally:
         os.close(lock_fd)
+
+
+async def _stopping(store: Store, grace: float) -> None:
+    store.stopping = True  # background writes waiting for disk space give up (they would hold us)
+    await trio.lowlevel.checkpoint()
 
 
 def quilt_link(settings: dict[str, Any], health: Health) -> QuiltLink:
@@ -92,12 +99,14 @@ async def _serve(settings: dict[str, Any], store: Store, model: ChatModel) -> No
     keys = ApiKeys(store)
     audit = Audit(store)
     metrics = Metrics()
+    quotas = Quotas(settings)
     server = Server(
         max_message_length=settings["max_message_bytes"],
         max_concurrent_streams=settings["max_concurrent_streams"],
         max_connections=settings["max_connections"],
         authenticate=PeerIdentity(keys.verify),
         metrics=metrics.rpc,
+        admission=quotas,
     )
     health = Health()
     server.add_service(HEALTH, health, authenticated=False)
@@ -106,11 +115,24 @@ async def _serve(settings: dict[str, Any], store: Store, model: ChatModel) -> No
     tokens = PageTokens(await trio.to_thread.run_sync(load_key, settings["data_dir"] / PAGE_TOKEN_KEY))
     registry = Registry(store)
     sessions = Sessions(store, registry, tokens)
-    containers = Containers(store, quilt, notifications)
-    tasks = Tasks(store, quilt, notifications, tokens)
+    containers = Containers(store, quilt, notifications, quotas)
+    tasks = Tasks(
+        store,
+        quilt,
+        notifications,
+        tokens,
+        quotas,
+        TaskTimeouts(settings["task_timeout"], settings["max_task_timeout"]),
+    )
     preferences = Preferences(store)
     turns = Turns(
-        store, sessions, registry, preferences, ToolCalls(store, quilt, tasks, settings["tool_timeout"]), model
+        store,
+        sessions,
+        registry,
+        preferences,
+        ToolCalls(store, quilt, tasks, settings["tool_timeout"]),
+        model,
+        quotas=quotas,
     )
     names = register(
         server,
@@ -141,6 +163,7 @@ async def _serve(settings: dict[str, Any], store: Store, model: ChatModel) -> No
         str(settings["socket"]),
         settings["grace"],
         background=background,
+        on_stop=functools.partial(_stopping, store),
         socket_mode=settings["socket_mode"],
         socket_group=settings["socket_group"],
         database=str(store.path),

@@ -80,3 +80,29 @@ def single(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
     return exc
+
+
+DISK_FULL_ERRNOS = (28, 122)  # ENOSPC, EDQUOT
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """A write that failed for want of space: an OSError ENOSPC/EDQUOT, or SQLite's SQLITE_FULL
+    (or an I/O error of SQLite's whose cause was such an OSError)."""
+    if isinstance(exc, OSError):
+        return exc.errno in DISK_FULL_ERRNOS
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF == 13 or (code & 0xFF == 10 and _disk_full_cause(exc))  # SQLITE_FULL, SQLITE_IOERR
+    return False
+
+
+def _disk_full_cause(exc: BaseException) -> bool:
+    cause = exc.__cause__ or exc.__context__
+    return isinstance(cause, OSError) and cause.errno in DISK_FULL_ERRNOS
+
+
+def disk_full() -> ResourceExhausted:
+    return ResourceExhausted(
+        "disk full: the daemon cannot write its data; nothing was changed (free some space and try again)",
+        reason="DISK_FULL",
+    )

@@ -28,10 +28,11 @@ from .proto.aria.v1 import aria_pb2
 from .proto.aria.v1 import notification_pb2 as npb
 from .proto.quilt.v1 import quilt_pb2 as q
 from .quilt_link import QuiltLink
+from .quotas import Quotas, exceeded
 from .rpc import RpcError
 from .store import Store
 from .store import tasks as table
-from .store.db import now_us
+from .store.db import background, now_us
 
 log = structlog.get_logger("aria.tasks")
 
@@ -70,6 +71,12 @@ def parse_command(command_json: str) -> list[str]:
     if len(argv) > MAX_ARGV:
         raise errors.InvalidArgument(f"command_json has more than {MAX_ARGV} arguments", fields=bad)
     return argv
+
+
+@dataclass(frozen=True)
+class TaskTimeouts:
+    default: int = 3600  # a task that asks for none (0) gets this: never "no limit"
+    most: int = 7 * 24 * 3600
 
 
 @dataclass
@@ -114,11 +121,22 @@ class _Running:
 
 
 class Tasks:
-    def __init__(self, store: Store, quilt: QuiltLink, notifications: Notifications, tokens: PageTokens) -> None:
+    def __init__(
+        self,
+        store: Store,
+        quilt: QuiltLink,
+        notifications: Notifications,
+        tokens: PageTokens,
+        quotas: Quotas | None = None,
+        timeouts: TaskTimeouts = TaskTimeouts(),
+    ) -> None:
         self.store = store
         self.quilt = quilt
         self.notifications = notifications
         self.tokens = tokens
+        self.quotas = quotas
+        self.timeouts = timeouts
+        self._launching: dict[str, int] = {}  # launches under way per user (for the quota)
         self.running: dict[str, _Running] = {}
         self._nursery: trio.Nursery | None = None
 
@@ -145,8 +163,24 @@ class Tasks:
                 f'unknown task type {launch.type!r}: use "container:run" or "container:exec:<container id>"',
                 fields={"type": "unknown"},
             )
-        if launch.timeout_seconds < 0:
-            raise errors.InvalidArgument("timeout_seconds must not be negative", fields={"timeout_seconds": "negative"})
+        if not 0 <= launch.timeout_seconds <= self.timeouts.most:
+            raise errors.InvalidArgument(
+                f"timeout_seconds must be between 0 (the default, {self.timeouts.default} s) and {self.timeouts.most}",
+                fields={"timeout_seconds": "out of range"},
+            )
+        if self.quotas is not None:  # (launches still on their way count too: no await before the +1)
+            mine = sum(1 for r in self.running.values() if r.row["user_id"] == user) + self._launching.get(user, 0)
+            if mine >= self.quotas.running_tasks:
+                raise exceeded("max_running_tasks", self.quotas.running_tasks, "tasks pending or running")
+        self._launching[user] = self._launching.get(user, 0) + 1
+        try:
+            return await self._launch(user, launch, kind, target)
+        finally:
+            self._launching[user] -= 1
+            if not self._launching[user]:
+                del self._launching[user]
+
+    async def _launch(self, user: str, launch: Launch, kind: str, target: str) -> str:
         if launch.parent_task_id and await self.store.run(table.get, user, launch.parent_task_id) is None:
             raise errors.NotFound(f"no task {launch.parent_task_id!r}", fields={"parent_task_id": "not found"})
         row = {
@@ -158,7 +192,7 @@ class Tasks:
             "type": kind,
             "command_json": json.dumps(launch.command),
             "environment_json": json.dumps(launch.environment, sort_keys=True),
-            "timeout_seconds": launch.timeout_seconds,
+            "timeout_seconds": launch.timeout_seconds or self.timeouts.default,
             "status": PENDING,
             "created_at": now_us(),
             "progress_percent": 0.0,
@@ -229,6 +263,7 @@ class Tasks:
     # -- watching ---------------------------------------------------------------------------------
 
     async def _watcher(self, running: _Running, resume: bool) -> None:
+        background()  # a full disk makes its writes wait for space, not fail (store/db.py)
         row = running.row
         try:
             running.seq = await self.store.run(table.last_output_seq, row["id"])
@@ -247,13 +282,21 @@ class Tasks:
                     await self.quilt.reconnected()
                     resume = True
         except errors.AriaError as exc:
-            await self._finish(running, FAILED, exc.message)
+            await self._finish_anyway(running, exc.message)
         except Exception:
-            log.exception("task watcher failed", task=row["id"])
-            await self._finish(running, FAILED, "the runtime lost track of this task (see its log)")
+            log.exception("task watcher failed", task=row["id"], user=row["user_id"])
+            await self._finish_anyway(running, "the runtime lost track of this task (see its log)")
         finally:
             self.running.pop(row["id"], None)
             running.notify()
+
+    async def _finish_anyway(self, running: _Running, message: str) -> None:
+        """Record the task FAILED; if even that fails, say so in the log and go on (the task is
+        picked up again at the next start): nothing here may reach the runtime's nursery."""
+        try:
+            await self._finish(running, FAILED, message)
+        except Exception:
+            log.exception("could not record a task's failure", task=running.row["id"])
 
     async def _watch_run(self, running: _Running, resume: bool) -> None:
         row = running.row

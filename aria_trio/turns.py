@@ -12,6 +12,7 @@ how to configure a model.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -26,6 +27,7 @@ from . import errors
 from .llm import ChatModel, LLMConfig, resolve_config
 from .llm import ToolCall as ModelToolCall
 from .preferences import Preferences
+from .quotas import Quotas
 from .registry import AgentInfo, Registry, ToolInfo
 from .sessions import Sessions
 from .store import Store
@@ -38,6 +40,7 @@ log = structlog.get_logger("aria.turns")
 SYSTEM, USER, ASSISTANT, TOOL = 1, 2, 3, 4  # aria.v1.MessageRole
 MAX_INPUT = 1024 * 1024  # bytes of input per turn
 DEFAULT_MAX_ITERATIONS = 8
+DEFAULT_AT_ONCE, DEFAULT_PER_REPLY = 8, 32  # (the settings tool_calls_at_once, max_tool_calls_per_reply)
 HISTORY = 200  # newest messages sent to the model; older ones stay in the store only
 NO_MODEL = (
     "no model is configured: set one with `aria prefs set llm.model NAME` and `aria prefs set llm.base_url URL` "
@@ -65,6 +68,8 @@ class Turns:
         tool_calls: ToolCalls,
         model: ChatModel,
         env: Mapping[str, str] | None = None,
+        *,
+        quotas: Quotas | None = None,
     ) -> None:
         self.store = store
         self.sessions = sessions
@@ -74,6 +79,9 @@ class Turns:
         self.model = model
         self.env = os.environ if env is None else env
         self._busy: set[str] = set()  # sessions with a turn running
+        self.quotas = quotas
+        self.at_once = quotas.tool_calls_at_once if quotas is not None else DEFAULT_AT_ONCE
+        self.per_reply = quotas.tool_calls_per_reply if quotas is not None else DEFAULT_PER_REPLY
 
     async def execute(self, user: str, session_id: str, text: str) -> AsyncIterator[TurnEvent]:
         """Run one turn; its events as they happen. Every check that can refuse the turn happens
@@ -96,17 +104,19 @@ class Turns:
             raise errors.FailedPrecondition(
                 f"session {session_id} is already running a turn; wait for it to end", reason="TURN_RUNNING"
             )
-        self._busy.add(session_id)
-        try:
-            turn = _Turn(self, user, session_id, agent, tools)
-            if config is None:
-                async for event in turn.direct(text):
-                    yield event
-            else:
-                async for event in turn.with_model(config, text):
-                    yield event
-        finally:
-            self._busy.discard(session_id)
+        held = self.quotas.turns.hold(user) if self.quotas is not None else contextlib.nullcontext()
+        with held:
+            self._busy.add(session_id)
+            try:
+                turn = _Turn(self, user, session_id, agent, tools)
+                if config is None:
+                    async for event in turn.direct(text):
+                        yield event
+                else:
+                    async for event in turn.with_model(config, text):
+                        yield event
+            finally:
+                self._busy.discard(session_id)
 
 
 class _Turn:
@@ -164,15 +174,28 @@ class _Turn:
         )
 
     async def _run_all(self, message_id: str, calls: list[Call]) -> list[Outcome]:
-        """The calls of one reply, concurrently; their outcomes in the calls' order."""
+        """The calls of one reply, concurrently, at most `tool_calls_at_once` at a time (the rest
+        wait their turn); past `max_tool_calls_per_reply`, a call does not run: its result says
+        why. Their outcomes in the calls' order."""
         outcomes: list[Outcome | None] = [None] * len(calls)
+        slots = trio.Semaphore(self.turns.at_once)
+        per_reply = self.turns.per_reply
 
         async def one(i: int, call: Call) -> None:
-            outcomes[i] = await self.turns.tool_calls.run(self.user, self.session_id, message_id, self.tools, call)
+            async with slots:
+                outcomes[i] = await self.turns.tool_calls.run(self.user, self.session_id, message_id, self.tools, call)
 
         async with trio.open_nursery() as nursery:
             for i, call in enumerate(calls):
-                nursery.start_soon(one, i, call)
+                if i < per_reply:
+                    nursery.start_soon(one, i, call)
+                else:
+                    outcomes[i] = Outcome(
+                        False,
+                        "null",
+                        f"not run: the reply asked for {len(calls)} tool calls, and at most {per_reply} run per "
+                        "reply (the runtime's max_tool_calls_per_reply setting); ask for fewer at a time",
+                    )
         return [o for o in outcomes if o is not None]
 
     async def _tool_message(self, call: Call, outcome: Outcome) -> dict[str, Any]:

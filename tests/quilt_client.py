@@ -7,6 +7,8 @@ import time
 from typing import Any
 
 import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from aria_trio.proto.quilt.v1 import quilt_pb2 as pb
 
@@ -86,6 +88,16 @@ def error_of(fn: Any, *args: Any, **kwargs: Any) -> grpc.RpcError:
     except grpc.RpcError as err:
         return err
     raise AssertionError("the call did not fail")
+
+
+def error_reason(err: grpc.RpcError) -> str | None:
+    """The ErrorInfo reason of a failed call, if it has one."""
+    status = rpc_status.from_call(err)
+    for detail in status.details if status else ():
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return info.reason
+    return None
 
 
 def alive(pid: int) -> bool:

@@ -13,7 +13,8 @@ import pytest
 
 from aria_trio.proto.quilt.v1 import quilt_pb2 as pb
 
-from quilt_client import QuiltClient, error_of
+from conftest import start_quilt
+from quilt_client import QuiltClient, error_of, error_reason
 
 
 @pytest.fixture
@@ -148,21 +149,37 @@ def rootfs(tmp_path):
     return root
 
 
-def test_rootfs_folder_and_tar_images(q, rootfs, tmp_path):
-    for image in (rootfs, _tar(rootfs, tmp_path / "rootfs.tar.gz")):
+@pytest.fixture
+def images(rootfs, tmp_path, sock_dir):
+    """A Quilt with an images folder: `mini` (the rootfs folder) and `mini-tar.tar.gz` of it."""
+    folder = tmp_path / "images"
+    folder.mkdir(mode=0o755)
+    folder.chmod(0o755)  # (the sandbox user reads it)
+    shutil.copytree(rootfs, folder / "mini", symlinks=True)
+    _tar(rootfs, folder / "mini-tar.tar.gz")
+    quilt = start_quilt(sock_dir, "--images-dir", str(folder))
+    with quilt.channel() as ch:
+        yield QuiltClient(ch), quilt
+    quilt.stop()
+
+
+def test_rootfs_folder_and_tar_images(images):
+    q, _ = images
+    for image in ("mini", "mini-tar", "mini-tar.tar.gz"):
         end, out = run_sh(
-            q, "read line < /etc/marker; echo $line; test -e /usr/bin/python3 || echo no python", image=str(image)
+            q, "read line < /etc/marker; echo $line; test -e /usr/bin/python3 || echo no python", image=image
         )
         assert end.exit_code == 0, end.message
         assert out == ["from the rootfs", "no python"]
 
 
-def test_tar_images_are_unpacked_once(q, quilt, rootfs, tmp_path):
-    archive = _tar(rootfs, tmp_path / "once.tar")
+def test_tar_images_are_unpacked_once(images):
+    q, quilt = images
     for _ in range(2):
-        end, _ = run_sh(q, "true", image=str(archive))
+        end, _ = run_sh(q, "true", image="mini-tar")
         assert end.exit_code == 0
-    assert len(list((quilt.data_dir / "images").iterdir())) == 1
+    unpacked = [p for p in (quilt.data_dir / "images").iterdir() if p.is_dir()]
+    assert len(unpacked) == 1
 
 
 def _tar(root: Path, target: Path) -> Path:
@@ -172,9 +189,11 @@ def _tar(root: Path, target: Path) -> Path:
 
 
 def test_unknown_images_and_commands_are_refused(q):
-    for image in ("ubuntu:latest", "/nowhere/at/all"):
+    for image in ("ubuntu:latest", "/nowhere/at/all", "/", "nothing-here"):
         err = error_of(q.create, ["/bin/true"], image=image)
-        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "unknown image" in err.details()
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, image
+        assert "IMAGE_NOT_ALLOWED" in str(error_reason(err)), image
+        assert "/nowhere" not in err.details()
     err = error_of(q.create, ["no-such-program"])
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "not an executable" in err.details()
     err = error_of(q.create, [""])

@@ -9,6 +9,7 @@ filter: it must then behave differently, so the refusal seen is the filter's, no
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import json
 import os
@@ -281,7 +282,8 @@ def bpf_file(tmp_path_factory) -> Path:
 def sandbox() -> Sandbox:
     if shutil.which("bwrap") is None:
         pytest.skip("bubblewrap is not installed")
-    return Sandbox.detect("bubblewrap", LimitsMode("rlimits"))
+    # bubblewrap's own --disable-userns is left out: these tests look at what the filter alone refuses
+    return dataclasses.replace(Sandbox.detect("bubblewrap", LimitsMode("rlimits")), disable_userns=False)
 
 
 class Run:
@@ -356,6 +358,14 @@ def test_unshare_user_namespace_command_fails(run):
     assert done.returncode != 0
     assert "Operation not permitted" in done.stderr
     assert sh(run, "unshare -U true", filtered=False).returncode == 0  # it is the filter
+
+
+def test_bubblewraps_own_layer_refuses_user_namespaces_too(sandbox, bpf_file, tmp_path):
+    """The second layer, as Quilt's sandboxes have it (bubblewrap 0.8's --disable-userns): even
+    without the filter, no new user namespace."""
+    both = Run(dataclasses.replace(sandbox, disable_userns=True), bpf_file, tmp_path)
+    done = both(["/bin/sh", "-c", "unshare -U true"], filtered=False)
+    assert done.returncode != 0, done.stdout
 
 
 def test_mount_tmpfs_command_fails(run):

@@ -207,9 +207,10 @@ def test_sessions_and_parent_tasks(daemon):
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_a_launch_whose_caller_gives_up_is_still_watched_to_its_end(daemon):
+def test_a_launch_whose_caller_gives_up_is_still_watched_to_its_end(daemon_factory):
     """LaunchTask calls whose deadline passes mid-way: every task that was stored is watched and
     reaches its end (one stored but never watched stayed PENDING until the next restart)."""
+    daemon = daemon_factory("--max-running-tasks", "1000")  # (65 launches in quick succession)
     c = AriaClient(daemon.channel())
     typical = typical_seconds(lambda _: c.launch(["true"]))
     request = tpb.LaunchTaskRequest(command_json='["true"]')

@@ -337,12 +337,24 @@ def _unpack(archive: Path, target: Path, layout: str) -> None:
                     inner.extractall(staging)  # member names were checked at upload
             else:
                 outer.extractall(staging)
-        # Readable by the sandbox user (bundles are read-only in a sandbox, at /bundle); mkdtemp's 0700.
-        os.chmod(staging, 0o755)
+        _readable(staging)
         os.rename(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _readable(root: Path) -> None:
+    """Folders 0755, files 0644: the sandbox user reads a bundle at /bundle (read-only there),
+    and quilt's umask (077) would leave it only quilt's. Nothing in it is setuid or executable."""
+    os.chmod(root, 0o755)
+    for folder, dirs, files in os.walk(root):
+        for d in dirs:
+            os.chmod(os.path.join(folder, d), 0o755, follow_symlinks=False)
+        for f in files:
+            path = os.path.join(folder, f)
+            if not os.path.islink(path):
+                os.chmod(path, 0o644)
 
 
 def _encode_token(created_at: int, bundle_id: str) -> str:

@@ -21,7 +21,7 @@ from . import limits, seccomp, stage
 from .bundles import BundleStore
 from .disks import Disks
 from .engine import Engine, Settings
-from .images import DEFAULT_MAX_CACHE_BYTES, DEFAULT_MAX_IMAGE_BYTES, Images
+from .images import Images
 from .sandbox import Sandbox
 from .service import BundlesService, ContainersService, SystemService, TasksService
 from .stage import Stage
@@ -92,12 +92,22 @@ async def _harden(settings: dict[str, Any], sandbox: Sandbox, as_root: bool) -> 
         "images": data_dir / "images",
         "runners": RUNNERS,
     }
-    if settings["images_dir"] is not None:
-        folders["operator-images"] = settings["images_dir"]
+    images_dir: Path | None = settings["images_dir"]
+    if images_dir is not None:
+        folders["operator-images"] = images_dir
+        if not await trio.to_thread.run_sync(lambda: images_dir.is_dir() and bool(images_dir.stat().st_mode & 1)):
+            log.warning("the sandbox user cannot enter the images folder: make it 0755", folder=str(images_dir))
+    for name in ("containers", "bundles", "images"):  # ours: the sandbox user may pass (not list)
+        await trio.to_thread.run_sync(_passable, folders[name])
     built = await trio.to_thread.run_sync(Stage.build, folders)
     uid = settings["sandbox_uid"]
     log.info("sandboxes run as an unprivileged user", uid=uid, gid=uid)
     return dataclasses.replace(sandbox, user=(uid, uid), stage=built)
+
+
+def _passable(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    os.chmod(folder, 0o711)
 
 
 async def _run(settings: dict[str, Any], store: Store, sandbox: Sandbox, disks: Disks) -> None:
@@ -107,11 +117,11 @@ async def _run(settings: dict[str, Any], store: Store, sandbox: Sandbox, disks: 
     engine = Engine(
         store,
         sandbox,
-        Images(  # to be wired to --images-dir and its limits
-            settings.get("images_dir"),
+        Images(
+            settings["images_dir"],
             data_dir / "images",
-            max_image_bytes=settings.get("max_image_bytes") or DEFAULT_MAX_IMAGE_BYTES,
-            max_cache_bytes=settings.get("max_cache_bytes") or DEFAULT_MAX_CACHE_BYTES,
+            max_image_bytes=settings["max_image_bytes"],
+            max_cache_bytes=settings["max_image_cache_bytes"],
         ),
         Settings(
             data_dir=data_dir,

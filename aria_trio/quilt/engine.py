@@ -242,6 +242,8 @@ class Engine:
             await trio.sleep_forever()
 
     async def _recover(self) -> None:
+        for removed in await self.images.clean():
+            log.info("removed what a crash left in the image cache", path=str(removed))
         lost, lost_tasks = await self.store.run(table.mark_lost, now_us())
         for row in lost:  # their sandboxes died with quilt; make sure nothing is left in their cgroups
             cgroup = Cgroup(self.sandbox.limits, row["id"])
@@ -378,8 +380,10 @@ class Engine:
         limits = self._limits(spec)
         memory, pids = limits.memory_bytes, limits.pids
         started = attached = False
+        image: Image | None = None
         try:
             image = await self.images.resolve(spec.image)
+            self.images.hold(image)  # (no await in between: the cache may not evict it now)
             c.log = await OutputLog.create(self._dir(c.id) / "output.jsonl", self.settings.max_output_bytes)
             c.cgroup = await self._cgroup(c.id, memory, pids, limits.cpus)
             if self.disks.enabled:
@@ -418,6 +422,8 @@ class Engine:
             log.exception("container supervisor failed", container=c.id)
             c.state, c.message = FAILED, f"quilt lost track of it ({type(exc).__name__})"
         finally:
+            if image is not None:
+                self.images.release(image)
             await self._release(c.cgroup)
             if attached:
                 with trio.CancelScope(shield=True):
@@ -518,8 +524,6 @@ class Engine:
                 f"container {c.id} is {CONTAINER_STATES[c.state]}; exec needs a running container",
                 reason="CONTAINER_NOT_RUNNING",
             )
-        image = await self.images.resolve(c.spec.image)
-        await trio.to_thread.run_sync(self._check_command, spec.command, image, "command")
         timeout = spec.timeout_seconds
         if not (timeout == timeout and 0 <= timeout <= self.settings.max_exec_timeout):
             raise errors.InvalidArgument(
@@ -528,10 +532,21 @@ class Engine:
                 fields={"timeout_seconds": "out of range"},
             )
         timeout = timeout or self.settings.exec_timeout
+        image = await self.images.resolve(c.spec.image)
+        self.images.hold(image)  # until the task ends (released by its supervisor)
+        try:
+            await trio.to_thread.run_sync(self._check_command, spec.command, image, "command")
+        except BaseException:
+            self.images.release(image)
+            raise
         t = Task(new_id("t-"), c.id, list(spec.command), dict(spec.labels), timeout_seconds=timeout)
         assert self._nursery is not None
         with trio.CancelScope(shield=True):  # seen through once begun, as a container's start
-            await self.store.run(table.upsert, "tasks", t.row())
+            try:
+                await self.store.run(table.upsert, "tasks", t.row())
+            except BaseException:
+                self.images.release(image)
+                raise
             self.tasks[t.id] = t
             await self._nursery.start(self._supervise_task, t, c, image, spec, captured)
         return t
@@ -607,6 +622,7 @@ class Engine:
             t.state, t.message = T_FAILED, f"quilt lost track of it ({type(exc).__name__})"
         finally:
             self.tasks.pop(t.id, None)
+            self.images.release(image)
         if t.log is not None:
             t.output_lines, t.output_truncated = t.log.count, t.log.truncated
         t.finished_at, t.pid, t.handle = now_us(), 0, None

@@ -262,7 +262,7 @@ class Images:
         return result.bytes_written
 
     def _unpack_into(self, fd: int, digest: str, staging: str) -> safetar.Unpacked:  # in a worker thread
-        os.makedirs(self.cache_dir, mode=0o700, exist_ok=True)
+        os.makedirs(self.cache_dir, mode=0o711, exist_ok=True)  # (the sandbox user passes; quilt/stage.py)
         with os.fdopen(os.dup(fd), "rb") as archive:
             result = safetar.unpack(archive, self.cache_dir / staging, max_bytes=self.max_image_bytes)
         try:

@@ -28,6 +28,7 @@ import stat
 import struct
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Protocol
 
 import h2.errors
@@ -72,6 +73,18 @@ class CallMetrics(Protocol):
     def call_started(self, path: str | None) -> None: ...
 
     def call_ended(self, path: str | None, code: str, seconds: float) -> None: ...
+
+
+class Admission(Protocol):
+    """What the server asks before serving a connection or a call (the runtime's quotas)."""
+
+    def connection(self, peer: PeerCred | None) -> AbstractContextManager[errors.AriaError | None]:
+        """Held while the connection lives; yields the error every call on it gets, or None."""
+        ...
+
+    def call(self, ctx: CallContext, streaming: bool) -> AbstractContextManager[None]:
+        """Held while an authenticated call runs; raises a domain error to refuse it."""
+        ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +160,7 @@ class Server:
         error_domain: str = "aria.v1",
         authenticate: Authenticate | None = None,
         metrics: CallMetrics | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self.max_message_length = max_message_length
         self.max_concurrent_streams = max_concurrent_streams
@@ -155,6 +169,7 @@ class Server:
         self.error_domain = error_domain
         self.authenticate = authenticate
         self.metrics = metrics
+        self.admission = admission
         self.methods: dict[str, Method] = {}
         self.path: str | None = None
         self._connections: set[_Connection] = set()
@@ -239,7 +254,10 @@ class Server:
         conn = _Connection(self, stream)
         self._connections.add(conn)
         try:
-            await conn.run()
+            admitted = self.admission.connection(conn.peer) if self.admission is not None else nullcontext(None)
+            with admitted as refusal:
+                conn.refusal = refusal
+                await conn.run()
         finally:
             self._connections.discard(conn)
             slots.release()
@@ -312,6 +330,7 @@ class _Connection:
         self._closing = False
         self._goaway_last: int | None = None
         self._nursery: trio.Nursery | None = None
+        self.refusal: errors.AriaError | None = None  # set: every call on this connection gets it
 
     def kick(self) -> None:
         """Wake the writer: the protocol engine has bytes to send."""
@@ -706,6 +725,18 @@ class _Call:
         server = self.conn.server
         if method.authenticated and server.authenticate is not None:
             await server.authenticate(self.ctx)
+        if self.conn.refusal is not None and method.authenticated:
+            raise self.conn.refusal
+        admitted = (
+            server.admission.call(self.ctx, method.client_streaming or method.server_streaming)
+            if server.admission is not None and method.authenticated
+            else nullcontext()
+        )
+        with admitted:
+            await self._handle(method)
+
+    async def _handle(self, method: Method) -> None:
+        assert method.handler is not None
         if method.client_streaming:
             request: Any = self.requests()
         else:
@@ -751,6 +782,9 @@ def _to_rpc_error(exc: BaseException, call: _Call) -> RpcError:
         return exc
     if isinstance(exc, errors.AriaError):
         return from_exception(exc)
+    if errors.is_disk_full(exc):  # wherever it came from: an answer, not an internal error
+        log.warning("disk full", method=call.ctx.method, request_id=call.ctx.request_id, error=str(exc))
+        return from_exception(errors.disk_full())
     if isinstance(exc, h2.exceptions.StreamClosedError):
         call._reset = True  # the client is gone; there is nobody to answer
         return RpcError(StatusCode.CANCELLED, "client went away")

@@ -17,6 +17,11 @@ from . import convert
 MAX_ENV = 1024
 
 
+def _limits(limits: pb.ContainerLimits) -> q.Limits:
+    """The caller's limits as Quilt takes them (Quilt checks them against the operator's maxima)."""
+    return q.Limits(memory_bytes=limits.memory_bytes, cpus=limits.cpus, pids=limits.pids, disk_bytes=limits.disk_bytes)
+
+
 class ContainerService(container_grpc.ContainerServiceServicer):  # type: ignore[misc]
     def __init__(self, containers: Containers, sessions: Sessions, audit: Audit) -> None:
         self.containers = containers
@@ -41,6 +46,7 @@ class ContainerService(container_grpc.ContainerServiceServicer):  # type: ignore
             persistent=request.persistent,
             session_id=session,
             command=list(request.command),
+            limits=_limits(request.limits) if request.HasField("limits") else None,
         )
         await self.audit.record(ctx, "container.create", "container", row["id"], name=request.name)
         return convert.container(row)

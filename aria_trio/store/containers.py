@@ -42,3 +42,8 @@ def of_user(db: sqlite_utils.Database, user_id: str, session_id: str | None) -> 
 
 def running(db: sqlite_utils.Database) -> list[dict[str, Any]]:
     return list(db.query("SELECT * FROM containers WHERE status IN (1, 2)"))
+
+
+def running_count(db: sqlite_utils.Database, user: str) -> int:
+    """How many of the user's containers are running (for the max_running_containers quota)."""
+    return int(db.execute("SELECT count(*) FROM containers WHERE user_id = ? AND status = 2", [user]).fetchone()[0])

@@ -3,11 +3,18 @@
 One connection, used by one worker thread at a time (a CapacityLimiter of 1): SQLite serialises
 writers anyway, and the runtime is its only writer. Every call goes through `Store.run`, which
 runs a plain function of a `sqlite_utils.Database` in a worker thread.
+
+A full disk: SQLite rolls the statement (or the transaction) back, so nothing is half-written.
+In a call, the caller gets RESOURCE_EXHAUSTED "disk full" at once. In a background task (a
+watcher storing a task's output, an event being published: `background()`), the write waits for
+space instead, retrying with backoff, so nothing is lost and the daemon goes on by itself once
+space is freed; reads never stop working.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -15,9 +22,23 @@ from pathlib import Path
 from typing import ParamSpec, TypeVar
 
 import sqlite_utils
+import structlog
 import trio
 
+from .. import errors
 from .migrations import MIGRATIONS
+
+log = structlog.get_logger("aria.store")
+
+_BACKGROUND = contextvars.ContextVar("store_background", default=False)
+FULL_RETRY_FIRST, FULL_RETRY_MAX = 0.5, 30.0  # seconds between tries of a write that found the disk full
+
+
+def background() -> None:
+    """Mark the current task (and those it starts) as background work: its writes wait for disk
+    space rather than fail. Call it first thing in a watcher's task."""
+    _BACKGROUND.set(True)
+
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -34,7 +55,8 @@ def transaction(db: sqlite_utils.Database) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        db.execute("ROLLBACK")
+        if db.conn.in_transaction:  # (SQLite may have rolled back already, e.g. on SQLITE_FULL)
+            db.execute("ROLLBACK")
         raise
     db.execute("COMMIT")
 
@@ -75,6 +97,7 @@ class Store:
         self.db = db
         self.path = path
         self._limiter = trio.CapacityLimiter(1)
+        self.stopping = False  # set at shutdown: background writes stop waiting for disk space
 
     @classmethod
     async def open(cls, path: Path, migrations: Migrations = MIGRATIONS) -> Store:
@@ -94,8 +117,21 @@ class Store:
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
         """fn(db, *args) in a worker thread, one at a time; cancellation waits for it to finish
-        (a half-run SQLite call cannot be abandoned), so keep store functions short."""
-        return await trio.to_thread.run_sync(lambda: fn(self.db, *args), limiter=self._limiter)
+        (a half-run SQLite call cannot be abandoned), so keep store functions short. A full disk:
+        see the module's docstring."""
+        wait = FULL_RETRY_FIRST
+        while True:
+            try:
+                return await trio.to_thread.run_sync(lambda: fn(self.db, *args), limiter=self._limiter)
+            except (sqlite3.Error, OSError) as exc:
+                if not errors.is_disk_full(exc):
+                    raise
+                if not _BACKGROUND.get() or self.stopping:
+                    log.warning("disk full: a write was refused", database=str(self.path), error=str(exc))
+                    raise errors.disk_full() from None
+                log.warning("disk full: a background write waits for space", database=str(self.path), retry_in_s=wait)
+            await trio.sleep(wait)
+            wait = min(wait * 2, FULL_RETRY_MAX)
 
     async def close(self) -> None:
         await self.run(lambda db: db.conn.close())
