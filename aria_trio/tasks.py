@@ -169,7 +169,9 @@ class Tasks:
                 fields={"timeout_seconds": "out of range"},
             )
         if self.quotas is not None:  # (launches still on their way count too: no await before the +1)
-            mine = sum(1 for r in self.running.values() if r.row["user_id"] == user) + self._launching.get(user, 0)
+            mine = self._launching.get(user, 0) + sum(
+                1 for r in self.running.values() if r.row["user_id"] == user and r.row["status"] not in FINISHED
+            )
             if mine >= self.quotas.running_tasks:
                 raise exceeded("max_running_tasks", self.quotas.running_tasks, "tasks pending or running")
         self._launching[user] = self._launching.get(user, 0) + 1
