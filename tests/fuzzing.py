@@ -907,6 +907,10 @@ class Maker:
                     ("'1' * 100000", put("1" * 100_000)),
                     ("'[NaN]'", put("[NaN]")),
                 ]
+            elif f.name.endswith("_token"):
+                # page tokens that are base64 of JSON (unsigned ones): hostile JSON inside
+                for label, raw in (("deep", b"[" * 5000 + b"]" * 5000), ("[1e999, null]", b"[1e999, null]")):
+                    out.append((f"base64url({label})", put(base64.urlsafe_b64encode(raw).decode())))
             elif f.name == "input":
                 out += [
                     (f"'/run_command ' + {lbl}", put("/run_command " + j))
