@@ -524,8 +524,9 @@ def test_fuzz_runtime_messages(sock_dir: Path, fake_llm: FakeLLM) -> None:
 
 def test_fuzz_quilt_messages(sock_dir: Path) -> None:
     """KNOWN FAILING, for these: grpc-message echoes the input unbounded; INTERNAL on a Timestamp
-    out of range (ContainerLogs.since), on JSON nested deep (UploadBundle's manifest.json,
-    RunTool.arguments_json, ListBundles.page_token that is base64 of such JSON), on NaN seconds (StopContainer.grace_seconds, RunTool.timeout_seconds,
+    out of range (ContainerLogs.since); on JSON nested deep (UploadBundle's manifest.json,
+    RunTool.arguments_json, a ListBundles.page_token that is base64 of such JSON, or of
+    [1e999]); on NaN seconds (StopContainer.grace_seconds, RunTool.timeout_seconds,
     Exec/ExecAsync.timeout_seconds); tracebacks from the task/container supervisors on a NUL byte
     in an env value and on an argument or env value past the kernel's 128 KiB (E2BIG)."""
     quilt = start_quilt(sock_dir)
