@@ -35,7 +35,7 @@ def _hash(secret: str) -> str:
 def user_exists(name: str) -> bool:
     try:
         pwd.getpwnam(name)
-    except KeyError:
+    except (KeyError, ValueError):  # (ValueError: a name with a NUL in it, no one's)
         return False
     return True
 

@@ -6,7 +6,6 @@ is all-or-nothing: the first problem found rejects the whole bundle with a messa
 
 from __future__ import annotations
 
-import json
 import posixpath
 import re
 import tempfile
@@ -16,6 +15,8 @@ from typing import IO, Any
 
 import blake3
 import jsonschema
+
+from . import json_input
 
 MAX_MANIFEST = 1024 * 1024
 MAX_MEMBERS = 20_000
@@ -144,7 +145,7 @@ def inspect_bundle(path: str) -> Manifest:
 
 def _check_build(raw: bytes, inner_blake3: str) -> None:
     try:
-        build = json.loads(raw)
+        build = json_input.loads(raw)
     except ValueError:
         raise InvalidBundle("metadata/build.json is not JSON") from None
     if not isinstance(build, dict):
@@ -156,7 +157,7 @@ def _check_build(raw: bytes, inner_blake3: str) -> None:
 
 def parse_manifest(raw: bytes, files: set[str], layout: str) -> Manifest:
     try:
-        data = json.loads(raw)
+        data = json_input.loads(raw)
     except ValueError as exc:
         raise InvalidBundle(f"manifest.json is not JSON ({exc})") from None
     if not isinstance(data, dict):

@@ -106,3 +106,19 @@ def disk_full() -> ResourceExhausted:
         "disk full: the daemon cannot write its data; nothing was changed (free some space and try again)",
         reason="DISK_FULL",
     )
+
+
+def timestamp_ns(ts: object, field: str) -> int:
+    """A google.protobuf.Timestamp from a caller, in nanoseconds; one outside the range the type
+    allows (years 1 to 9999, nanos 0..999,999,999) is INVALID_ARGUMENT naming `field`."""
+    seconds, nanos = getattr(ts, "seconds", 0), getattr(ts, "nanos", 0)
+    if not (-62135596800 <= seconds <= 253402300799 and 0 <= nanos <= 999_999_999):
+        raise InvalidArgument(f"{field} is not a valid timestamp", fields={field: "out of range"})
+    return int(seconds) * 1_000_000_000 + int(nanos)
+
+
+def seconds(value: float, field: str, most: float) -> float:
+    """A duration in seconds from a caller: a number from 0 to `most` (NaN and infinity are not)."""
+    if not 0 <= value <= most:  # (NaN compares false: refused too)
+        raise InvalidArgument(f"{field} must be between 0 and {most:g}", fields={field: "out of range"})
+    return value

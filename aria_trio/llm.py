@@ -29,7 +29,7 @@ import httpx
 import structlog
 import trio
 
-from . import errors
+from . import errors, json_input
 
 log = structlog.get_logger("aria.llm")
 
@@ -404,7 +404,7 @@ async def _error_detail(call: _Call, response: httpx.Response, body: _Body) -> t
     message: Any = None
     code: Any = None
     try:
-        document = json.loads(text)
+        document = json_input.loads(text)
     except ValueError:
         content_type = response.headers.get("content-type", "")
         if "html" not in content_type and not text.lstrip().startswith("<"):
@@ -596,7 +596,7 @@ async def _read_json(call: _Call, body: _Body) -> Reply:
     if raw is None:
         raise _too_large(call)
     try:
-        document = json.loads(raw)
+        document = json_input.loads(raw)
     except ValueError:
         raise call.malformed("the answer is not valid JSON") from None
     choice = _first_choice(call, document)
@@ -642,7 +642,7 @@ async def _read_sse(call: _Call, body: _Body) -> Reply:
                 done = True
                 break
             try:
-                document = json.loads(event)
+                document = json_input.loads(event)
             except ValueError:
                 raise call.malformed("a chunk is not valid JSON") from None
             choice = _first_choice(call, document)

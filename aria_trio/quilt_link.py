@@ -258,7 +258,11 @@ def as_domain_error(exc: RpcError) -> errors.AriaError:
         log.error("quilt call failed", code=exc.code.name, message=exc.message)
         return errors.Unavailable("the container service (quilt) failed; see the runtime's log")
     info = exc.error_info()
-    return cls(exc.message, reason=info.reason if info is not None else None)
+    fields = exc.bad_fields()
+    if cls is errors.InvalidArgument and not fields:
+        fields = {"request": "refused by the container service"}
+    metadata = {k: v for k, v in info.metadata.items() if k != "request_id"} if info is not None else {}
+    return cls(exc.message, reason=info.reason if info is not None else None, fields=fields, metadata=metadata)
 
 
 async def _terminate(process: trio.Process) -> None:

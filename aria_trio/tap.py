@@ -59,7 +59,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, wrap_server_stream
 
-from . import errors
+from . import errors, json_input
 from .lifecycle import StartupError
 from .notifications import KINDS, Notifications
 from .proto.aria.v1 import notification_pb2
@@ -373,8 +373,8 @@ class _Session:
         name, argument = "", None
         try:
             try:
-                message = json.loads(raw)
-            except (ValueError, RecursionError):  # (16 KiB of "[[[[..." is too deep for json)
+                message = json_input.loads(raw)
+            except ValueError:  # (16 KiB of "[[[[..." is too deep: a ValueError too)
                 raise errors.InvalidArgument("a command must be a JSON object") from None
             if not isinstance(message, dict) or len(message) != 1:
                 raise errors.InvalidArgument(
@@ -502,8 +502,8 @@ def _auth_request(raw: str | bytes) -> tuple[str, list[str], int | None]:
     """The first message: the API key, event types and where to resume; else 1008."""
     usage = 'the first message must be {"api_key": "...", "after_sequence": n, "event_types": [...]}'
     try:
-        message = json.loads(raw)
-    except (ValueError, RecursionError):
+        message = json_input.loads(raw)
+    except ValueError:
         raise _Refused(POLICY, usage) from None
     if not isinstance(message, dict) or not set(message) <= {"api_key", "after_sequence", "event_types"}:
         raise _Refused(POLICY, usage)

@@ -21,7 +21,7 @@ from typing import Any
 import structlog
 import trio
 
-from . import errors
+from . import errors, json_input
 from .notifications import Notifications
 from .pagination import PageTokens, page_size
 from .proto.aria.v1 import aria_pb2
@@ -42,6 +42,8 @@ NAMES = {1: "pending", 2: "running", 3: "completed", 4: "failed", 5: "cancelled"
 PROGRESS = re.compile(r"::progress\s+(-?\d+(?:\.\d+)?)\s*(.*)")
 MAX_ARGV = 4096  # arguments
 MAX_COMMAND_BYTES = 256 * 1024
+MAX_ARG = 128 * 1024 - 1  # bytes of one argument or environment entry (what the kernel takes at exec)
+MAX_ENV = 1024
 OUTPUT_BATCH = 256
 REPLAY_BATCH = 1000
 
@@ -59,7 +61,7 @@ def parse_command(command_json: str) -> list[str]:
     if len(command_json.encode()) > MAX_COMMAND_BYTES:
         raise errors.InvalidArgument(f"command_json is larger than {MAX_COMMAND_BYTES} bytes", fields=bad)
     try:
-        argv = json.loads(command_json)
+        argv = json_input.loads(command_json)
     except ValueError:
         raise errors.InvalidArgument("command_json is not JSON", fields=bad) from None
     if not isinstance(argv, list):
@@ -70,7 +72,27 @@ def parse_command(command_json: str) -> list[str]:
         raise errors.InvalidArgument("command_json must hold strings only, the first not empty", fields=bad)
     if len(argv) > MAX_ARGV:
         raise errors.InvalidArgument(f"command_json has more than {MAX_ARGV} arguments", fields=bad)
+    if any("\0" in a for a in argv):
+        raise errors.InvalidArgument("command_json must not contain NUL characters", fields=bad)
+    if any(len(a.encode()) > MAX_ARG for a in argv):
+        raise errors.InvalidArgument(f"an argument of command_json is longer than {MAX_ARG} bytes", fields=bad)
     return argv
+
+
+def check_environment(environment: Mapping[str, str]) -> None:
+    """Names non-empty without '=' or NUL, values without NUL, each entry within MAX_ARG."""
+    if len(environment) > MAX_ENV:
+        raise errors.InvalidArgument(f"at most {MAX_ENV} environment variables", fields={"environment": "too many"})
+    for key, value in environment.items():
+        if not key or "=" in key or "\0" in key or "\0" in value:
+            raise errors.InvalidArgument(
+                "environment names must be non-empty, without '=' or NUL; values without NUL",
+                fields={"environment": "bad entry"},
+            )
+        if len(key.encode()) + len(value.encode()) + 1 > MAX_ARG:
+            raise errors.InvalidArgument(
+                f"an environment entry is longer than {MAX_ARG} bytes", fields={"environment": "too long"}
+            )
 
 
 @dataclass(frozen=True)
@@ -154,6 +176,7 @@ class Tasks:
     async def launch(self, user: str, launch: Launch, owned_container: Any) -> str:
         """`owned_container(user, id)` returns Quilt's id of the caller's container (NOT_FOUND else)."""
         self.quilt.channel()  # UNAVAILABLE at once while quilt is down (not a task doomed to fail)
+        check_environment(launch.environment)
         kind = launch.type or "container:run"
         target = ""
         if kind.startswith("container:exec:"):

@@ -22,7 +22,7 @@ import jsonschema
 import structlog
 import trio
 
-from . import errors
+from . import errors, json_input
 from .proto.quilt.v1 import quilt_pb2 as q
 from .quilt_link import QuiltLink
 from .registry import ToolInfo
@@ -90,7 +90,7 @@ class ToolCalls:
         if tool is None:
             return _failed(f"tool {call.name!r} is not one of this agent's tools: not permitted")
         try:
-            arguments = json.loads(call.arguments or "{}")
+            arguments = json_input.loads(call.arguments or "{}")
         except ValueError as exc:
             return _failed(f"the arguments are not valid JSON: {exc}")
         if not isinstance(arguments, dict):

@@ -27,7 +27,7 @@ import blake3
 import structlog
 import trio
 
-from .. import errors
+from .. import errors, json_input
 from ..bundle_manifest import Agent, InvalidBundle, Manifest, Tool, inspect_bundle
 from ..store import Store
 from . import store as table
@@ -363,7 +363,7 @@ def _encode_token(created_at: int, bundle_id: str) -> str:
 
 def _decode_token(token: str) -> tuple[int, str]:
     try:
-        created_at, bundle_id = json.loads(base64.urlsafe_b64decode(token.encode()))
+        created_at, bundle_id = json_input.loads(base64.urlsafe_b64decode(token.encode()))
         return int(created_at), str(bundle_id)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, OverflowError):
         raise errors.InvalidArgument("invalid page token", fields={"page_token": "invalid"}) from None

@@ -10,6 +10,7 @@ devices; without them, workspaces are plain folders with no size limit, and Quil
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import subprocess
@@ -23,6 +24,7 @@ from .stage import umount
 log = structlog.get_logger("quilt.disks")
 
 MIN_DISK_BYTES = 16 * 1024 * 1024  # ext4 and its metadata need room; smaller is refused
+FULL_BELOW = 64 * 1024 * 1024  # free bytes under which a failed mkfs counts as "the disk is full"
 IMAGE = "disk.img"
 MOUNT = "disk"
 
@@ -50,7 +52,8 @@ class Disks:
         image = folder / IMAGE
         with open(image, "wb") as f:
             f.truncate(size)
-        _run(
+        _run_on(
+            folder,
             "mkfs.ext4",
             "-q",
             "-F",
@@ -89,3 +92,13 @@ def _run(*argv: str) -> None:
     done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     if done.returncode != 0:
         raise OSError(f"{argv[0]} failed: {(done.stderr or done.stdout).strip()[:300]}")
+
+
+def _run_on(folder: Path, *argv: str) -> None:
+    """_run, for a program that writes in `folder`: its failure on a full disk is ENOSPC."""
+    try:
+        _run(*argv)
+    except OSError as exc:
+        if shutil.disk_usage(folder).free < FULL_BELOW:
+            raise OSError(errno.ENOSPC, f"no space left for a container's disk ({exc})") from None
+        raise

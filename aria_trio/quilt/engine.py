@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -27,6 +28,7 @@ import trio
 
 from .. import errors
 from ..store import Store
+from ..store.db import background
 from . import store as table
 from .disks import MIN_DISK_BYTES, MOUNT, Disks
 from .images import Images
@@ -62,6 +64,35 @@ def catches(pid: int, sig: int) -> bool:
     except (FileNotFoundError, ProcessLookupError):
         return True
     return True
+
+
+HOSTNAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")  # a name that can be one; else the id
+MAX_NAME = 256  # bytes of a container's name
+MAX_ARG = 128 * 1024 - 1  # bytes of one argument or environment entry (the kernel's MAX_ARG_STRLEN, less its NUL)
+MAX_ARGS_TOTAL = 1024 * 1024  # all of them together (the kernel allows about 2 MiB; the sandbox's own take the rest)
+
+
+def check_strings(command: list[str], env: dict[str, str], workdir: str) -> None:
+    """What the kernel would refuse at exec (a NUL; an argument, variable or all of them too
+    long), refused here as INVALID_ARGUMENT naming the field, instead of a failed start."""
+    total = 0
+    for name, values in (("command", command), ("env", [f"{k}={v}" for k, v in env.items()]), ("workdir", [workdir])):
+        for value in values:
+            size = len(value.encode("utf-8", "surrogateescape"))
+            if "\0" in value:
+                raise errors.InvalidArgument(f"{name} must not contain NUL characters", fields={name: "NUL"})
+            if size > MAX_ARG:
+                raise errors.InvalidArgument(
+                    f"an entry of {name} is longer than {MAX_ARG} bytes", fields={name: "too long"}
+                )
+            total += size + 1
+    if any(not key or "=" in key for key in env):
+        raise errors.InvalidArgument("environment names must be non-empty, without '='", fields={"env": "bad name"})
+    if total > MAX_ARGS_TOTAL:
+        raise errors.InvalidArgument(
+            f"the command, environment and workdir together are longer than {MAX_ARGS_TOTAL} bytes",
+            fields={"command": "too long"},
+        )
 
 
 def now_us() -> int:
@@ -256,6 +287,7 @@ class Engine:
 
     async def shutdown(self, grace: float) -> None:
         """Stop every running container (and so its tasks); record why."""
+        self.store.stopping = True  # a write waiting for disk space must not hold the stop
         async with trio.open_nursery() as nursery:
             for c in list(self.containers.values()):
                 if c.state == RUNNING:
@@ -274,6 +306,9 @@ class Engine:
         if spec.command:
             await trio.to_thread.run_sync(self._check_command, spec.command, image, "command")
         self._check_limits(spec)
+        check_strings(spec.command, spec.env, spec.workdir)
+        if len(spec.name.encode()) > MAX_NAME or "\0" in spec.name:
+            raise errors.InvalidArgument(f"name must be at most {MAX_NAME} bytes, without NUL", fields={"name": "bad"})
         if not spec.workdir.startswith("/"):
             raise errors.InvalidArgument("workdir must be an absolute path", fields={"workdir": "not absolute"})
         c = Container(new_id("c-"), spec)
@@ -376,6 +411,7 @@ class Engine:
         return c
 
     async def _supervise_container(self, c: Container, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        background()  # its writes wait for disk space, not fail: the record must be made (store/db.py)
         spec = c.spec
         limits = self._limits(spec)
         memory, pids = limits.memory_bytes, limits.pids
@@ -416,11 +452,14 @@ class Engine:
                 c.state, c.message = FAILED, f"could not start: {exit_.first_error}"
             else:
                 c.state, c.message = EXITED, _ending(exit_, c.cgroup, memory)
-        except (errors.AriaError, OSError) as exc:  # never ran: bad image, no /bin/sh, no cgroup...
-            c.state, c.message = FAILED, f"could not start: {_reason(exc)}"
-        except Exception as exc:  # ours: say so, keep serving
-            log.exception("container supervisor failed", container=c.id)
-            c.state, c.message = FAILED, f"quilt lost track of it ({type(exc).__name__})"
+        except Exception as exc:
+            inner = errors.single(exc)
+            if isinstance(inner, (errors.AriaError, OSError)):  # never ran: bad image, no /bin/sh, no cgroup...
+                c.state, c.message = FAILED, f"could not start: {_reason(inner)}"
+                log.info("container could not start", container=c.id, why=_reason(inner))
+            else:  # ours: say so, keep serving
+                log.exception("container supervisor failed", container=c.id)
+                c.state, c.message = FAILED, f"quilt lost track of it ({type(inner).__name__})"
         finally:
             if image is not None:
                 self.images.release(image)
@@ -429,12 +468,20 @@ class Engine:
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(self.disks.detach, self._files(c.id))
         c.finished_at, c.pid, c.handle = now_us(), 0, None
-        with trio.CancelScope(shield=True):
-            await self.store.run(table.upsert, "containers", c.row())
+        await self._record_end("containers", c.row())
         log.info("container ended", container=c.id, state=CONTAINER_STATES[c.state], message=c.message)
         c.done.set()
         if not started:
             task_status.started()
+
+    async def _record_end(self, table_name: str, row: dict[str, Any]) -> None:
+        """A run's end, stored whatever happens: shielded (it must be made), and if even that fails
+        (the disk still full at shutdown), logged; the next start marks it lost ("quilt restarted")."""
+        try:
+            with trio.CancelScope(shield=True):
+                await self.store.run(table.upsert, table_name, row)
+        except Exception:
+            log.exception("could not record the end of a run", table=table_name, id=row["id"])
 
     async def stop(self, cid: str, grace: float = 0.0) -> Container:
         c = self.container(cid)
@@ -532,6 +579,7 @@ class Engine:
                 fields={"timeout_seconds": "out of range"},
             )
         timeout = timeout or self.settings.exec_timeout
+        check_strings(spec.command, {**c.spec.env, **spec.env}, spec.workdir or c.spec.workdir)
         image = await self.images.resolve(c.spec.image)
         self.images.hold(image)  # until the task ends (released by its supervisor)
         try:
@@ -572,6 +620,7 @@ class Engine:
         captured: Captured | None,
         task_status: Any = trio.TASK_STATUS_IGNORED,
     ) -> None:
+        background()  # (as a container's supervisor)
         limits = self._limits(c.spec)
         memory, pids = limits.memory_bytes, limits.pids
         env = {**c.spec.env, **spec.env}
@@ -615,19 +664,21 @@ class Engine:
                 t.state, t.message = T_COMPLETED, "exited with code 0"
             else:
                 t.state, t.message = T_FAILED, _ending(exit_, c.cgroup, memory)
-        except (errors.AriaError, OSError) as exc:
-            t.state, t.message = T_FAILED, f"could not start: {_reason(exc)}"
         except Exception as exc:
-            log.exception("task supervisor failed", task=t.id)
-            t.state, t.message = T_FAILED, f"quilt lost track of it ({type(exc).__name__})"
+            inner = errors.single(exc)
+            if isinstance(inner, (errors.AriaError, OSError)):
+                t.state, t.message = T_FAILED, f"could not start: {_reason(inner)}"
+                log.info("task could not start", task=t.id, why=_reason(inner))
+            else:
+                log.exception("task supervisor failed", task=t.id)
+                t.state, t.message = T_FAILED, f"quilt lost track of it ({type(inner).__name__})"
         finally:
             self.tasks.pop(t.id, None)
             self.images.release(image)
         if t.log is not None:
             t.output_lines, t.output_truncated = t.log.count, t.log.truncated
         t.finished_at, t.pid, t.handle = now_us(), 0, None
-        with trio.CancelScope(shield=True):
-            await self.store.run(table.upsert, "tasks", t.row())
+        await self._record_end("tasks", t.row())
         log.info("task ended", task=t.id, container=t.container_id, state=TASK_STATES[t.state], message=t.message)
         t.done.set()
         if not started:
@@ -703,7 +754,7 @@ class Engine:
             workdir=workdir,
             env=full_env,
             network=c.spec.network,
-            hostname=c.spec.name or c.id,
+            hostname=c.spec.name if HOSTNAME.fullmatch(c.spec.name) else c.id,
             cgroup=c.cgroup,
             memory_bytes=memory,
             pids=pids,

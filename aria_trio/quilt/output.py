@@ -11,6 +11,7 @@ output is counted, not kept; the in-memory index keeps one file offset per INDEX
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import trio
+
+from .. import errors
 
 STDOUT, STDERR, SYSTEM = 1, 2, 3
 MAX_LINE = 64 * 1024
@@ -54,6 +57,7 @@ class OutputLog:
         self.dropped_bytes = 0
         self.truncated = False
         self.closed = False
+        self.lost_lines = 0  # lines that found the disk full (not kept; said once there is room)
         self._size = 0  # file size
         self._index: list[int] = []  # file offset of line INDEX_EVERY * i
         self._partial: dict[int, bytearray] = {STDOUT: bytearray(), STDERR: bytearray()}
@@ -146,8 +150,21 @@ class OutputLog:
                 lines.append(Line(self.count + len(lines), now, stream, text))
             if not lines:
                 return
+            lost = self.lost_lines
+            if lost:  # the disk may have room again: say what is missing first
+                note = Line(self.count, now, SYSTEM, f"[quilt] {lost} lines were lost: the disk was full")
+                lines = [note, *(Line(line.offset + 1, line.time_ns, line.stream, line.text) for line in lines)]
             data = [_encode(line) for line in lines]
-            await trio.to_thread.run_sync(self._append, data)
+            try:
+                await trio.to_thread.run_sync(self._append, data)
+            except OSError as exc:
+                if not errors.is_disk_full(exc):
+                    raise
+                # Nothing half-written (the file is cut back to its last whole line); the lines
+                # are counted, said when there is room again, and the process goes on.
+                self.lost_lines = lost + len(lines) - (1 if lost else 0)  # (the note is not one of them)
+                return
+            self.lost_lines = 0
             for i, raw in enumerate(data):
                 if (self.count + i) % INDEX_EVERY == 0:
                     self._index.append(self._size)
@@ -158,7 +175,14 @@ class OutputLog:
     def _append(self, data: list[bytes]) -> None:
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            os.write(fd, b"".join(data))
+            blob = b"".join(data)
+            try:
+                written = os.write(fd, blob)
+                if written != len(blob):
+                    raise OSError(errno.ENOSPC, "short write")
+            except OSError:
+                os.ftruncate(fd, self._size)  # back to the last whole line
+                raise
         finally:
             os.close(fd)
 

@@ -145,8 +145,7 @@ class ContainersService(quilt_grpc.ContainersServicer):  # type: ignore[misc]
         return container_pb(await self.engine.start(request.id))
 
     async def StopContainer(self, request: pb.StopContainerRequest, ctx: CallContext) -> pb.Container:
-        if request.grace_seconds < 0:
-            raise errors.InvalidArgument("grace_seconds must not be negative", fields={"grace_seconds": "negative"})
+        errors.seconds(request.grace_seconds, "grace_seconds", 24 * 3600)
         return container_pb(await self.engine.stop(request.id, request.grace_seconds))
 
     async def RemoveContainer(self, request: pb.RemoveContainerRequest, ctx: CallContext) -> pb.RemoveContainerResponse:
@@ -165,7 +164,7 @@ class ContainersService(quilt_grpc.ContainersServicer):  # type: ignore[misc]
 
     async def ContainerLogs(self, request: pb.ContainerLogsRequest, ctx: CallContext) -> AsyncIterator[pb.OutputLine]:
         log = await self.engine.container_log(request.id)
-        since = request.since.ToNanoseconds() if request.HasField("since") else 0
+        since = errors.timestamp_ns(request.since, "since") if request.HasField("since") else 0
         async for line in log.lines(request.offset, follow=request.follow, since_ns=since):
             yield line_pb(line)
 
@@ -300,8 +299,7 @@ class BundlesService(quilt_grpc.BundlesServicer):  # type: ignore[misc]
         return pb.ValidateBundleResponse(valid=not problem, error=problem)
 
     async def RunTool(self, request: pb.RunToolRequest, ctx: CallContext) -> pb.RunToolResult:
-        if request.timeout_seconds < 0:
-            raise errors.InvalidArgument("timeout must not be negative", fields={"timeout_seconds": "negative"})
+        errors.seconds(request.timeout_seconds, "timeout_seconds", 24 * 3600)
         r = await self.runner.run(
             request.bundle_id,
             request.tool_name,

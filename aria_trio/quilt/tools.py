@@ -15,7 +15,7 @@ from pathlib import Path
 
 import trio
 
-from .. import errors
+from .. import errors, json_input
 from .bundles import BundleStore
 from .images import HOST
 from .limits import Cgroup
@@ -68,7 +68,7 @@ class ToolRunner:
         if tool is None:
             raise errors.NotFound(f"bundle {bundle_id} has no tool {tool_name!r}", reason="TOOL_NOT_FOUND")
         try:
-            arguments = json.loads(arguments_json or "{}")
+            arguments = json_input.loads(arguments_json or "{}")
         except ValueError:
             raise errors.InvalidArgument("arguments_json is not JSON", fields={"arguments_json": "not JSON"}) from None
         if not isinstance(arguments, dict):
@@ -153,7 +153,7 @@ class ToolRunner:
                 reason = f"out of memory (the limit is {memory} bytes)"
             return ToolResult(False, "", f"the tool failed: {reason}", log, duration, code, False)
         try:
-            answer = json.loads(captured.stdout)
+            answer = json_input.loads(captured.stdout)
             if not isinstance(answer, dict) or not isinstance(answer.get("ok"), bool):
                 raise ValueError("not an answer")
         except ValueError:

@@ -403,6 +403,11 @@ class _GracefulH2Connection(h2.connection.H2Connection):  # type: ignore[misc]
         except h2.exceptions.StreamClosedError:
             return [], []
 
+    def _begin_new_stream(self, stream_id: int, allowed_ids: Any) -> Any:
+        stream = super()._begin_new_stream(stream_id, allowed_ids)
+        stream.__class__ = _GrpcStream
+        return stream
+
     def _receive_goaway_frame(self, frame: Any) -> Any:
         # h2 3.x treats any GOAWAY it receives as the end: it closes its state machine and throws
         # away our queued frames, so calls still in flight cannot finish. A GOAWAY with NO_ERROR
@@ -414,6 +419,15 @@ class _GracefulH2Connection(h2.connection.H2Connection):  # type: ignore[misc]
         event.last_stream_id = frame.last_stream_id
         event.additional_data = frame.additional_data or None
         return [], [event]
+
+
+class _GrpcStream(h2.stream.H2Stream):  # type: ignore[misc]
+    """h2's stream, without its content-length check: gRPC frames its messages itself and sends
+    no content-length; in h2 3.x a bad one (`-5`, `x`) was an error of the whole connection, which
+    one caller's malformed request must not be (RFC 9113 makes it a stream error at most)."""
+
+    def _initialize_content_length(self, headers: Any) -> None:
+        self._expected_content_length = None
 
 
 @dataclasses.dataclass
@@ -432,6 +446,7 @@ class _Connection(GRPCConnection):  # type: ignore[misc]
         self.MAX_CONCURRENT_STREAMS = max_concurrent_streams
         self._connection_window = connection_window
         self._handlers: dict[type, Any] = {}
+        self.settings_seen = False  # the peer's first SETTINGS came: its handshake is done
         super().__init__(config)
         self.h2_connection = _GracefulH2Connection(
             h2.config.H2Configuration(
@@ -494,6 +509,10 @@ class _Connection(GRPCConnection):  # type: ignore[misc]
         handler = next((method for base, method in chain if issubclass(kind, base)), None)
         self._handlers[kind] = handler  # bounded by h2's event classes
         return handler
+
+    def _remote_settings_changed(self, event: h2.events.RemoteSettingsChanged) -> list[Any]:
+        self.settings_seen = True
+        return super()._remote_settings_changed(event)  # type: ignore[no-any-return]
 
     def _connection_terminated(self, event: h2.events.ConnectionTerminated) -> list[Any]:
         return [GoAway(event.last_stream_id or 0, int(event.error_code or 0))]

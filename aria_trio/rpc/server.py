@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Protocol
 
+import h2.connection
 import h2.errors
 import h2.exceptions
 import structlog
@@ -308,6 +309,18 @@ def _unlink_socket(path: str) -> None:
 
 
 _END = object()  # end of the client's messages
+HANDSHAKE_TIMEOUT = 10.0  # seconds a new connection has for its preface and first SETTINGS
+CLOSE_FLUSH = 1.0  # seconds the writer gets to send a GOAWAY before a broken connection closes
+OVER_QUOTA_GRACE = 5.0  # seconds a connection over its user's quota is answered before it closes
+MAX_STATUS_MESSAGE = 1024  # bytes of a status message (its details carry a copy): the rest is cut, with "…"
+
+
+def bounded(text: str, most: int) -> str:
+    """`text` cut to at most `most` bytes of UTF-8 (at a character), with "…" when cut."""
+    raw = text.encode()
+    if len(raw) <= most:
+        return text
+    return raw[: most - 3].decode("utf-8", "ignore") + "…"
 
 
 class _Connection:
@@ -364,7 +377,11 @@ class _Connection:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._write_loop)
+                nursery.start_soon(self._deadlines)
                 await self._read_loop()
+                if self._closing:  # a protocol error: the writer sends its GOAWAY, then ends it all
+                    with trio.move_on_after(CLOSE_FLUSH):
+                        await trio.sleep_forever()
                 # The peer is gone (or broke the protocol): no call can answer any more.
                 nursery.cancel_scope.cancel()
         except Exception:
@@ -372,6 +389,23 @@ class _Connection:
         finally:
             with trio.CancelScope(shield=True):
                 await self.stream.aclose()
+
+    async def _deadlines(self) -> None:
+        """A peer that has not sent its preface and SETTINGS within HANDSHAKE_TIMEOUT is not a
+        client: it would hold a connection slot for ever. One over its user's connection quota is
+        answered (every call gets the quota's error) for OVER_QUOTA_GRACE seconds, then closed."""
+        await trio.sleep(HANDSHAKE_TIMEOUT if self.refusal is None else min(HANDSHAKE_TIMEOUT, OVER_QUOTA_GRACE))
+        if not self.proto.settings_seen:
+            log.info("closed a connection that never finished its handshake", timeout_s=HANDSHAKE_TIMEOUT)
+            self.close_now()
+            return
+        if self.refusal is not None:
+            self.goaway()
+            self.close()
+
+    def close_now(self) -> None:
+        assert self._nursery is not None
+        self._nursery.cancel_scope.cancel()
 
     async def _read_loop(self) -> None:
         # Reads the non-blocking socket directly and waits for readability only when it is empty:
@@ -392,8 +426,16 @@ class _Connection:
             try:
                 events = self.proto.receive_data(data)
             except (h2.exceptions.ProtocolError, PurerpcProtocolError) as exc:
-                # h2 has queued a GOAWAY; let the writer send it, then close.
-                log.info("connection closed: HTTP/2 protocol error from peer", error=repr(exc))
+                # h2 has queued a GOAWAY (not for a bad preface: then we do); the writer sends
+                # it, then the connection closes.
+                log.info("connection closed: HTTP/2 protocol error from peer", error=repr(exc)[:500])
+                if self.h2.state_machine.state is not h2.connection.ConnectionState.CLOSED:
+                    frame = GoAwayFrame(
+                        stream_id=0,
+                        last_stream_id=self.h2.highest_inbound_stream_id,
+                        error_code=h2.errors.ErrorCodes.PROTOCOL_ERROR,
+                    )
+                    self.h2._data_to_send += frame.serialize()
                 self.close()
                 return
             for event in events:
@@ -623,6 +665,11 @@ class _Call:
     def _send_status(
         self, code: StatusCode, message: str, reason: str, fields: dict[str, str], metadata: dict[str, str]
     ) -> None:
+        # A message may quote the caller's input: bounded, so the trailers stay within what any
+        # client takes (grpcio: 8 KiB soft, 16 KiB hard, for all of its metadata).
+        message = bounded(message, MAX_STATUS_MESSAGE)
+        fields = {bounded(k, 256): bounded(v, 256) for k, v in list(fields.items())[:16]}
+        metadata = {bounded(k, 128): bounded(v, 512) for k, v in list(metadata.items())[:16]}
         if self._headers_sent:
             headers = []
         else:

@@ -59,6 +59,15 @@ class RpcError(Exception):
             return None
         return status_pb2.Status.FromString(self.details_bin)
 
+    def bad_fields(self) -> dict[str, str]:
+        """The field violations of the google.rpc.BadRequest the server sent (client side)."""
+        status = self.status()
+        for detail in status.details if status else ():
+            bad = error_details_pb2.BadRequest()
+            if detail.Unpack(bad):
+                return {v.field: v.description for v in bad.field_violations}
+        return {}
+
     def error_info(self) -> error_details_pb2.ErrorInfo | None:
         status = self.status()
         for detail in status.details if status else ():

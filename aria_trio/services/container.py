@@ -12,6 +12,7 @@ from ..proto.aria.v1 import container_pb2 as pb
 from ..proto.quilt.v1 import quilt_pb2 as q
 from ..rpc import CallContext
 from ..sessions import Sessions
+from ..tasks import check_environment
 from . import convert
 
 MAX_ENV = 1024
@@ -31,10 +32,7 @@ class ContainerService(container_grpc.ContainerServiceServicer):  # type: ignore
     async def CreateContainer(self, request: pb.CreateContainerRequest, ctx: CallContext) -> pb.Container:
         if len(request.environment) > MAX_ENV:
             raise errors.InvalidArgument(f"at most {MAX_ENV} environment variables", fields={"environment": "too many"})
-        if any(not kv.key or "=" in kv.key or "\0" in kv.key for kv in request.environment):
-            raise errors.InvalidArgument(
-                "environment keys must be non-empty, without '='", fields={"environment": "key"}
-            )
+        check_environment({kv.key: kv.value for kv in request.environment})
         session = request.session_id if request.HasField("session_id") and request.session_id else None
         if session is not None:
             await self.sessions.get(ctx.user, session)
@@ -77,7 +75,7 @@ class ContainerService(container_grpc.ContainerServiceServicer):  # type: ignore
     async def StreamContainerLogs(
         self, request: pb.StreamContainerLogsRequest, ctx: CallContext
     ) -> AsyncIterator[pb.ContainerLog]:
-        since = request.since.ToNanoseconds() if request.HasField("since") else None
+        since = errors.timestamp_ns(request.since, "since") if request.HasField("since") else None
         async for line in self.containers.logs(ctx.user, request.container_id, request.follow, since):
             yield pb.ContainerLog(
                 line=line.text,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from google.protobuf import json_format, struct_pb2
 
+from .. import errors
 from ..audit import Audit
 from ..preferences import Preferences, masked
 from ..proto.aria.v1 import user_preference_grpc
@@ -28,7 +29,12 @@ class UserPreferenceService(user_preference_grpc.UserPreferenceServiceServicer):
     async def UpdateUserPreferences(
         self, request: pb.UpdateUserPreferencesRequest, ctx: CallContext
     ) -> pb.UserPreferences:
-        updates = json_format.MessageToDict(request.updates)  # null values come back as None
+        try:
+            updates = json_format.MessageToDict(request.updates)  # null values come back as None
+        except ValueError:  # NaN or infinity: not JSON, not a preference
+            raise errors.InvalidArgument(
+                "preference values must be JSON values (no NaN or infinity)", fields={"updates": "not JSON"}
+            ) from None
         result = _response(await self.preferences.update(ctx.user, updates))
         await self.audit.record(ctx, "preferences.update", "preferences", ctx.user, keys=sorted(updates))
         return result
