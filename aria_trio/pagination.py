@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import errors
+from .store.db import PAGE_BYTES, fits
 
 DEFAULT_PAGE = 50
 MAX_PAGE = 1000
@@ -55,14 +56,21 @@ class PageTokens:
         return _b64(body) + "." + _b64(self._sign(body))
 
     def cut(
-        self, filter_key: str, rows: list[dict[str, Any]], limit: int, key: tuple[str, str] = ("created_at", "id")
+        self,
+        filter_key: str,
+        rows: list[dict[str, Any]],
+        limit: int,
+        key: tuple[str, str] = ("created_at", "id"),
+        max_bytes: int = PAGE_BYTES,
     ) -> tuple[list[dict[str, Any]], str]:
-        """Rows fetched as `limit + 1` (one more tells whether there is a next page): the page, and
-        the token of the next one ("" when this is the last)."""
-        if len(rows) <= limit:
+        """Rows fetched as `limit + 1` (one more tells whether there is a next page), or fewer when
+        they went past `max_bytes` (store.db.bounded): the page (never empty when there are rows,
+        whatever their size), and the token of the next one ("" when this is the last)."""
+        keep = fits(rows, limit, max_bytes)
+        if len(rows) <= keep:
             return rows, ""
-        last = rows[limit - 1]
-        return rows[:limit], self.make(filter_key, last[key[0]], last[key[1]])
+        last = rows[keep - 1]
+        return rows[:keep], self.make(filter_key, last[key[0]], last[key[1]])
 
     def read(self, token: str, filter_key: str) -> tuple[int, str]:
         bad = errors.InvalidArgument(

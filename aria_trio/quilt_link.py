@@ -205,6 +205,7 @@ class QuiltLink:
         """The connection with the most free streams; a new one if all are full (up to
         MAX_CONNECTIONS; then the fullest waits in its channel's queue)."""
         first = self.channel()
+        await first.ready()  # (its stream cap is known from then on)
         channels = [c for c in (first, *self._extra) if c.usable]
         best = max(channels, key=Channel.free_streams, default=first)
         if best.free_streams() > 0 or len(channels) >= MAX_CONNECTIONS or self._extras is None:

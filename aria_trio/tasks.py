@@ -266,11 +266,12 @@ class Tasks:
             running = self.running.get(task_id)
             changed = running.changed if running is not None else None
             while True:
+                # (a batch is bounded by rows and by bytes: fewer than REPLAY_BATCH is not the end)
                 rows = await self.store.run(table.output_after, task_id, seq, REPLAY_BATCH)
                 for r in rows:
                     seq = r[0]
                     yield OutputItem(*r)
-                if len(rows) < REPLAY_BATCH:
+                if not rows:
                     break
             if not follow or changed is None:
                 return

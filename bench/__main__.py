@@ -20,7 +20,16 @@ import sys
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import list_tasks, notify_fanout, quilt_exec, quilt_upload, runtime_upload, turn_overhead, unary_prefs
+from . import (
+    cpu_spinners,
+    list_tasks,
+    notify_fanout,
+    quilt_exec,
+    quilt_upload,
+    runtime_upload,
+    turn_overhead,
+    unary_prefs,
+)
 from .harness import BenchError
 
 
@@ -38,6 +47,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "notify_fanout": notify_fanout,
     "runtime_upload": runtime_upload,
     "turn_overhead": turn_overhead,
+    "cpu_spinners": cpu_spinners,
 }
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -27,8 +27,11 @@ Environment: FUZZ_SEED (default 20240917), FUZZ_BUDGET (seconds of message fuzzi
 default 25), FUZZ_ONLY (only routes whose path contains this). The seed, the method and the request
 (base64) of every failure are printed.
 
-Checks that fail today are marked `KNOWN FAILING` where they are made (they are left failing on
-purpose: each is a daemon bug, reported with its reproduction).
+What each check caught when it was written (all fixed since, each with the test that found it):
+unbounded status messages, JSON nested deep enough for a RecursionError, Timestamps out of range,
+NaN in preferences and durations, NUL bytes, arguments past the kernel's limits, lone surrogates,
+relayed errors without their BadRequest, no GOAWAY on a connection error, no handshake deadline,
+and a bad content-length that ended the whole connection.
 """
 
 from __future__ import annotations
@@ -505,16 +508,11 @@ def fuzz_daemon(daemon: Daemon, kind: str, resources: type[Resources], safe_url:
 
 
 def test_fuzz_runtime_messages(sock_dir: Path, fake_llm: FakeLLM) -> None:
-    """KNOWN FAILING, for these (each reported with a reproduction):
-    * grpc-message echoes the input unbounded (ids, names, event types, service names): a default
-      grpcio client gets RESOURCE_EXHAUSTED "metadata size exceeds ..." instead of the real status;
-    * INTERNAL: RecursionError on JSON nested past ~1000 (LaunchTask.command_json, a model's tool
-      arguments in ExecuteTurn); a Timestamp out of range (StreamContainerLogs.since); NaN or
-      infinity in a preference (UpdateUserPreferences); a NUL byte in CreateApiKey.user_id;
-    * UNAVAILABLE relayed from Quilt's INTERNAL (UploadBundle with a deeply nested manifest.json);
-    * INVALID_ARGUMENT relayed from Quilt without the contract's BadRequest;
-    * (found by the sweep at times) LaunchTask accepts '["\\ud800"]' and its task fails later
-      with a traceback in the log ("task watcher failed")."""
+    """Every runtime method (two callers: root with a fake model, `nobody` by API key), swept and
+    fuzzed: no INTERNAL, no lost connection, errors bounded and with their details (this found:
+    status messages echoing input unbounded; RecursionError on deep JSON in LaunchTask and a
+    model's tool arguments; Timestamps out of range; NaN preferences; a NUL in CreateApiKey;
+    Quilt's errors relayed without BadRequest; a lone surrogate accepted, failing later)."""
     daemon = start_daemon(sock_dir, env=NO_MODEL_ENV)
     try:
         fuzz_daemon(daemon, "runtime", RuntimeResources, fake_llm.base_url)
@@ -523,12 +521,9 @@ def test_fuzz_runtime_messages(sock_dir: Path, fake_llm: FakeLLM) -> None:
 
 
 def test_fuzz_quilt_messages(sock_dir: Path) -> None:
-    """KNOWN FAILING, for these: grpc-message echoes the input unbounded; INTERNAL on a Timestamp
-    out of range (ContainerLogs.since); on JSON nested deep (UploadBundle's manifest.json,
-    RunTool.arguments_json, a ListBundles.page_token that is base64 of such JSON, or of
-    [1e999]); on NaN seconds (StopContainer.grace_seconds, RunTool.timeout_seconds,
-    Exec/ExecAsync.timeout_seconds); tracebacks from the task/container supervisors on a NUL byte
-    in an env value and on an argument or env value past the kernel's 128 KiB (E2BIG)."""
+    """Every Quilt method, swept and fuzzed, as for the runtime (this found: unbounded status
+    messages; Timestamps out of range; deep JSON in manifests, RunTool arguments and page tokens;
+    NaN durations; NUL bytes and arguments past the kernel's 128 KiB failing the supervisors)."""
     quilt = start_quilt(sock_dir)
     try:
         fuzz_daemon(quilt, "quilt", QuiltResources, "http://127.0.0.1:9/")
@@ -938,7 +933,8 @@ CASES: list[tuple[str, Case, str, int | None]] = [
     ("many_streams_over_limit", many_streams_over_limit, EITHER, None),
     ("slow_preface", slow_preface, SURVIVE, 1),
     ("headers_missing_pseudo", headers_missing_pseudo, SURVIVE, 21),
-    # KNOWN FAILING: h2 raises InvalidBodyLengthError, a connection error, and the server closes
+    # (this found: h2 raised InvalidBodyLengthError, a connection error, and the server closed the
+    # connection with the valid call on it; now content-length, which gRPC does not use, is ignored)
     ("bad_content_length", bad_content_length, SURVIVE, 3),
     ("grpc_frame_lies", grpc_frame_lies, SURVIVE, 9),
 ]
@@ -1077,9 +1073,9 @@ def test_h2_garbage(
     assert not problems, f"{kind} / {name} (seed {SEED}):\n  " + "\n  ".join(problems)
 
 
-# KNOWN FAILING (both daemons, every case): on a connection error h2 queues a GOAWAY, but
-# aria_trio/rpc/server.py `_Connection.run` cancels the writer as soon as `_read_loop` returns, so
-# the GOAWAY (and often the server's own SETTINGS) is never sent: the client sees a bare EOF.
+# (This found, on both daemons, every case: on a connection error h2 queued a GOAWAY, but
+# aria_trio/rpc/server.py `_Connection.run` cancelled the writer as soon as `_read_loop` returned,
+# so the GOAWAY, and often the server's own SETTINGS, was never sent: the client saw a bare EOF.)
 GOAWAY_CASES = [
     ("invalid_preface", junk_no_preface, PROTOCOL_ERROR),
     ("settings_length_5", sends(frame(SETTINGS, 0, 0, b"\x00" * 5)), FRAME_SIZE_ERROR),
@@ -1117,9 +1113,9 @@ def test_silent_connections_do_not_lock_out_clients(sock_dir: Path, kind: str) -
     slots for ever: with every slot taken by one, a real client must get through once the
     connections are past a handshake deadline (HANDSHAKE_LIMIT; grpc-core has one, 120 s by default).
 
-    KNOWN FAILING (both daemons): there is no handshake or idle deadline, so `max_connections`
-    silent sockets (4 here for the runtime; Quilt's fixed 256) lock every client out until they
-    close; for Quilt that includes the runtime's own link to it."""
+    (This found, on both daemons: there was no handshake deadline, so `max_connections`
+    silent sockets (4 here for the runtime; Quilt's fixed 256) locked every client out until they
+    closed; for Quilt that included the runtime's own link to it.)"""
     if kind == "runtime":
         daemon, slots = start_daemon(sock_dir, "--max-connections", "4", env=NO_MODEL_ENV), 4
     else:

@@ -21,10 +21,14 @@ from pathlib import Path
 import grpc
 import pytest
 
+from aria_trio.proto.aria.v1 import aria_pb2
 from aria_trio.proto.quilt.v1 import quilt_pb2 as pb
 
-from conftest import Daemon, start_quilt
+from aria_client import AriaClient
+from conftest import Daemon, start_daemon, start_quilt
 from quilt_client import QuiltClient, error_of, error_reason
+
+aria_error_reason = error_reason  # (the same ErrorInfo, from either daemon)
 
 MARKER = "ARIA_TEST_SECRET_" + secrets.token_hex(8)
 SANDBOX_UID = 200000  # quilt's default --sandbox-uid
@@ -229,3 +233,42 @@ def test_an_exec_without_a_timeout_gets_the_default_not_none(env):
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     finally:
         env.q.stop(box.id)
+
+
+# -- through the runtime ----------------------------------------------------------------------------
+
+
+def test_the_runtime_s_own_socket_and_data_are_out_of_reach_even_under_a_shown_folder(tmp_path):
+    """A runtime whose data and socket live under /usr (which the host view shows): a task of it
+    finds neither, and cannot connect to the socket's path."""
+    home = Path("/usr/local/share") / f"aria-rt-{secrets.token_hex(4)}"
+    home.mkdir(parents=True)
+    try:
+        d = start_daemon(home)
+        try:
+            c = AriaClient(d.channel())
+            for image in ("/", "/home", "../..", "/usr"):
+                with pytest.raises(grpc.RpcError) as info:
+                    c.create_container("x", image_path=image)
+                assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, image
+                assert aria_error_reason(info.value) == "IMAGE_NOT_ALLOWED", image
+            sock = d.socket
+            script = f"import socket; s = socket.socket(socket.AF_UNIX); s.connect({str(sock)!r}); print('connected')"
+            task_id = c.launch(
+                [
+                    "sh",
+                    "-c",
+                    f"ls -A {d.data_dir} | wc -l; test -S {sock} && echo socket-seen; "
+                    f'python3 -c "{script}" 2>&1 | tail -1; id -u',
+                ]
+            )
+            done = c.wait_task(task_id)
+            out = [o.stdout_line for o in c.output(task_id)]
+            assert done.status == aria_pb2.COMPLETED, done
+            assert out[0] == "0" and "socket-seen" not in out, out  # the data folder: an empty cover
+            assert "connected" not in out[1] and "Error" in out[1], out
+            assert out[2] == "65534"
+        finally:
+            d.stop()
+    finally:
+        shutil.rmtree(home, ignore_errors=True)

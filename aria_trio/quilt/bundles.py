@@ -30,6 +30,7 @@ import trio
 from .. import errors, json_input
 from ..bundle_manifest import Agent, InvalidBundle, Manifest, Tool, inspect_bundle
 from ..store import Store
+from ..store.db import fits
 from . import store as table
 from .engine import now_us
 
@@ -265,8 +266,9 @@ class BundleStore:
         size = min(page_size or DEFAULT_PAGE, MAX_PAGE)
         after = _decode_token(token) if token else None
         rows = await self.store.run(table.bundles_page, size + 1, after)
-        more = len(rows) > size
-        rows = rows[:size]
+        keep = fits(rows, size)  # (bounded by bytes too: a manifest may be 1 MiB)
+        more = len(rows) > keep
+        rows = rows[:keep]
         next_token = _encode_token(rows[-1]["created_at"], rows[-1]["id"]) if more else ""
         return [Bundle.from_row(r) for r in rows], next_token
 

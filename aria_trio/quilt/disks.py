@@ -38,7 +38,7 @@ class Disks:
     def detect(cls, root: bool) -> Disks:
         if not root:
             return cls(False, "they need Quilt to run as root (mount)")
-        missing = [p for p in ("mkfs.ext4", "mount") if shutil.which(p) is None]
+        missing = [p for p in ("mkfs.ext4", "mount") if _which(p) is None]
         if missing:
             return cls(False, f"{' and '.join(missing)} not found (e2fsprogs, util-linux)")
         if not Path("/dev/loop-control").exists():
@@ -54,7 +54,7 @@ class Disks:
             f.truncate(size)
         _run_on(
             folder,
-            "mkfs.ext4",
+            _which("mkfs.ext4") or "mkfs.ext4",
             "-q",
             "-F",
             "-m",
@@ -69,7 +69,7 @@ class Disks:
     def attach(self, folder: Path, at: Path, uid: int, gid: int) -> None:
         """Mount folder/disk.img at `at` (nosuid, nodev), with workspace/ and tmp/ in it."""
         at.mkdir(exist_ok=True)
-        _run("mount", "-o", "loop,nosuid,nodev", "-t", "ext4", str(folder / IMAGE), str(at))
+        _run(_which("mount") or "mount", "-o", "loop,nosuid,nodev", "-t", "ext4", str(folder / IMAGE), str(at))
         for sub, mode in (("workspace", 0o755), ("tmp", 0o1777)):
             path = at / sub
             path.mkdir(exist_ok=True)
@@ -86,6 +86,11 @@ class Disks:
         except OSError as exc:
             if exc.errno not in (22, 2):  # EINVAL: not mounted; ENOENT: no such folder
                 log.warning("could not unmount a container's disk", error=str(exc))
+
+
+def _which(program: str) -> str | None:
+    """(Root's programs live in sbin, which a PATH may leave out.)"""
+    return shutil.which(program, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
 
 
 def _run(*argv: str) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -294,11 +295,29 @@ def _root_view(image: Image, network: bool, sandbox: Sandbox) -> list[str]:
         if path.exists():
             args += ["--ro-bind", str(path), str(path)]
             bound.append(path)
-    for hidden in sandbox.hidden:
-        real = hidden.resolve()
-        if real.exists() and any(real == b or b in real.parents for b in bound):
+    covered: list[Path] = []
+    for real in sorted({h.resolve() for h in sandbox.hidden}, key=lambda p: len(p.parts)):
+        if any(c == real or c in real.parents for c in covered):
+            continue  # inside one covered already
+        if real.exists() and any(real == b or b in real.parents for b in bound) and _reachable(real, sandbox.user):
             args += ["--tmpfs", str(real)] if real.is_dir() else ["--ro-bind", "/dev/null", str(real)]
+            covered.append(real)
     return args
+
+
+def _reachable(path: Path, user: tuple[int, int] | None) -> bool:
+    """Could the sandbox user get to `path` through its folders? (If not, the kernel keeps it out
+    already, and bubblewrap, as that user, could not even cover it.) The daemon's own user, when
+    not root, can get anywhere it can."""
+    if user is None:
+        return True
+    uid, gid = user
+    for folder in reversed(path.parents):
+        st = os.stat(folder)
+        bit = stat.S_IXUSR if st.st_uid == uid else stat.S_IXGRP if st.st_gid == gid else stat.S_IXOTH
+        if not st.st_mode & bit:
+            return False
+    return True
 
 
 def base_env(spec_env: Mapping[str, str]) -> dict[str, str]:

@@ -7,6 +7,8 @@ from typing import Any
 
 import sqlite_utils
 
+from ..store.db import PAGE_BYTES, bounded, row_bytes
+
 MIGRATIONS: list[tuple[int, str, str]] = [
     (
         1,
@@ -104,13 +106,13 @@ def mark_lost(db: sqlite_utils.Database, now: int) -> tuple[list[dict[str, Any]]
 def bundles_page(db: sqlite_utils.Database, limit: int, after: tuple[int, str] | None) -> list[dict[str, Any]]:
     """Newest first, keyset on (created_at, id)."""
     if after is None:
-        return list(db.query("SELECT * FROM bundles ORDER BY created_at DESC, id DESC LIMIT ?", [limit]))
-    return list(
-        db.query(
+        rows = db.query("SELECT * FROM bundles ORDER BY created_at DESC, id DESC LIMIT ?", [limit])
+    else:
+        rows = db.query(
             "SELECT * FROM bundles WHERE (created_at, id) < (?, ?) ORDER BY created_at DESC, id DESC LIMIT ?",
             [after[0], after[1], limit],
         )
-    )
+    return bounded(rows, limit, PAGE_BYTES, row_bytes)  # (a manifest may be 1 MiB: bytes, not rows)
 
 
 def dumps(value: Any) -> str:

@@ -57,6 +57,7 @@ class Channel:
         self.closed = trio.Event()  # set once the connection is gone
         self._goaway_last: int | None = None
         self._stream_freed = trio.Event()  # set (and replaced) whenever a call lets go of its stream
+        self._settings = trio.Event()  # the server's first SETTINGS came (its stream cap with it)
         self.waiting_calls = 0
 
     @classmethod
@@ -118,6 +119,8 @@ class Channel:
                     break
                 for event in self.proto.receive_data(data):
                     self._dispatch(event)
+                if self.proto.settings_seen and not self._settings.is_set():
+                    self._settings.set()
                 self.kick()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             reason = "connection to the server lost"
@@ -129,9 +132,14 @@ class Channel:
     def _connection_lost(self, reason: str) -> None:
         self._lost = self._lost or reason
         self.closed.set()
+        self._settings.set()  # (nobody waits for them any more)
         for call in list(self._calls.values()):
             call._fail(RpcError(StatusCode.UNAVAILABLE, reason))
         self._free_stream()
+
+    async def ready(self) -> None:
+        """Once the server's first SETTINGS came (or the connection is gone)."""
+        await self._settings.wait()
 
     @property
     def usable(self) -> bool:
@@ -219,6 +227,13 @@ class Channel:
         """Open a call of any kind; leaving the block before the response ended cancels it. Past the
         server's stream cap the call waits for a stream, its deadline running."""
         deadline = trio.current_time() + timeout if timeout is not None else math.inf
+        if not self._settings.is_set():
+            # Until the server's SETTINGS come, its stream cap is unknown (and h2 assumes none):
+            # calls wait for them, so that a burst of calls never opens more than it allows.
+            with trio.move_on_at(deadline) as waited:
+                await self._settings.wait()
+            if waited.cancelled_caught:
+                raise RpcError(StatusCode.DEADLINE_EXCEEDED, "deadline exceeded (waiting for the server's settings)")
         if self._lost is None and self.free_streams() <= 0:
             with trio.move_on_at(deadline) as waited:
                 await self._stream_slot()

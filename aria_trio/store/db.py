@@ -17,9 +17,9 @@ import contextlib
 import contextvars
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import sqlite_utils
 import structlog
@@ -42,6 +42,40 @@ def background() -> None:
 
 T = TypeVar("T")
 P = ParamSpec("P")
+
+
+PAGE_BYTES = 2 * 1024 * 1024  # text in one page of rows: under the 4 MiB of a gRPC message, with room
+
+
+def row_bytes(row: Mapping[str, Any]) -> int:
+    """About what a row takes in a message: its text and bytes (numbers are small)."""
+    return sum(len(v) for v in row.values() if isinstance(v, (str, bytes)))
+
+
+def bounded(rows: Iterable[T], limit: int, max_bytes: int, size: Callable[[T], int]) -> list[T]:
+    """Rows from a cursor until `limit` of them, or until they hold more than `max_bytes`: the row
+    that goes past is still taken (so a caller sees there is more), no further one is read. So a
+    page's memory is bounded by bytes, not rows (a row of a 1 MiB message counts as such)."""
+    out: list[T] = []
+    total = 0
+    for row in rows:
+        out.append(row)
+        total += size(row)
+        if len(out) >= limit or total > max_bytes:
+            break
+    return out
+
+
+def fits(rows: list[dict[str, Any]], limit: int, max_bytes: int = PAGE_BYTES) -> int:
+    """How many of `rows` (from `bounded`) a page keeps: up to `limit`, within `max_bytes`, at
+    least one. Rows past it mean there is a next page."""
+    keep, total = 0, 0
+    for row in rows[:limit]:
+        total += row_bytes(row)
+        if keep and total > max_bytes:
+            break
+        keep += 1
+    return keep
 
 
 def now_us() -> int:

@@ -6,7 +6,10 @@ from typing import Any
 
 import sqlite_utils
 
-from .db import transaction
+from .db import PAGE_BYTES, bounded, row_bytes, transaction
+
+# Text of the history sent to the model (the newest messages that fit): models take far less.
+HISTORY_BYTES = 2 * 1024 * 1024
 
 
 def append(db: sqlite_utils.Database, row: dict[str, Any]) -> dict[str, Any]:
@@ -21,21 +24,31 @@ def append(db: sqlite_utils.Database, row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def last(db: sqlite_utils.Database, session_id: str, limit: int) -> list[dict[str, Any]]:
-    """The session's last `limit` messages, oldest first."""
-    rows = db.query(
-        "SELECT * FROM (SELECT * FROM messages WHERE session_id = ? ORDER BY seq DESC LIMIT ?) ORDER BY seq",
-        [session_id, limit],
+def last(
+    db: sqlite_utils.Database, session_id: str, limit: int, max_bytes: int = HISTORY_BYTES
+) -> list[dict[str, Any]]:
+    """The session's last messages, oldest first: at most `limit`, and only as many of the newest
+    as fit in `max_bytes` of text (the one that goes past is left out, unless it is the only one)."""
+    rows = bounded(
+        db.query("SELECT * FROM messages WHERE session_id = ? ORDER BY seq DESC LIMIT ?", [session_id, limit]),
+        limit,
+        max_bytes,
+        row_bytes,
     )
-    return list(rows)
+    if len(rows) > 1 and sum(row_bytes(r) for r in rows) > max_bytes:
+        rows.pop()
+    return rows[::-1]
 
 
 def page(db: sqlite_utils.Database, session_id: str, after_seq: int, limit: int) -> list[dict[str, Any]]:
-    return list(
+    return bounded(
         db.query(
             "SELECT * FROM messages WHERE session_id = ? AND seq > ? ORDER BY seq LIMIT ?",
             [session_id, after_seq, limit],
-        )
+        ),
+        limit,
+        PAGE_BYTES,
+        row_bytes,
     )
 
 

@@ -6,6 +6,8 @@ from typing import Any
 
 import sqlite_utils
 
+from .db import PAGE_BYTES, bounded, row_bytes
+
 
 def insert(db: sqlite_utils.Database, row: dict[str, Any]) -> None:
     db.table("sessions").insert(row)
@@ -27,4 +29,6 @@ def page(db: sqlite_utils.Database, user_id: str, limit: int, after: tuple[int, 
     if after is not None:
         sql += " AND (created_at, id) < (?, ?)"
         params += after
-    return list(db.query(sql + " ORDER BY created_at DESC, id DESC LIMIT ?", [*params, limit]))
+    return bounded(
+        db.query(sql + " ORDER BY created_at DESC, id DESC LIMIT ?", [*params, limit]), limit, PAGE_BYTES, row_bytes
+    )

@@ -7,7 +7,9 @@ from typing import Any
 
 import sqlite_utils
 
-from .db import now_us, transaction
+from .db import PAGE_BYTES, bounded, now_us, row_bytes, transaction
+
+REPLAY_BYTES = 1024 * 1024  # text of the output lines read from the store at a time (replaying a follow)
 
 PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, TIMEOUT = 1, 2, 3, 4, 5, 6
 UNFINISHED = (PENDING, RUNNING)
@@ -71,7 +73,7 @@ def page(
         params.extend(after)
     sql.append("ORDER BY created_at DESC, id DESC LIMIT ?")
     params.append(limit)
-    return list(db.query(" ".join(sql), params))
+    return bounded(db.query(" ".join(sql), params), limit, PAGE_BYTES, row_bytes)
 
 
 def append_output(
@@ -89,11 +91,12 @@ def append_output(
 def output_after(
     db: sqlite_utils.Database, task_id: str, seq: int, limit: int
 ) -> list[tuple[int, int, str, float | None, int]]:
-    rows = db.execute(
+    """Lines after `seq`: at most `limit`, and no more once they hold REPLAY_BYTES of text."""
+    cursor = db.execute(
         "SELECT seq, stream, line, percent, at FROM task_output WHERE task_id = ? AND seq > ? ORDER BY seq LIMIT ?",
         [task_id, seq, limit],
-    ).fetchall()
-    return [tuple(r) for r in rows]
+    )
+    return bounded((tuple(r) for r in cursor), limit, REPLAY_BYTES, lambda r: len(r[2]))
 
 
 def last_output_seq(db: sqlite_utils.Database, task_id: str) -> int:
