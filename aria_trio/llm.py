@@ -44,6 +44,7 @@ MAX_CONTENT = 1 << 20  # bytes of reply text (UTF-8)
 MAX_TOOL_BYTES = 1 << 20  # bytes of all tool calls' ids, names and arguments together
 MAX_TOOL_CALLS = 1024  # tool calls parsed from one reply (a turn runs at most max_tool_calls_per_reply)
 MAX_EVENT = 8 << 20  # one SSE line or event, or a whole plain JSON answer
+MAX_EVENTS = 250_000  # events of one streamed reply: each costs ~0.1 ms here, so this bounds a reply's CPU
 MAX_ERROR_BODY = 64 << 10
 MAX_DETAIL = 300  # characters of the server's own error message quoted to clients
 
@@ -479,7 +480,9 @@ class _Assembler:
         self.call = call
         self.content: list[str] = []
         self.content_bytes = 0
-        self.calls: dict[int, dict[str, Any]] = {}  # index -> {"id", "name", "arguments"}
+        # index -> {"id", "name", "arguments": its pieces} (joined at the end: a server may send
+        # 200 KB of arguments 7 characters at a time, and += on a string would copy it all each time)
+        self.calls: dict[int, dict[str, Any]] = {}
         self.tool_bytes = 0
         self.finish_reason: str | None = None
 
@@ -503,7 +506,7 @@ class _Assembler:
         if part is None:
             if len(self.calls) >= MAX_TOOL_CALLS:
                 raise _too_large(self.call)
-            part = self.calls[index] = {"id": "", "name": "", "arguments": ""}
+            part = self.calls[index] = {"id": "", "name": "", "arguments": []}
         if fid and not part["id"]:
             part["id"] = fid
             self._count(fid)
@@ -516,11 +519,11 @@ class _Assembler:
             self._count(name)
         arguments = function.get("arguments")
         if isinstance(arguments, str):
-            part["arguments"] += arguments
+            part["arguments"].append(arguments)
             self._count(arguments)
         elif isinstance(arguments, dict | list):  # a server that sends the object itself
             text = json.dumps(arguments)
-            part["arguments"] = text
+            part["arguments"] = [text]
             self._count(text)
 
     def _count(self, text: str) -> None:
@@ -534,11 +537,12 @@ class _Assembler:
             part = self.calls[index]
             if not part["name"]:
                 raise self.call.malformed("a tool call has no name")
+            arguments = "".join(part["arguments"])
             calls.append(
                 ToolCall(
                     id=part["id"] or f"call_{secrets.token_hex(8)}",
                     name=part["name"],
-                    arguments=part["arguments"] if part["arguments"].strip() else "{}",
+                    arguments=arguments if arguments.strip() else "{}",
                 )
             )
         return Reply("".join(self.content), calls, self.finish_reason)
@@ -634,9 +638,13 @@ async def _read_sse(call: _Call, body: _Body) -> Reply:
     reply = _Assembler(call)
     events = _SSE(call)
     done = False
+    events_seen = 0
     while not done:
         data = await body.next()
         batch = events.feed(data) if data is not None else events.end()
+        events_seen += len(batch)
+        if events_seen > MAX_EVENTS:
+            raise _too_large(call)
         for event in batch:
             if event.strip() == "[DONE]":
                 done = True

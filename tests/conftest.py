@@ -23,19 +23,14 @@ import structlog
 from aria_trio import logs
 from aria_trio.rpc import Server
 
-import background
 import users
 from probe import Probe, make_server
 
 logs.setup("debug", "json")
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    background.start_early(items)
-
-
 def pytest_sessionfinish() -> None:
-    for d in _STARTED:  # (a background scenario interrupted with the session)
+    for d in _STARTED:  # (a scenario's daemons, when the session was interrupted)
         if d.proc.poll() is None:
             d.stop(signal.SIGKILL)
 
@@ -50,7 +45,8 @@ def sock_dir() -> Iterator[Path]:
         if d.proc.poll() is None and path in d.socket.parents:
             d.stop(signal.SIGKILL)
     _STARTED[:] = [d for d in _STARTED if d.proc.poll() is None]
-    shutil.rmtree(path, ignore_errors=True)
+    if not os.environ.get("ARIA_TEST_KEEP"):  # (set it to look at the daemons' logs afterwards)
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @dataclasses.dataclass

@@ -17,6 +17,9 @@ from aria_client import AriaClient, run_as
 from conftest import start_daemon
 from users import group_id, open_path_to
 
+# (one worker for the tests that make real Unix users: they share the users, made once)
+pytestmark = pytest.mark.xdist_group("unix-users")
+
 AUTH = "/aria.v1.AuthService/"
 PREFS = "/aria.v1.UserPreferenceService/GetUserPreferences"
 

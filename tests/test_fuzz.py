@@ -173,7 +173,9 @@ def model_script(seed: int) -> Callable[[Any], Any]:
             else ['{"command": ["true"]}']
         )
         args = rng.choice(pool)
-        return tool_stream([(name, args)])
+        # (in at most ~200 fragments: 200 KB of arguments 7 characters at a time is 30,000
+        # events, seconds of work for the runtime on a loaded machine, past the fuzzer's timeout)
+        return tool_stream([(name, args)], piece=max(7, len(args) // 200))
 
     return answer
 

@@ -8,6 +8,9 @@ from aria_client import run_as
 from conftest import start_daemon
 from users import open_path_to
 
+# (one worker for the tests that make real Unix users: they share the users, made once)
+pytestmark = pytest.mark.xdist_group("unix-users")
+
 OWNER = """
 c.upload_bytes(bundles.flat())
 session = c.session(agent_id="Calculator")

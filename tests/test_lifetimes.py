@@ -2,8 +2,8 @@
 
 Every timeout in play is outlasted: Trio retires an idle worker thread after 10 s (that killed
 every sandbox spawned from one, by its parent-death signal), the runtime's and Quilt's
-connections idle meanwhile, and nothing calls either daemon while the work sits there. Each
-scenario runs beside the rest of the suite (tests/background.py).
+connections idle meanwhile, and nothing calls either daemon while the work sits there. The
+scenarios run at once, in threads, in one test (about two minutes of mostly sleeping).
 """
 
 from __future__ import annotations
@@ -12,15 +12,14 @@ import time
 from pathlib import Path
 
 import grpc
-import pytest
 
 from aria_trio.proto.aria.v1 import aria_pb2
 from aria_trio.proto.quilt.v1 import quilt_pb2 as qpb
 
 from aria_client import AriaClient
-from background import scenario
 from conftest import start_daemon, start_quilt
 from quilt_client import QuiltClient, alive
+from scenarios import scenario
 
 IDLE_THREAD_S = 10  # trio's worker threads retire after this long unused
 
@@ -92,21 +91,16 @@ def unsandboxed_work_lives_too(folder: Path) -> None:
         q.stop()
 
 
-@pytest.mark.background(container_sleeping_600)
-def test_a_container_sleeping_600_s_is_still_running_after_60_idle_seconds():
-    container_sleeping_600.check()
-
-
-@pytest.mark.background(task_of_45_seconds)
-def test_a_45_s_task_completes_with_its_last_line():
-    task_of_45_seconds.check()
-
-
-@pytest.mark.background(persistent_container_idle_2_minutes)
-def test_a_persistent_container_idle_for_2_minutes_still_takes_an_exec():
-    persistent_container_idle_2_minutes.check()
-
-
-@pytest.mark.background(unsandboxed_work_lives_too)
-def test_without_a_sandbox_work_outlives_idle_threads_too():
-    unsandboxed_work_lives_too.check()
+def test_work_lives_as_long_as_it_should():
+    """The four scenarios at once, each in a thread of its own (they mostly sleep): about two
+    minutes, during which the other test worker runs the rest of the suite."""
+    scenarios = [
+        container_sleeping_600,
+        task_of_45_seconds,
+        persistent_container_idle_2_minutes,
+        unsandboxed_work_lives_too,
+    ]
+    for each in scenarios:
+        each.start()
+    failures = [each.failure(timeout=400) for each in scenarios]
+    assert not any(failures), "\n\n".join(f for f in failures if f)

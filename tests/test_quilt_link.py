@@ -20,6 +20,8 @@ from aria_client import AriaClient
 from conftest import start_daemon
 from probe import Probe, Req, Resp, make_server
 
+pytestmark = pytest.mark.serial  # calls that must all run at once, timed
+
 UNARY = "/probe.v1.Probe/Unary"
 
 

@@ -11,12 +11,15 @@ import time
 import tracemalloc
 
 import grpc
+import pytest
 import trio
 from purerpc.grpclib.config import GRPCConfiguration
 
 from aria_trio.rpc.protocol import ClientConnection
 
 from probe import Req, bidi, client_stream, grpc_channel, server_stream, unary
+
+pytestmark = pytest.mark.serial  # deadlines and cancels measured to 100 ms: alone
 
 
 async def test_deadline_exceeded_within_100ms(probe_server):

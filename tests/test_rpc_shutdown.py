@@ -7,9 +7,12 @@ import os
 import time
 
 import grpc
+import pytest
 import trio
 
 from probe import Probe, Req, grpc_channel, make_server, server_stream, unary
+
+pytestmark = pytest.mark.serial  # grace periods measured: alone
 
 
 async def test_shutdown_drains_then_ends_the_rest(nursery, sock_dir):

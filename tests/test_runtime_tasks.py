@@ -96,6 +96,7 @@ def test_exit_codes_environment_and_failure(daemon):
     assert missing.status == aria_pb2.FAILED
 
 
+@pytest.mark.serial  # timed
 def test_cancel_a_sleep_within_two_seconds(daemon):
     c = AriaClient(daemon.channel())
     task_id = c.launch(["sleep", "60"])

@@ -192,6 +192,7 @@ def test_a_write_past_the_disk_limit_fails_inside_and_nowhere_else(env):
         env.q.stop(box.id)
 
 
+@pytest.mark.serial  # measures CPU time: alone
 def test_a_cpu_spinner_gets_no_more_than_its_cpus(env):
     box = env.q.run(["python3", "-c", "while True: pass"], limits=pb.Limits(cpus=0.5))
     try:

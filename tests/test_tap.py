@@ -266,6 +266,7 @@ async def test_a_page_of_another_origin_is_refused_at_the_handshake(env: Env) ->
             pass
 
 
+@pytest.mark.serial  # timed: a 1 s drop
 async def test_a_client_that_stops_reading_slows_nobody_and_is_dropped(env: Env) -> None:
     big = "x" * 64 * 1024  # 200 of these (13 MB) fill any socket buffer of a client that does not read
     total = 200

@@ -82,6 +82,7 @@ def test_a_turn_with_a_tool_call_then_a_final_answer(helper, llm):
     assert len(llm.requests[-1].body["messages"]) == 5
 
 
+@pytest.mark.serial  # timed: two 1.5 s calls in under 2.9 s
 def test_calls_of_one_reply_run_concurrently(daemon, llm):
     c = AriaClient(daemon.channel())
     use_model(c, llm.base_url)
