@@ -20,7 +20,7 @@ test *args:
     #!/usr/bin/env bash
     set -uo pipefail
     pytest -n 2 --dist loadgroup -m "not serial" "$@"; first=$?
-    pytest -p no:xdist -m serial "$@"; second=$?
+    pytest -n 0 -m serial "$@"; second=$?
     for rc in $first $second; do
         if [ "$rc" -ne 0 ] && [ "$rc" -ne 5 ]; then exit "$rc"; fi
     done

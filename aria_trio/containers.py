@@ -33,6 +33,7 @@ PENDING, RUNNING, COMPLETED, FAILED, CANCELLED = 1, 2, 3, 4, 5
 QC = "/quilt.v1.Containers/"
 MAX_NAME = 128
 START_TIMEOUT = 10.0  # seconds for Quilt to start a container (it takes tens of milliseconds)
+STOP_TIMEOUT = 60.0  # seconds for Quilt to stop one (its grace, 10 s by default, then kills)
 
 
 def status_of(c: q.Container) -> int:
@@ -145,10 +146,16 @@ class Containers:
     async def stop(self, user: str, container_id: str) -> dict[str, Any]:
         row = await self.owned(user, container_id)
         async with self._lock(container_id):
-            stopped = await self.quilt.unary(
-                QC + "StopContainer", q.StopContainerRequest(id=row["quilt_container_id"]), q.Container, timeout=None
-            )
-            await self._record(row, stopped)
+            # Once Quilt is asked, the stop is seen through and recorded whatever becomes of the
+            # caller (a client that left made Quilt's stop stop half-way); STOP_TIMEOUT bounds it.
+            with trio.CancelScope(shield=True):
+                stopped = await self.quilt.unary(
+                    QC + "StopContainer",
+                    q.StopContainerRequest(id=row["quilt_container_id"]),
+                    q.Container,
+                    timeout=STOP_TIMEOUT,
+                )
+                await self._record(row, stopped)
         return row
 
     async def remove(self, user: str, container_id: str, *, force: bool = False) -> None:

@@ -45,6 +45,8 @@ MAX_COMMAND_BYTES = 256 * 1024
 MAX_ARG = 128 * 1024 - 1  # bytes of one argument or environment entry (what the kernel takes at exec)
 MAX_ENV = 1024
 OUTPUT_BATCH = 256
+CANCEL_GRACE = 1.0  # seconds a cancelled task's processes get after SIGTERM (then SIGKILL)
+CANCEL_WAIT = 5.0  # seconds CancelTask waits for the task's end, to answer what became of it
 REPLAY_BATCH = 1000
 
 QC, QT = "/quilt.v1.Containers/", "/quilt.v1.Tasks/"
@@ -128,6 +130,7 @@ class _Running:
         self.scope = trio.CancelScope()  # the current phase's: cancelled by CancelTask
         self.cancel_requested = False
         self.changed = trio.Event()  # new output stored, or the task ended
+        self.ended = trio.Event()  # the watcher is done: the record is final
         self.seq = 0  # last output seq stored
 
     def notify(self) -> None:
@@ -278,13 +281,17 @@ class Tasks:
             await changed.wait()
 
     async def cancel(self, user: str, task_id: str) -> bool:
+        """Cancel a pending or running task: True once it ended cancelled (or, past CANCEL_WAIT,
+        while its end is still under way); False if it had ended, or ended by itself first."""
         row = await self.get(user, task_id)
         running = self.running.get(task_id)
         if row["status"] in FINISHED or running is None:
             return False
         running.cancel_requested = True
         running.scope.cancel()
-        return True
+        with trio.move_on_after(CANCEL_WAIT):
+            await running.ended.wait()
+        return not running.ended.is_set() or running.row["status"] == CANCELLED
 
     # -- watching ---------------------------------------------------------------------------------
 
@@ -314,6 +321,7 @@ class Tasks:
             await self._finish_anyway(running, "the runtime lost track of this task (see its log)")
         finally:
             self.running.pop(row["id"], None)
+            running.ended.set()
             running.notify()
 
     async def _finish_anyway(self, running: _Running, message: str) -> None:
@@ -356,21 +364,31 @@ class Tasks:
         with trio.move_on_after(_remaining(deadline)) as timeout, running.phase():
             await self._follow(running, QC + "ContainerLogs", q.ContainerLogsRequest(id=cid, follow=True))
         timed_out = timeout.cancelled_caught
-        if running.cancel_requested or timed_out:
-            await self.quilt.unary(QC + "StopContainer", q.StopContainerRequest(id=cid, grace_seconds=1.0), q.Container)
-        await self._follow(running, QC + "ContainerLogs", q.ContainerLogsRequest(id=cid))  # what is left
-        end = await self._quilt_container(cid)
-        if running.cancel_requested:
-            await self._finish(running, CANCELLED, "cancelled by the caller", end)
-        elif timed_out:
-            await self._finish(running, TIMEOUT, f"timed out after {row['timeout_seconds']} s; it was stopped", end)
-        elif end is None:
-            await self._finish(running, FAILED, "lost: quilt no longer knows its container")
-        elif end.state == q.CONTAINER_EXITED and end.exit_code == 0 and not end.HasField("signal"):
-            await self._finish(running, COMPLETED, "finished", end)
-        else:
-            await self._finish(running, FAILED, end.message or "failed", end)
-        await self._remove(cid)
+        try:
+            if running.cancel_requested or timed_out:
+                try:
+                    stop = q.StopContainerRequest(id=cid, grace_seconds=CANCEL_GRACE)
+                    await self.quilt.unary(QC + "StopContainer", stop, q.Container)
+                except errors.FailedPrecondition:
+                    pass  # it ended by itself meanwhile: its end says how
+            await self._follow(running, QC + "ContainerLogs", q.ContainerLogsRequest(id=cid))  # what is left
+            end = await self._quilt_container(cid)
+            # What really happened: CANCELLED or TIMEOUT only if the stop ended it (Quilt says
+            # STOPPED only then); a task that finished by itself first is what it was.
+            stopped = end is not None and end.state == q.CONTAINER_STOPPED
+            if end is None:
+                await self._finish(running, FAILED, "lost: quilt no longer knows its container")
+            elif stopped and running.cancel_requested:
+                await self._finish(running, CANCELLED, "cancelled by the caller", end)
+            elif stopped and timed_out:
+                await self._finish(running, TIMEOUT, f"timed out after {row['timeout_seconds']} s; it was stopped", end)
+            elif end.state == q.CONTAINER_EXITED and end.exit_code == 0 and not end.HasField("signal"):
+                await self._finish(running, COMPLETED, "finished", end)
+            else:
+                await self._finish(running, FAILED, end.message or "failed", end)
+        finally:
+            with trio.CancelScope(shield=True):  # its throw-away container goes, whatever happened
+                await self._remove(cid)
 
     async def _watch_exec(self, running: _Running, resume: bool) -> None:
         row = running.row
@@ -393,16 +411,19 @@ class Tasks:
             await self._follow(running, QT + "TaskOutput", q.TaskOutputRequest(id=tid, follow=True))
         if running.cancel_requested:
             await self.quilt.unary(QT + "CancelTask", q.TaskRef(id=tid), q.CancelTaskResponse)
-            await self._follow(running, QT + "TaskOutput", q.TaskOutputRequest(id=tid))
+        # What is left (always: a follow cut short by a cancel, or by the task's end just as it
+        # was cancelled, may not have read the last lines)
+        await self._follow(running, QT + "TaskOutput", q.TaskOutputRequest(id=tid))
         try:
             end = await self.quilt.unary(QT + "GetTask", q.TaskRef(id=tid), q.Task)
         except errors.NotFound:
             await self._finish(running, FAILED, "lost: quilt no longer knows it")
             return
+        # Quilt's end is the truth: CANCELLED only if the cancel ended it
         status = QUILT_TASK_STATES.get(end.state, FAILED)
         message = "finished" if status == COMPLETED else end.message
-        if running.cancel_requested:
-            status, message = CANCELLED, "cancelled by the caller"
+        if status == CANCELLED and running.cancel_requested:
+            message = "cancelled by the caller"
         await self._finish(running, status, message, end)
 
     async def _quilt_container(self, cid: str) -> q.Container | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -11,6 +12,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from aria_trio.proto.quilt.v1 import quilt_pb2 as pb
+from aria_trio.quilt.stage import stage_id
 
 C, T, B, S = "/quilt.v1.Containers/", "/quilt.v1.Tasks/", "/quilt.v1.Bundles/", "/quilt.v1.System/"
 
@@ -110,14 +112,20 @@ def alive(pid: int) -> bool:
 
 
 def sandbox_processes(data_dir: str) -> list[int]:
-    """Host pids of processes whose command line mentions quilt's data folder (its sandboxes)."""
+    """Host pids of the bubblewraps of a Quilt's sandboxes: processes whose command line names its
+    data folder, or (Quilt as root) its stage (quilt/stage.py: bubblewrap gets the stage's paths),
+    but not a daemon itself (whose --data-dir names it too)."""
+    marks = (data_dir.encode(), stage_id(Path(data_dir)).encode())
     found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if data_dir.encode() in f.read() and alive(int(entry)):
-                        found.append(int(entry))
+                    cmdline = f.read()
             except OSError:
-                pass
+                continue
+            if b"aria_trio" in cmdline and b"serve" in cmdline:
+                continue  # a daemon, not a sandbox
+            if any(m in cmdline for m in marks) and alive(int(entry)):
+                found.append(int(entry))
     return found

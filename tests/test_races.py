@@ -76,7 +76,8 @@ def quilt_task_final(t: pb.Task) -> list[str]:
         bad.append("Quilt's task has no finished_at")
     if t.state == pb.TASK_COMPLETED and (exit_of(t) != 0 or t.HasField("signal")):
         bad.append("Quilt: COMPLETED without exit 0")
-    if t.state == pb.TASK_CANCELLED and not t.HasField("signal"):
+    never_started = not t.HasField("started_at") and not t.HasField("exit_code")
+    if t.state == pb.TASK_CANCELLED and not t.HasField("signal") and not never_started:
         bad.append(f"Quilt: CANCELLED, but the process was not killed: it exited by itself with {exit_of(t)}")
     if t.state == pb.TASK_FAILED and not t.message:
         bad.append("Quilt: FAILED without a reason")

@@ -99,7 +99,7 @@ async def _harden(settings: dict[str, Any], sandbox: Sandbox, as_root: bool) -> 
             log.warning("the sandbox user cannot enter the images folder: make it 0755", folder=str(images_dir))
     for name in ("containers", "bundles", "images"):  # ours: the sandbox user may pass (not list)
         await trio.to_thread.run_sync(_passable, folders[name])
-    built = await trio.to_thread.run_sync(Stage.build, folders)
+    built = await trio.to_thread.run_sync(Stage.build, folders, data_dir)
     uid = settings["sandbox_uid"]
     log.info("sandboxes run as an unprivileged user", uid=uid, gid=uid)
     return dataclasses.replace(sandbox, user=(uid, uid), stage=built)

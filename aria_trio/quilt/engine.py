@@ -53,17 +53,19 @@ IDLE = ["/bin/sh", "-c", "trap 'exit 0' TERM INT; while :; do sleep 3600 & wait 
 HANDLER_WAIT = 1.0  # seconds a new pid 1 gets to install its SIGTERM handler before it counts as deaf
 
 
-def catches(pid: int, sig: int) -> bool:
+def handles_signal(pid: int, sig: int) -> bool | None:
     """Does the process handle `sig` (so pid 1 of a namespace can be asked to stop with it)?
-    From /proc/<pid>/status SigCgt; a process already gone "handles" it (nothing left to kill)."""
+    From /proc/<pid>/status SigCgt; None when it is gone (or a zombie: it ended by itself)."""
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
+                if line.startswith("State:") and line.split()[1] in ("Z", "X"):
+                    return None
                 if line.startswith("SigCgt:"):
                     return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
     except (FileNotFoundError, ProcessLookupError):
-        return True
-    return True
+        return None
+    return None
 
 
 HOSTNAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")  # a name that can be one; else the id
@@ -156,6 +158,7 @@ class Container:
     log: OutputLog | None = None
     cgroup: Cgroup | None = None
     stop_requested: bool = False
+    stop_reached: bool = False  # a SIGTERM it handles, or a kill, was sent: its end is the stop's
     killed_after_grace: bool = False
     killed_deaf: bool = False  # killed at once: its pid 1 had no SIGTERM handler
     done: trio.Event = field(default_factory=trio.Event)
@@ -443,7 +446,8 @@ class Engine:
                 exit_ = await run.result()
             await c.log.close()
             c.exit_code, c.signal = exit_.exit_code, exit_.signal
-            if c.stop_requested:
+            if c.stop_requested and (c.stop_reached or exit_.signal is not None):
+                # (a stop that never reached the process, which then ended by itself: what it did)
                 c.state = STOPPED
                 killed = " (killed after the grace period)" if c.killed_after_grace else ""
                 killed = " (killed: it does not handle SIGTERM)" if c.killed_deaf else killed
@@ -485,11 +489,15 @@ class Engine:
 
     async def stop(self, cid: str, grace: float = 0.0) -> Container:
         c = self.container(cid)
-        if c.state != RUNNING:
-            raise errors.FailedPrecondition(
-                f"container {cid} is {CONTAINER_STATES[c.state]}, not running", reason="INVALID_TRANSITION"
-            )
-        await self._stop(c, grace or self.settings.stop_grace, "")
+        async with c.lock:  # (a start in flight holds it: the stop comes after, and stops it)
+            if c.state != RUNNING:
+                raise errors.FailedPrecondition(
+                    f"container {cid} is {CONTAINER_STATES[c.state]}, not running", reason="INVALID_TRANSITION"
+                )
+        # Once begun, a stop is seen through whatever becomes of its caller (bounded: the grace,
+        # then kills), so that no container is left half-stopped with its tasks cancelled.
+        with trio.CancelScope(shield=True):
+            await self._stop(c, grace or self.settings.stop_grace, "")
         return c
 
     async def _stop(self, c: Container, grace: float, why: str) -> None:
@@ -505,12 +513,20 @@ class Engine:
             deaf = False
             with trio.move_on_after(grace):
                 while c.handle is not None:
+                    handles: bool | None = True
+                    if c.handle.pid and not c.handle.group:
+                        handles = await trio.to_thread.run_sync(handles_signal, c.handle.pid, signal.SIGTERM)
+                    if handles is None:  # gone by itself already: its end is its own
+                        await c.done.wait()
+                        break
                     c.handle.signal(signal.SIGTERM)
+                    if not handles and c.handle.pid:  # (one installing its handler just then may catch it)
+                        handles = bool(await trio.to_thread.run_sync(handles_signal, c.handle.pid, signal.SIGTERM))
+                    c.stop_reached = c.stop_reached or handles  # (a pid 1 without a handler never sees it)
                     ran_for = (now_us() - (c.started_at or now_us())) / 1e6
-                    if c.handle.pid and not c.handle.group and ran_for > HANDLER_WAIT:
-                        if not await trio.to_thread.run_sync(catches, c.handle.pid, signal.SIGTERM):
-                            deaf = True
-                            break
+                    if ran_for > HANDLER_WAIT and not handles:
+                        deaf = True
+                        break
                     with trio.move_on_after(0.5):
                         await c.done.wait()
             if not c.done.is_set():
@@ -630,6 +646,10 @@ class Engine:
             argv, cwd, full_env = await trio.to_thread.run_sync(
                 self._argv, spec.command, c, image, env, spec.workdir or c.spec.workdir, memory, pids
             )
+            # No await from this check to the spawn: a cancel or a stop that came while the task
+            # was getting ready ends it here, never spawned (its container may be going).
+            if t.cancel_requested or c.stop_requested or c.state != RUNNING:
+                raise _NotRun(t.cancel_requested or f"container {c.id} stopped")
             async with trio.open_nursery() as nursery:
                 run = await start_process(
                     nursery,
@@ -644,6 +664,8 @@ class Engine:
                 )
                 t.handle = run.handle
                 assert t.handle is not None
+                if t.cancel_requested:  # it came while the sandbox started: the kill it could not make
+                    t.handle.kill()
                 t.state, t.started_at, t.pid = T_RUNNING, now_us(), t.handle.pid
                 await self.store.run(table.upsert, "tasks", t.row())
                 task_status.started()
@@ -654,7 +676,7 @@ class Engine:
                 nursery.cancel_scope.cancel()  # the watchdog
             await t.log.close()
             t.exit_code, t.signal = exit_.exit_code, exit_.signal
-            if t.cancel_requested:
+            if t.cancel_requested and exit_.signal is not None:  # (it did not end by itself first)
                 t.state, t.message = T_CANCELLED, f"cancelled: {t.cancel_requested}"
             elif t.timed_out:
                 t.state, t.message = T_TIMEOUT, f"timed out after {t.timeout_seconds:g} s; its processes were killed"
@@ -664,6 +686,8 @@ class Engine:
                 t.state, t.message = T_COMPLETED, "exited with code 0"
             else:
                 t.state, t.message = T_FAILED, _ending(exit_, c.cgroup, memory)
+        except _NotRun as never:
+            t.state, t.message = T_CANCELLED, f"cancelled before it started: {never}"
         except Exception as exc:
             inner = errors.single(exc)
             if isinstance(inner, (errors.AriaError, OSError)):
@@ -686,8 +710,8 @@ class Engine:
 
     async def _watchdog(self, t: Task) -> None:
         await trio.sleep(t.timeout_seconds)
-        if t.handle is not None and not t.cancel_requested:
-            t.timed_out = True
+        if t.handle is not None:
+            t.timed_out = not t.cancel_requested
             t.handle.kill()
 
     async def task(self, tid: str) -> Task:
@@ -717,13 +741,15 @@ class Engine:
             return False, t
         t.cancel_requested = why
         if t.handle is not None:
-            t.handle.kill()
+            t.handle.kill()  # (still starting: its supervisor kills it once it exists, or never starts it)
         await t.done.wait()
-        return True, t
+        return t.state == T_CANCELLED, t  # (it may have ended by itself just before: then it says so)
 
     async def _cancel_tasks_of(self, cid: str, why: str) -> None:
-        for t in [t for t in self.tasks.values() if t.container_id == cid]:
-            await self.cancel(t.id, why)
+        """Every task of the container at once (one after another, a stop waited for each)."""
+        async with trio.open_nursery() as nursery:
+            for t in [t for t in self.tasks.values() if t.container_id == cid]:
+                nursery.start_soon(self.cancel, t.id, why)
 
     def _task_log_path(self, tid: str) -> Path:
         return self.settings.data_dir / "tasks" / f"{tid}.jsonl"
@@ -802,10 +828,15 @@ def _reason(exc: BaseException) -> str:
     return str(exc)
 
 
+class _NotRun(Exception):
+    """A task cancelled (or whose container stopped) before its sandbox was spawned."""
+
+
 def _start_failure(exit_: Exit) -> bool:
-    """The sandbox never ran the command: bubblewrap or our wrapper said why on stderr."""
+    """The sandbox never ran the command: bubblewrap or our wrapper said why on stderr (the
+    wrapper's line may follow the shell's own, e.g. about a cgroup that is gone)."""
     return (exit_.returncode == 1 and exit_.first_error.startswith("bwrap:")) or (
-        exit_.returncode == 125 and exit_.first_error.startswith("quilt:")
+        exit_.returncode == 125 and any(line.startswith("quilt:") for line in exit_.head.splitlines())
     )
 
 

@@ -196,6 +196,7 @@ class OutputLog:
         """Lines from `offset` on; with `follow`, new ones as they come, until the log closes."""
         while True:
             changed = self._changed
+            closed = self.closed  # (before the count: lines written after it are read next round)
             end = self.count
             while offset < end:
                 batch = await trio.to_thread.run_sync(self._read, offset, min(end, offset + READ_BATCH))
@@ -205,7 +206,7 @@ class OutputLog:
                 offset += len(batch)
                 if not batch:  # the file is shorter than we think: never spin
                     return
-            if self.closed or not follow:
+            if closed or not follow:
                 return
             await changed.wait()
 

@@ -59,6 +59,7 @@ class Exit:
     exit_code: int | None  # None when a signal ended it
     signal: int | None
     first_error: str  # the first stderr line (for messages of a failed start)
+    head: str = ""  # the first 4 KiB of stderr
 
 
 class Handle:
@@ -215,8 +216,9 @@ async def _run_process(
         process.close()
         if info_r >= 0:
             os.close(info_r)
-    first_error = stderr_head.decode("utf-8", "replace").strip().splitlines()
-    return _exit(returncode, first_error[0] if first_error else "")
+    head = stderr_head.decode("utf-8", "replace").strip()
+    lines = head.splitlines()
+    return _exit(returncode, lines[0] if lines else "", head)
 
 
 class Process:
@@ -299,12 +301,12 @@ class Process:
             self._pidfd = -1
 
 
-def _exit(returncode: int, first_error: str) -> Exit:
+def _exit(returncode: int, first_error: str, head: str = "") -> Exit:
     if returncode < 0:  # killed by a signal, no sandbox in between
-        return Exit(128 - returncode, None, -returncode, first_error)
+        return Exit(128 - returncode, None, -returncode, first_error, head)
     if 128 < returncode <= 128 + 64:  # the shell convention, which bubblewrap follows
-        return Exit(returncode, None, returncode - 128, first_error)
-    return Exit(returncode, returncode, None, first_error)
+        return Exit(returncode, None, returncode - 128, first_error, head)
+    return Exit(returncode, returncode, None, first_error, head)
 
 
 async def _sandbox_pid(fd: int) -> int | None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import hashlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -66,6 +67,11 @@ def enter_private_mounts() -> None:
     mount("none", "/", None, MS_REC | MS_SLAVE)  # host mounts still arrive; ours never leave
 
 
+def stage_id(data_dir: Path) -> str:
+    """A short name for a Quilt's data folder, in the paths of its stage."""
+    return "q-" + hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:12]
+
+
 @dataclass(frozen=True)
 class Stage:
     """Folders bound under one root; `path(p)` is where a sandbox's bubblewrap finds host path p."""
@@ -74,15 +80,19 @@ class Stage:
     roots: Mapping[Path, Path]  # host folder -> its place on the stage
 
     @classmethod
-    def build(cls, folders: Mapping[str, Path], root: Path = STAGE) -> Stage:
+    def build(cls, folders: Mapping[str, Path], data_dir: Path, root: Path = STAGE) -> Stage:
         """(In a worker thread, in Quilt's own mount namespace.) The stage: a tmpfs that only
-        root may list, with each folder bound at root/<name>."""
+        root may list, with each folder bound at root/<this Quilt's id>/<name> (the id, of its
+        data folder, tells its sandboxes' bubblewraps from another Quilt's in a process list)."""
         root.mkdir(parents=True, exist_ok=True)  # (an empty folder on the host; all else is ours)
         mount("aria-quilt-stage", root, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0711,size=1m")
+        base = root / stage_id(data_dir)
+        base.mkdir(mode=0o711)
+        os.chmod(base, 0o711)
         roots: dict[Path, Path] = {}
         for name, folder in folders.items():
             folder.mkdir(parents=True, exist_ok=True)
-            target = root / name
+            target = base / name
             target.mkdir()
             # The folder becomes a shared mount (of itself) and the stage's copy its peer, so what
             # Quilt mounts in it later (a container's disk) shows on the stage too.
