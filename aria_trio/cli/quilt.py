@@ -85,7 +85,7 @@ def _env(pairs: tuple[str, ...]) -> dict[str, str]:
 
 @quilt.command("create")
 @click.option("--name", default="", help="A name to recognise it by.")
-@click.option("--image", default="host", show_default=True, help='"host", or a rootfs folder or .tar(.gz).')
+@click.option("--image", default="host", show_default=True, help='"host", or the name of an image in --images-dir.')
 @click.option("--env", "env", multiple=True, metavar="KEY=VALUE", help="An environment variable (repeatable).")
 @click.option("--workdir", default="/workspace", show_default=True)
 @click.option("--network", is_flag=True, help="Give it the host's network (off by default).")

@@ -376,9 +376,37 @@ def _container_text(c: container_pb.Container) -> str:
     )
 
 
+class _Size(click.ParamType[int]):
+    """A number of bytes: 1048576, 512K, 64M, 2G (powers of 1024)."""
+
+    name = "size"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        text = str(value).strip().upper().removesuffix("B").removesuffix("I")
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(text[-1:], 1)
+        try:
+            number = float(text[:-1] if scale > 1 else text)
+        except ValueError:
+            self.fail(f"{value!r} is not a size (e.g. 512M, 2G)", param, ctx)
+        if number < 0:
+            self.fail(f"{value!r} is negative", param, ctx)
+        return int(number * scale)
+
+
+SIZE = _Size()
+
+
 @container.command("create")
 @click.argument("name")
-@click.option("--image", default="", metavar="PATH", help='A rootfs folder or .tar(.gz), or "host" (the default).')
+@click.option(
+    "--image", default="", metavar="NAME", help='"host" (the default), or an image of the operator\'s --images-dir.'
+)
+@click.option(
+    "--memory", type=SIZE, default=None, metavar="BYTES", help="Memory limit, e.g. 512M (default: the daemon's)."
+)
+@click.option("--cpus", type=float, default=None, help="CPU time limit in CPUs, e.g. 1.5 (default: the daemon's).")
+@click.option("--pids", type=int, default=None, help="Limit on its processes (default: the daemon's).")
+@click.option("--disk", type=SIZE, default=None, metavar="BYTES", help="Its disk (workspace and /tmp), e.g. 2G.")
 @click.option("--env", "env", multiple=True, metavar="KEY=VALUE", help="An environment variable (repeatable).")
 @click.option("--persistent", is_flag=True, help="Keep it when its session ends.")
 @click.option("--session", default=None, help="The session it belongs to.")
@@ -394,6 +422,10 @@ def container_create(
     session: str | None,
     start_now: bool,
     command: tuple[str, ...],
+    memory: int | None = None,
+    cpus: float | None = None,
+    pids: int | None = None,
+    disk: int | None = None,
 ) -> None:
     """Create a container; print its id.
 
@@ -410,6 +442,10 @@ def container_create(
         session_id=session,
         command=list(command),
     )
+    if any(v is not None for v in (memory, cpus, pids, disk)):
+        request.limits.CopyFrom(
+            container_pb.ContainerLimits(memory_bytes=memory or 0, cpus=cpus or 0, pids=pids or 0, disk_bytes=disk or 0)
+        )
 
     async def create(channel: Channel) -> container_pb.Container:
         c = await channel.unary(CONTAINERS + "CreateContainer", request, container_pb.Container, timeout=obj.timeout)

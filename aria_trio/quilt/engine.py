@@ -48,8 +48,10 @@ TASK_STATES = {1: "pending", 2: "running", 3: "completed", 4: "failed", 5: "canc
 TASK_FINISHED = {T_COMPLETED, T_FAILED, T_CANCELLED, T_TIMEOUT}
 
 # The main process of a container started without a command: idles until stopped, and (unlike
-# `sleep`) ends at SIGTERM, which pid 1 of a namespace otherwise ignores.
-IDLE = ["/bin/sh", "-c", "trap 'exit 0' TERM INT; while :; do sleep 3600 & wait $!; done"]
+# `sleep`) ends at SIGTERM, which pid 1 of a namespace otherwise ignores, with the status of a
+# process SIGTERM ended (143): a stop just after the start, whose SIGTERM was held until the shell
+# set its trap, is still told from an end of its own.
+IDLE = ["/bin/sh", "-c", "trap 'exit 143' TERM INT; while :; do sleep 3600 & wait $!; done"]
 HANDLER_WAIT = 1.0  # seconds a new pid 1 gets to install its SIGTERM handler before it counts as deaf
 
 
