@@ -13,13 +13,13 @@ default:
 serve *args:
     @aria serve "$@"
 
-# Run the test suite (arguments go to pytest): first every test not marked `serial` in two workers
-# (the tests mostly wait on real daemons, sandboxes and a browser; those that make real Unix users
-# share one worker), then the `serial` ones (timed, or measuring CPU) alone. "No tests" is fine.
+# Run the test suite (arguments go to pytest): first every test not marked `serial` in four workers
+# (on two cores: the tests mostly wait on real daemons, sandboxes and a browser), then the `serial`
+# ones (timed, measuring CPU, or making real Unix users) in one process. "No tests" is fine.
 test *args:
     #!/usr/bin/env bash
     set -uo pipefail
-    pytest -n 2 --dist loadgroup -m "not serial" "$@"; first=$?
+    pytest -n 4 -m "not serial" "$@"; first=$?
     pytest -n 0 -m serial "$@"; second=$?
     for rc in $first $second; do
         if [ "$rc" -ne 0 ] && [ "$rc" -ne 5 ]; then exit "$rc"; fi

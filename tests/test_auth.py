@@ -17,8 +17,9 @@ from aria_client import AriaClient, run_as
 from conftest import start_daemon
 from users import group_id, open_path_to
 
-# (one worker for the tests that make real Unix users: they share the users, made once)
-pytestmark = pytest.mark.xdist_group("unix-users")
+# (the tests that make real Unix users share them, made once per process: so they run in the serial
+# pass, in one process; xdist's `xdist_group` does not hold them together with this pytest)
+pytestmark = pytest.mark.serial
 
 AUTH = "/aria.v1.AuthService/"
 PREFS = "/aria.v1.UserPreferenceService/GetUserPreferences"

@@ -24,7 +24,7 @@ server's x-request-id (else the status was made by the client), and on the runti
 BadRequest for INVALID_ARGUMENT (CONTRACT.md).
 
 Environment: FUZZ_SEED (default 20240917), FUZZ_BUDGET (seconds of message fuzzing per daemon,
-default 25), FUZZ_ONLY (only routes whose path contains this). The seed, the method and the request
+default 15), FUZZ_ONLY (only routes whose path contains this). The seed, the method and the request
 (base64) of every failure are printed.
 
 What each check caught when it was written (all fixed since, each with the test that found it):
@@ -93,7 +93,7 @@ from conftest import Daemon, start_daemon, start_quilt
 from fake_llm import FakeLLM, text_stream, tool_stream
 
 SEED = int(os.environ.get("FUZZ_SEED", "20240917"))
-BUDGET = float(os.environ.get("FUZZ_BUDGET", "25"))
+BUDGET = float(os.environ.get("FUZZ_BUDGET", "15"))
 ONLY = os.environ.get("FUZZ_ONLY", "")
 HEALTH = "grpc.health.v1.Health"
 

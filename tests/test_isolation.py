@@ -8,8 +8,9 @@ from aria_client import run_as
 from conftest import start_daemon
 from users import open_path_to
 
-# (one worker for the tests that make real Unix users: they share the users, made once)
-pytestmark = pytest.mark.xdist_group("unix-users")
+# (the tests that make real Unix users share them, made once per process: so they run in the serial
+# pass, in one process; xdist's `xdist_group` does not hold them together with this pytest)
+pytestmark = pytest.mark.serial
 
 OWNER = """
 c.upload_bytes(bundles.flat())
