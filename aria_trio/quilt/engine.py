@@ -338,8 +338,9 @@ class Engine:
             ("disk_bytes", spec.disk_bytes, st.max_disk_bytes),
         ):
             if not (value == value and 0 <= value <= most):  # (NaN is not a limit either)
+                shown = _bytes(int(most)) if name.endswith("_bytes") else f"{most:g}"
                 raise errors.InvalidArgument(
-                    f"limits.{name} must be between 0 (the default) and {most:g}, the operator's maximum",
+                    f"limits.{name} must be between 0 (the default) and {shown}, the operator's maximum",
                     fields={f"limits.{name}": "out of range"},
                 )
         if 0 < spec.memory_bytes < 4 * 1024 * 1024:
@@ -820,6 +821,14 @@ class Engine:
     def counts(self) -> tuple[int, int, int]:
         running = sum(1 for c in self.containers.values() if c.state == RUNNING)
         return len(self.containers), running, len(self.tasks)
+
+
+def _bytes(n: int) -> str:
+    """1073741824 -> "1073741824 (1 GiB)": the number, and what it is in words."""
+    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n} ({n / size:g} {unit})"
+    return str(n)
 
 
 def _reason(exc: BaseException) -> str:

@@ -123,8 +123,11 @@ class Images:
 
     def _find(self, name: str) -> _Found:  # in a worker thread
         if self.images_dir is None:
+            what = f"image {name!r}" if NAME.fullmatch(name) else "a path"
             raise _not_allowed(
-                f'image {_said(name)} is not allowed: no images are configured, only "host"', "no images"
+                f'{what} is not allowed: an image is "host" or the name of one of the operator\'s images, and '
+                'none are configured here (--images-dir), so only "host"',
+                "no images",
             )
         if not NAME.fullmatch(name):
             raise _not_allowed(
