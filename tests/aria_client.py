@@ -184,6 +184,15 @@ import bundles, zipfile, io
 from google.protobuf import struct_pb2
 from aria_client import AriaClient, bad_fields
 from aria_trio.proto.aria.v1 import aria_pb2, auth_pb2, session_pb2, user_preference_pb2
+# (grpc imports modules lazily, at the first channel and the first call: all of them now, while
+# root, as the checkout and the interpreter may be where the other user cannot read)
+import importlib, pkgutil
+for m in pkgutil.walk_packages(grpc.__path__, "grpc."):
+    try:
+        importlib.import_module(m.name)
+    except Exception:
+        pass
+grpc.insecure_channel("unix:/nonexistent").close()
 os.setgroups({list(groups)!r}); os.setgid({gid}); os.setuid({uid})
 c = AriaClient(grpc.insecure_channel("unix:" + {str(socket)!r}))
 result = None

@@ -102,6 +102,27 @@ def error_reason(err: grpc.RpcError) -> str | None:
     return None
 
 
+def descendants(root: int) -> set[int]:
+    """The pids of every live process below `root` (by their parent pids, on the host)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found: set[int] = set()
+    todo = [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found and alive(child):
+                found.add(child)
+                todo.append(child)
+    return found
+
+
 def alive(pid: int) -> bool:
     """Is there a process with this pid (not a zombie)?"""
     try:

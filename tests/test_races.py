@@ -418,12 +418,18 @@ def test_runtime_cancel_against_launch(rt):
         races.at(time.monotonic(), TASK_DELAYS[(i // 2) % len(TASK_DELAYS)])
         return tid, rt.c.cancel(tid)
 
+    sweep_runtime_tasks(rt, box.id, one, 150, pool=16)
+
+
+def sweep_runtime_tasks(rt: Any, box_id: str, one: Any, times: int, pool: int) -> None:
+    """`one(i)` -> (task id, CancelTask's answer), `times` times, `pool` at once; then every task's
+    record checked, the container stopped, and nothing left."""
     began = time.monotonic()
-    results = races.Pool(16).map(one, range(150))
+    results = races.Pool(pool).map(one, range(times))
     took = time.monotonic() - began
     problems = races.Problems()
     ends = check_runtime_tasks(rt, results, problems)
-    stop_box_and_check_leftovers(rt, box.id, problems)
+    stop_box_and_check_leftovers(rt, box_id, problems)
     finish(problems, len(results), f"{len(results)} repetitions in {took:.1f} s; ends: {dict(ends)}")
 
 
@@ -550,13 +556,7 @@ def test_runtime_cancel_against_completion(rt):
             races.at(wait_running(rt, tid), END_DELAYS[(i // 6) % len(END_DELAYS)])
         return tid, rt.c.cancel(tid)
 
-    began = time.monotonic()
-    results = races.Pool(6).map(one, range(144))
-    took = time.monotonic() - began
-    problems = races.Problems()
-    ends = check_runtime_tasks(rt, results, problems)
-    stop_box_and_check_leftovers(rt, box.id, problems)
-    finish(problems, len(results), f"{len(results)} repetitions in {took:.1f} s; ends: {dict(ends)}")
+    sweep_runtime_tasks(rt, box.id, one, 144, pool=6)
 
 
 # -- 3. stop with execs in flight -------------------------------------------------------------------------

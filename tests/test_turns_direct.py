@@ -16,6 +16,8 @@ from aria_trio.proto.aria.v1 import session_pb2 as pb
 
 import bundles
 from aria_client import SESSIONS, AriaClient
+from conftest import Daemon
+from quilt_client import descendants
 
 SLOW = dict(
     TWO_TOOLS,
@@ -25,13 +27,13 @@ SLOW = dict(
 )
 
 
-def tool_runners() -> list[int]:
-    """Pids of tool sandboxes running on this machine (the tests run one at a time)."""
+def tool_runners(daemon: Daemon) -> list[int]:
+    """Pids of the tool sandboxes of this daemon (its Quilt child's; other tests may run theirs)."""
     found = []
-    for proc in Path("/proc").iterdir():
+    for pid in descendants(daemon.proc.pid):
         try:
-            if proc.name.isdigit() and b"/runner/python_runner.py" in (proc / "cmdline").read_bytes():
-                found.append(int(proc.name))
+            if b"/runner/python_runner.py" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(pid)
         except OSError:
             pass
     return found
@@ -154,7 +156,7 @@ def test_a_slow_tool_times_out_one_turn_at_a_time_and_a_vanished_client(sock_dir
         assert next(first).message.role == aria_pb2.USER
         err = failing(turn, c, session.id, "/slow {}")
         assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "already running" in err.details()
-        while not tool_runners():
+        while not tool_runners(d):
             time.sleep(0.02)  # the tool's sandbox runs
         first.cancel()  # the client leaves mid-turn: the sandbox is killed, the session usable again
         deadline = time.monotonic() + 10
@@ -166,7 +168,7 @@ def test_a_slow_tool_times_out_one_turn_at_a_time_and_a_vanished_client(sock_dir
                 assert "already running" in e.details() and time.monotonic() < deadline
                 time.sleep(0.05)
         assert "invalid arguments" in out[2].tool_result.error_message  # (additional properties: refused)
-        while tool_runners():
+        while tool_runners(d):
             assert time.monotonic() < deadline, "the cancelled tool's sandbox still runs"
             time.sleep(0.05)
     finally:
