@@ -251,6 +251,13 @@ RUNTIME_SETTINGS: tuple[Setting, ...] = (
         "Tool calls of one model reply that run; any more get a failed result without running.",
     ),
     Setting(
+        "quilt_orphan_grace",
+        _positive_float,
+        lambda: 600.0,
+        "ARIA_QUILT_ORPHAN_GRACE",
+        "Seconds the child Quilt keeps the work running when this runtime is gone (a restart adopts it).",
+    ),
+    Setting(
         "quilt_sandbox",
         str,
         lambda: "bubblewrap",
@@ -359,6 +366,13 @@ QUILT_SETTINGS: tuple[Setting, ...] = (
         lambda: 16 * 1024 * MiB,
         "QUILT_MAX_IMAGE_CACHE_BYTES",
         "Unpacked images kept; past this, the least recently used unused ones go.",
+    ),
+    Setting(
+        "orphan_grace",
+        _positive_float,
+        lambda: 600.0,
+        "QUILT_ORPHAN_GRACE",
+        "Started for a runtime: seconds its work goes on with no runtime attached (then it stops and exits).",
     ),
     Setting(
         "sandbox_uid",

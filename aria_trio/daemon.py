@@ -82,8 +82,9 @@ def quilt_link(settings: dict[str, Any], health: Health) -> QuiltLink:
         settings["log_format"],
         images_dir=settings["images_dir"],
         hide=(data_dir, Path(settings["socket"])),
+        orphan_grace=settings["quilt_orphan_grace"],
     )
-    return QuiltLink(socket, spawn=command, health=health, services=needs)
+    return QuiltLink(socket, spawn=command, health=health, services=needs, data_dir=data_dir / "quilt")
 
 
 async def _run(settings: dict[str, Any], store: Store) -> None:

@@ -14,10 +14,8 @@ channel's bounded queue).
 
 from __future__ import annotations
 
-import functools
 import os
 import secrets
-import signal
 import socket
 import sys
 from collections.abc import AsyncIterator, Sequence
@@ -29,6 +27,8 @@ import structlog
 import trio
 
 from . import errors
+from .lifecycle import StartupError
+from .proto.quilt.v1 import quilt_pb2 as q
 from .rpc import Channel, Health, RpcError, StatusCode
 from .rpc.client import ClientCall
 from .rpc.health import NOT_SERVING, SERVING
@@ -51,10 +51,13 @@ def quilt_command(
     *,
     images_dir: Path | None = None,
     hide: Sequence[Path] = (),
+    orphan_grace: float = 600.0,
 ) -> list[str]:
     """`aria quilt serve` as the runtime's child: its socket and data under the runtime's data
     folder, the operator's images, and the runtime's own paths hidden from every sandbox."""
-    extra = ["--images-dir", str(images_dir)] if images_dir is not None else []
+    extra = ["--orphan-grace", f"{orphan_grace:g}"]
+    if images_dir is not None:
+        extra += ["--images-dir", str(images_dir)]
     if hide:
         extra += ["--hide", ":".join(str(p) for p in hide)]
     return [
@@ -77,10 +80,24 @@ def quilt_command(
     ]
 
 
+class WrongQuilt(Exception):
+    """The Quilt on our socket belongs to another data folder: never used (nor replaced)."""
+
+
 class QuiltLink:
-    def __init__(self, socket: Path, *, spawn: Sequence[str] | None, health: Health, services: Sequence[str]) -> None:
+    def __init__(
+        self,
+        socket: Path,
+        *,
+        spawn: Sequence[str] | None,
+        health: Health,
+        services: Sequence[str],
+        data_dir: Path | None = None,
+    ) -> None:
         self.socket = socket
         self.spawn = list(spawn) if spawn else None
+        self.data_dir = data_dir.resolve() if data_dir is not None else None  # the Quilt we expect
+        self.refused: str | None = None  # why the Quilt on the socket is not ours
         self.health = health
         self.services = list(services)
         self._channel: Channel | None = None  # the first connection: the link is up while it is
@@ -105,7 +122,10 @@ class QuiltLink:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._keep_up)
             with trio.move_on_after(READY_TIMEOUT):
-                await self.up.wait()
+                while not self.up.is_set() and self.refused is None:
+                    await self._changed.wait()
+            if self.refused is not None:
+                raise StartupError(self.refused)
             if not self.up.is_set():
                 log.error(
                     "quilt is not up yet; calls that need it answer UNAVAILABLE until it is", socket=str(self.socket)
@@ -116,10 +136,10 @@ class QuiltLink:
         backoff = BACKOFF_FIRST
         while True:
             started = trio.current_time()
-            if self.spawn is not None:
-                await self._run_child()
-            else:
+            if self.spawn is None:
                 await self._connect_and_hold()
+            elif not await self._connect_and_hold(adopting=True):  # one kept running for us? adopt it
+                await self._run_child()
             if trio.current_time() - started > 60:
                 backoff = BACKOFF_FIRST  # it ran a good while: start the backoff over
             log.warning("quilt link down; retrying", socket=str(self.socket), retry_in_s=backoff)
@@ -129,22 +149,19 @@ class QuiltLink:
 
     async def _run_child(self) -> None:
         """Start quilt, wait for its READY=1 (the systemd protocol, on a socket of our own), hold
-        the connection while both live; whichever goes first takes the other with it."""
+        the connection while both live. The child is in a session of its own and outlives us: a
+        runtime that stops (or is killed) leaves it, and its work, for the next one to adopt; it
+        stops by itself after its orphan grace. A child whose connection is gone while we live
+        is given STOP_GRACE to exit, then killed, and started again."""
         assert self.spawn is not None
         ready = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         address = f"\0aria-quilt-ready-{os.getpid()}-{secrets.token_hex(4)}"
         await ready.bind(address)
         try:
+            env = {**os.environ, "NOTIFY_SOCKET": "@" + address[1:], "QUILT_PARENT_PID": str(os.getpid())}
+            process = await trio.lowlevel.open_process(self.spawn, env=env, start_new_session=True)
+            log.info("quilt started", pid=process.pid, socket=str(self.socket))
             async with trio.open_nursery() as nursery:
-                run = functools.partial(
-                    trio.run_process,
-                    self.spawn,
-                    check=False,
-                    deliver_cancel=_terminate,
-                    env={**os.environ, "NOTIFY_SOCKET": "@" + address[1:], "QUILT_PARENT_PID": str(os.getpid())},
-                )
-                process = await nursery.start(run)
-                log.info("quilt started", pid=process.pid, socket=str(self.socket))
 
                 async def watch() -> None:
                     await process.wait()
@@ -156,22 +173,62 @@ class QuiltLink:
                     while b"READY=1" not in (await ready.recv(4096)).split(b"\n"):
                         pass
                 await self._connect_and_hold()
-                nursery.cancel_scope.cancel()  # the connection is gone: make sure the child is too
+                nursery.cancel_scope.cancel()
+            # (only while we live: a cancellation from outside, our own stop, leaves the child be)
+            if process.returncode is None:
+                with trio.move_on_after(STOP_GRACE):
+                    await process.wait()
+                if process.returncode is None:
+                    log.warning("quilt lost its connection but not its life: killing it", pid=process.pid)
+                    process.kill()
+                    await process.wait()
         finally:
             ready.close()
 
-    async def _connect_and_hold(self) -> None:
+    async def _connect_and_hold(self, *, adopting: bool = False) -> bool:
+        """Connect, attach (System/Attach, held open: Quilt knows a runtime uses it), and hold the
+        connection until it or the attachment goes. False only when adopting and nothing answered."""
         try:
             async with Channel.connect(str(self.socket)) as channel, trio.open_nursery() as extras:
-                self._channel, self._extras = channel, extras
-                self._connections += 1
-                self._changed_now()
-                self.up.set()
-                self._report(True)
-                log.info("quilt link up", socket=str(self.socket))
-                await channel.closed.wait()
+                async with channel.call("/quilt.v1.System/Attach", q.Attached) as attach:
+                    await attach.send(q.AttachRequest(runtime_pid=os.getpid()), end=True)
+                    try:
+                        whose = await attach.receive()
+                    except RpcError as exc:
+                        if exc.code is not StatusCode.UNIMPLEMENTED or self.data_dir is not None:
+                            raise
+                        whose = q.Attached()  # an external Quilt that knows no attachment: used as is
+                    if whose is None:
+                        raise RpcError(StatusCode.UNAVAILABLE, "quilt ended the attachment at once")
+                    if self.data_dir is not None and Path(whose.data_dir) != self.data_dir:
+                        raise WrongQuilt(
+                            f"the quilt serving {self.socket} (pid {whose.pid}) keeps its data in {whose.data_dir}, "
+                            f"not in {self.data_dir}: it belongs to another runtime; stop it or choose another "
+                            "--data-dir"
+                        )
+                    self._channel, self._extras = channel, extras
+                    self._connections += 1
+                    self.refused = None
+                    self._changed_now()
+                    self.up.set()
+                    self._report(True)
+                    if adopting:
+                        log.info(
+                            "adopted the quilt already running, with its work", pid=whose.pid, socket=str(self.socket)
+                        )
+                    else:
+                        log.info("quilt link up", socket=str(self.socket), pid=whose.pid)
+                    async with trio.open_nursery() as held:
+                        held.start_soon(_cancel_when, channel.closed.wait, held.cancel_scope)
+                        if whose.pid:  # (attached: its end is the end of the link too)
+                            held.start_soon(_cancel_when, attach.receive, held.cancel_scope)
                 extras.cancel_scope.cancel()  # the others go with the first
+        except WrongQuilt as exc:
+            log.error("refusing the quilt on our socket", reason=str(exc))
+            self.refused = str(exc)
         except RpcError as exc:
+            if adopting and exc.code is StatusCode.UNAVAILABLE and not self._channel:
+                return False  # nothing there (or a stale socket): start our own
             log.warning("cannot reach quilt", socket=str(self.socket), error=exc.message)
         finally:
             self._channel, self._extras = None, None
@@ -179,6 +236,7 @@ class QuiltLink:
             if self.up.is_set():
                 self.up = trio.Event()
                 self._report(False)
+        return True
 
     def connected(self) -> bool:
         return self._channel is not None and not self._channel.closed.is_set()
@@ -266,10 +324,10 @@ def as_domain_error(exc: RpcError) -> errors.AriaError:
     return cls(exc.message, reason=info.reason if info is not None else None, fields=fields, metadata=metadata)
 
 
-async def _terminate(process: trio.Process) -> None:
-    """How the child is stopped: SIGTERM (it stops its containers), SIGKILL if it takes too long."""
-    process.send_signal(signal.SIGTERM)
-    with trio.move_on_after(STOP_GRACE):
-        await process.wait()
-        return
-    process.kill()
+async def _cancel_when(wait: Any, scope: trio.CancelScope) -> None:
+    """Cancel `scope` once `wait()` returns or fails (the connection closed, the attachment ended)."""
+    try:
+        await wait()
+    except RpcError:
+        pass
+    scope.cancel()

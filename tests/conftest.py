@@ -102,10 +102,30 @@ class Daemon:
                 out.append({"event": "non-json", "line": line})
         return out
 
+    def quilt_pids(self) -> list[int]:
+        """The Quilt this runtime started, if any (it lives in a session of its own)."""
+        from quilt_client import descendants
+
+        found = []
+        for pid in descendants(self.proc.pid):
+            try:
+                if b"quilt\0serve" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    found.append(pid)
+            except OSError:
+                pass
+        return found
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        """Stop the daemon; and wait for the Quilt it started to be gone too (the tests start
+        runtimes with --quilt-orphan-grace 0: it stops at once when its runtime has gone)."""
+        quilts = self.quilt_pids() if self.proc.poll() is None else []
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-        return self.proc.wait(timeout)
+        code = self.proc.wait(timeout)
+        deadline = time.monotonic() + timeout
+        while any(_alive(pid) for pid in quilts) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return code
 
 
 _STARTED: list[Daemon] = []  # every daemon the tests started (see sock_dir)
@@ -138,7 +158,19 @@ def _spawn(
 
 
 def start_daemon(folder: Path, *args: str, env: dict[str, str] | None = None, wait: bool = True) -> Daemon:
+    """A runtime (with its Quilt child). Its Quilt stops when the runtime has gone (orphan grace 0)
+    unless the test asks for a grace (--quilt-orphan-grace N) to see the work outlive it."""
+    if not any(a.startswith("--quilt-orphan-grace") for a in args):
+        args = (*args, "--quilt-orphan-grace", "0")
     return _spawn(folder, ["serve"], "runtime", "data", args, env, wait)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
 
 
 def wait_ready(daemon: Daemon, timeout: float = 20) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from ..rpc.health import DESCRIPTOR as HEALTH
 from ..rpc.health import SERVING
 from ..store import Store
 from . import limits, seccomp, stage
+from .attach import Attachments
 from .bundles import BundleStore
 from .disks import Disks
 from .engine import Engine, Settings
@@ -30,7 +30,7 @@ from .tools import RUNNERS, ToolRunner
 
 log = structlog.get_logger("quilt.daemon")
 
-PARENT_ENV = "QUILT_PARENT_PID"  # set by a runtime that runs this Quilt as its child
+PARENT_ENV = "QUILT_PARENT_PID"  # set by a runtime that starts this Quilt: then it is the runtimes' (attach.py)
 # Calls one connection may carry at once: the runtime, its only client, keeps a long call per
 # running task and container; past this it opens another connection (quilt_link.MAX_CONNECTIONS).
 QUILT_STREAMS = 1024
@@ -144,6 +144,8 @@ async def _run(settings: dict[str, Any], store: Store, sandbox: Sandbox, disks: 
         sandbox, bundles, settings["tool_timeout"], settings["memory_bytes"], settings["pids"], settings["cpus"]
     )
     server = Server(error_domain="quilt.v1", max_concurrent_streams=QUILT_STREAMS)
+    managed = bool(os.environ.get(PARENT_ENV))
+    attachments = Attachments(managed, settings["orphan_grace"], data_dir / "quilt.log" if managed else None)
     health = Health()
     server.add_service(HEALTH, health, authenticated=False)
     services = quilt_pb2.DESCRIPTOR.services_by_name
@@ -151,7 +153,7 @@ async def _run(settings: dict[str, Any], store: Store, sandbox: Sandbox, disks: 
         ("Containers", ContainersService(engine)),
         ("Tasks", TasksService(engine)),
         ("Bundles", BundlesService(bundles, runner)),
-        ("System", SystemService(engine, bundles)),
+        ("System", SystemService(engine, bundles, attachments)),
     ):
         server.add_service(services[name], impl, authenticated=False)
         health.set(f"quilt.v1.{name}", SERVING)
@@ -161,34 +163,8 @@ async def _run(settings: dict[str, Any], store: Store, sandbox: Sandbox, disks: 
         health,
         str(settings["socket"]),
         settings["grace"],
-        background=[engine.run, _parent_watch],
+        background=[engine.run, attachments.run],
         on_stop=engine.shutdown,
         sandbox=sandbox.kind,
         limits=sandbox.limits.name,
     )
-
-
-async def _parent_watch(*, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-    """When run as a runtime's child: shut down (as at SIGTERM) once the runtime is gone, however
-    it went (even SIGKILL), so no orphan keeps containers and the socket from the next runtime."""
-    pid = os.environ.get(PARENT_ENV)
-    if not pid:
-        task_status.started()
-        return
-    try:
-        fd: int | None = os.pidfd_open(int(pid))
-    except ProcessLookupError:
-        fd = None  # already gone
-    except ValueError:
-        log.warning("ignoring a malformed parent pid", variable=PARENT_ENV, value=pid)
-        task_status.started()
-        return
-    task_status.started()
-    try:
-        if fd is not None:
-            await trio.lowlevel.wait_readable(fd)  # readable once the process exits
-        log.warning("the runtime that started this quilt is gone; shutting down", parent_pid=pid)
-        os.kill(os.getpid(), signal.SIGTERM)
-    finally:
-        if fd is not None:
-            os.close(fd)

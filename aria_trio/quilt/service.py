@@ -18,6 +18,7 @@ from .. import errors
 from ..proto.quilt.v1 import quilt_grpc
 from ..proto.quilt.v1 import quilt_pb2 as pb
 from ..rpc import CallContext
+from .attach import Attachments
 from .bundles import Bundle, BundleStore, Checksum, Metadata
 from .engine import Container, Engine, ExecSpec, Spec, Task
 from .output import Line, OutputLog
@@ -322,10 +323,21 @@ class BundlesService(quilt_grpc.BundlesServicer):  # type: ignore[misc]
 
 
 class SystemService(quilt_grpc.SystemServicer):  # type: ignore[misc]
-    def __init__(self, engine: Engine, bundles: BundleStore) -> None:
+    def __init__(self, engine: Engine, bundles: BundleStore, attachments: Attachments | None = None) -> None:
         self.engine = engine
         self.bundles = bundles
+        self.attachments = attachments or Attachments(managed=False, grace=0.0)
         self.started = time.monotonic()
+
+    async def Attach(self, request: pb.AttachRequest, ctx: CallContext) -> AsyncIterator[pb.Attached]:
+        """Held open by a runtime for as long as it uses this Quilt (attach.py)."""
+        with self.attachments.attached(request.runtime_pid):
+            yield pb.Attached(
+                data_dir=str(self.engine.settings.data_dir.resolve()),
+                pid=os.getpid(),
+                orphan_grace_seconds=self.attachments.grace,
+            )
+            await trio.sleep_forever()
 
     async def GetSystemMetrics(self, request: pb.GetSystemMetricsRequest, ctx: CallContext) -> pb.SystemMetrics:
         total, running, tasks = self.engine.counts()

@@ -479,6 +479,9 @@ class SystemServicer(purerpc.Servicer):
     async def GetSystemMetrics(self, input_message):
         raise NotImplementedError()
 
+    async def Attach(self, input_message):
+        raise NotImplementedError()
+
     @property
     def service(self) -> purerpc.Service:
         service_obj = purerpc.Service(
@@ -491,6 +494,15 @@ class SystemServicer(purerpc.Servicer):
                 purerpc.Cardinality.UNARY_UNARY,
                 quilt_dot_v1_dot_quilt__pb2.GetSystemMetricsRequest,
                 quilt_dot_v1_dot_quilt__pb2.SystemMetrics,
+            )
+        )
+        service_obj.add_method(
+            "Attach",
+            self.Attach,
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_STREAM,
+                quilt_dot_v1_dot_quilt__pb2.AttachRequest,
+                quilt_dot_v1_dot_quilt__pb2.Attached,
             )
         )
         return service_obj
@@ -508,5 +520,13 @@ class SystemStub:
                 purerpc.Cardinality.UNARY_UNARY,
                 quilt_dot_v1_dot_quilt__pb2.GetSystemMetricsRequest,
                 quilt_dot_v1_dot_quilt__pb2.SystemMetrics,
+            )
+        )
+        self.Attach = self._client.get_method_stub(
+            "Attach",
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_STREAM,
+                quilt_dot_v1_dot_quilt__pb2.AttachRequest,
+                quilt_dot_v1_dot_quilt__pb2.Attached,
             )
         )

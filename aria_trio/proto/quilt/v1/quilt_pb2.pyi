@@ -512,6 +512,22 @@ class GetSystemMetricsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class AttachRequest(_message.Message):
+    __slots__ = ("runtime_pid",)
+    RUNTIME_PID_FIELD_NUMBER: _ClassVar[int]
+    runtime_pid: int
+    def __init__(self, runtime_pid: _Optional[int] = ...) -> None: ...
+
+class Attached(_message.Message):
+    __slots__ = ("data_dir", "pid", "orphan_grace_seconds")
+    DATA_DIR_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    ORPHAN_GRACE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    data_dir: str
+    pid: int
+    orphan_grace_seconds: float
+    def __init__(self, data_dir: _Optional[str] = ..., pid: _Optional[int] = ..., orphan_grace_seconds: _Optional[float] = ...) -> None: ...
+
 class SystemMetrics(_message.Message):
     __slots__ = ("now", "uptime_seconds", "sandbox", "limits", "containers_total", "containers_running", "tasks_running", "bundles", "bundle_bytes", "load_1m", "memory_total_bytes", "memory_available_bytes", "disk_free_bytes", "rss_bytes")
     NOW_FIELD_NUMBER: _ClassVar[int]
