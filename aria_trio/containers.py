@@ -8,6 +8,7 @@ its end in Quilt, so a container that ends by itself is announced too.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -119,8 +120,7 @@ class Containers:
             "updated_at": now_us(),
             "message": "",
         }
-        await self.store.run(table.insert, row)
-        await self._announce(row, "created")
+        await self._announce(row, "created", functools.partial(table.insert, row=row))
         return row
 
     async def start(self, user: str, container_id: str) -> dict[str, Any]:
@@ -170,10 +170,11 @@ class Containers:
                 )
             except errors.NotFound:
                 pass  # quilt lost it already (its data was reset): forget it here too
-            await self.store.run(table.delete, container_id)
-            if row["status"] in (PENDING, RUNNING):  # it ends here: say so (nothing else will)
+            if row["status"] in (PENDING, RUNNING):  # it ends here: say so (nothing else will), together
                 row["status"] = CANCELLED
-                await self._announce(row, "removed")
+                await self._announce(row, "removed", functools.partial(table.delete, container_id=container_id))
+            else:
+                await self.store.run(table.delete, container_id)
         log.info("container removed", container=container_id, user=user)
 
     async def get(self, user: str, container_id: str) -> dict[str, Any]:
@@ -232,10 +233,13 @@ class Containers:
             return
         row.update(status=status, exit_code=exit_code, message=current.message or message, updated_at=now_us())
         fields = {k: row[k] for k in ("status", "exit_code", "message", "updated_at")}
-        await self.store.run(table.update, row["id"], fields)
-        await self._announce(row, row["message"])
+        # the change and its event together (a runtime killed between the two left either an
+        # unannounced change, or, announced again after a restart, a duplicate)
+        await self._announce(
+            row, row["message"], functools.partial(table.update, container_id=row["id"], fields=fields)
+        )
 
-    async def _announce(self, row: dict[str, Any], message: str) -> None:
+    async def _announce(self, row: dict[str, Any], message: str, change: Any = None) -> None:
         event = npb.ContainerStatusEvent(
             container_id=row["id"], new_status=aria_pb2.TaskStatus.Name(row["status"]), status_message=message
         )
@@ -249,6 +253,7 @@ class Containers:
             title=f"Container {row['name'] or row['id']} {name}",
             message=message,
             metadata={"container_id": row["id"], "status": name},
+            change=change,
         )
 
     async def _watch(self, row: dict[str, Any]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ from .sessions import Sessions
 from .store import Store
 from .tap import Tap
 from .tasks import Tasks, TaskTimeouts
-from .tool_calls import ToolCalls
+from .tool_calls import ToolCalls, remove_leftovers
 from .turns import Turns
 from .uploads import Uploads
 
@@ -152,7 +153,12 @@ async def _serve(settings: dict[str, Any], store: Store, model: ChatModel) -> No
     for name in names:
         if name.removeprefix("aria.v1.") not in NEED_QUILT:
             health.set(name, SERVING)
-    background = [quilt.run, containers.run, tasks.run]
+    background: list[Callable[..., Awaitable[None]]] = [
+        quilt.run,
+        functools.partial(remove_leftovers, quilt),  # (once, before the first call is served)
+        containers.run,
+        tasks.run,
+    ]
     if settings["tap_port"]:
         background.append(Tap(settings["tap_port"], notifications, tasks, keys.verify).run)
     if settings["metrics_port"]:

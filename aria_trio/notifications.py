@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import secrets
 from collections import defaultdict
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -62,8 +62,10 @@ class Notifications:
         title: str = "",
         message: str = "",
         metadata: Mapping[str, Any] | None = None,
+        change: Callable[[Any], object] | None = None,
     ) -> pb.Notification:
-        """Store and deliver one event; `event` is the payload message for `kind`."""
+        """Store and deliver one event; `event` is the payload message for `kind`; `change` (a
+        store function of the db) is what the event tells of, stored in the same transaction."""
         n = pb.Notification(id="n-" + secrets.token_hex(8))
         getattr(n, kind).CopyFrom(event)
 
@@ -74,7 +76,7 @@ class Notifications:
 
         meta = json.dumps(dict(metadata or {}), sort_keys=True)
         async with self._locks[user]:
-            await self.store.run(table.append, user, n.id, kind, title, message, meta, payload)
+            await self.store.run(table.append, user, n.id, kind, title, message, meta, payload, change)
             for sub in tuple(self._subscribers.get(user, ())):
                 sub.offer(kind, n)
         self.published += 1

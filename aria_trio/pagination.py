@@ -19,6 +19,7 @@ from . import errors
 from .store.db import PAGE_BYTES, fits
 
 DEFAULT_PAGE = 50
+KEY_BYTES = 32
 MAX_PAGE = 1000
 
 
@@ -29,15 +30,30 @@ def page_size(requested: int) -> int:
 
 
 def load_key(path: Path) -> bytes:
-    """The signing key, made on first use (0600)."""
+    """The signing key, made on first use (0600): written whole to a temporary file, fsynced,
+    renamed into place and the folder fsynced, so no crash leaves a short or empty key (which
+    would make every token given out so far invalid, or a weak key)."""
     try:
-        return path.read_bytes()
+        key = path.read_bytes()
+        if len(key) == KEY_BYTES:
+            return key
     except FileNotFoundError:
-        key = os.urandom(32)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(key)
-        return key
+        pass
+    key = os.urandom(KEY_BYTES)
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, key)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temp, path)
+    folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+    return key
 
 
 class PageTokens:

@@ -10,6 +10,7 @@ Quilt again: resumed from the output already stored, or finished with what Quilt
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import secrets
@@ -229,8 +230,7 @@ class Tasks:
         # A stored task always gets its watcher, whatever becomes of the caller: a launch whose
         # client gave up between the two left the task PENDING until the next restart.
         with trio.CancelScope(shield=True):
-            await self.store.run(table.insert, row, "launched")
-            await self._event(row, PENDING, "launched")
+            await self._event(row, PENDING, "launched", functools.partial(table.insert, row=row, message="launched"))
             self._watch(row, resume=False)
         return str(row["id"])
 
@@ -494,10 +494,13 @@ class Tasks:
         running.row.update(fields)
 
     async def _transition(self, running: _Running, status: int, message: str, **fields: Any) -> None:
-        with trio.CancelScope(shield=True):  # a transition is recorded whole, or not at all
-            await self.store.run(table.set_status, running.row["id"], status, message, fields)
+        with trio.CancelScope(shield=True):  # a transition is recorded whole (with its event), or not at all
+            after = {**running.row, "status": status, **fields}
+            change = functools.partial(
+                table.set_status, task_id=running.row["id"], status=status, message=message, fields=fields
+            )
+            await self._event(after, status, message, change)
             running.row.update(status=status, **fields)
-            await self._event(running.row, status, message)
         log.info("task status", task=running.row["id"], status=NAMES[status], message=message)
 
     async def _finish(self, running: _Running, status: int, message: str, end: Any = None) -> None:
@@ -512,7 +515,7 @@ class Tasks:
             fields["error_message"] = message
         await self._transition(running, status, message, **fields)
 
-    async def _event(self, row: Mapping[str, Any], status: int, message: str) -> None:
+    async def _event(self, row: Mapping[str, Any], status: int, message: str, change: Any = None) -> None:
         event = npb.TaskStatusEvent(
             task_id=row["id"], new_status=aria_pb2.TaskStatus.Name(status), status_message=message
         )
@@ -525,6 +528,7 @@ class Tasks:
             title=f"Task {row['id']} {NAMES[status]}",
             message=message,
             metadata={"task_id": row["id"], "status": NAMES[status], "exit_code": row.get("exit_code")},
+            change=change,
         )
 
 

@@ -40,6 +40,7 @@ log = structlog.get_logger("aria.turns")
 SYSTEM, USER, ASSISTANT, TOOL = 1, 2, 3, 4  # aria.v1.MessageRole
 MAX_INPUT = 1024 * 1024  # bytes of input per turn
 DEFAULT_MAX_ITERATIONS = 8
+INTERRUPTED = "interrupted: the turn ended before this call did (its client left, or the runtime stopped)"
 DEFAULT_AT_ONCE, DEFAULT_PER_REPLY = 8, 32  # (the settings tool_calls_at_once, max_tool_calls_per_reply)
 HISTORY = 200  # newest messages sent to the model; older ones stay in the store only
 NO_MODEL = (
@@ -146,6 +147,7 @@ class _Turn:
         if system and not await self.turns.store.run(table.last, self.session_id, 1):
             await self._store(SYSTEM, system)  # a session's first turn: its system prompt leads
         config = replace(config, system_prompt=None)  # (it is in the history: not twice)
+        await self._close_interrupted()
         yield TurnEvent("message", await self._store(USER, text))
         specs = [
             {"type": "function", "function": {"name": t.name, "description": t.description, "parameters": t.schema}}
@@ -197,6 +199,18 @@ class _Turn:
                         "reply (the runtime's max_tool_calls_per_reply setting); ask for fewer at a time",
                     )
         return [o for o in outcomes if o is not None]
+
+    async def _close_interrupted(self) -> None:
+        """A turn cut short (its client gone, the runtime killed) may leave tool calls without a
+        result, a history no model server accepts: each gets a failed TOOL message first."""
+        history = await self.turns.store.run(table.last, self.session_id, HISTORY)
+        answered = {row["tool_call_id"] for row in history if row["role"] == TOOL}
+        for row in history:
+            if row["role"] == ASSISTANT:
+                for call in tool_calls_of(row):
+                    if call.call_id not in answered:
+                        await self._tool_message(call, Outcome(False, "null", INTERRUPTED))
+                        log.info("closed an interrupted tool call", session=self.session_id, call=call.call_id)
 
     async def _tool_message(self, call: Call, outcome: Outcome) -> dict[str, Any]:
         content = outcome.result_json if outcome.ok else json.dumps({"error": outcome.error})

@@ -90,10 +90,10 @@ class Route:
         return self.request.DESCRIPTOR  # type: ignore[no-any-return]
 
     def waits(self, request: Message | None) -> bool:
-        """Does this call wait by design, so that our deadline may end it? Wait*/Watch* methods,
+        """Does this call wait by design, so that our deadline may end it? Wait*/Watch*/Attach methods,
         subscriptions (a stream of events that never ends by itself), and requests that ask to
         wait or follow. Any other call must end by itself within the unary deadline."""
-        if self.name.startswith(("Wait", "Watch", "Subscribe")) or (
+        if self.name.startswith(("Wait", "Watch", "Subscribe", "Attach")) or (
             self.server_streaming and "Notification" in self.name
         ):
             return True

@@ -63,10 +63,25 @@ def test_created_running_exited_with_codes_and_signals(q):
 def test_invalid_transitions_are_failed_precondition(q):
     c = q.run()
     err = error_of(q.start, c.id)
-    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "only a created container" in err.details()
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "already running" in err.details()
     q.stop(c.id)
-    for call in (lambda: q.start(c.id), lambda: q.stop(c.id), lambda: q.exec(c.id, ["/bin/true"])):
+    for call in (lambda: q.stop(c.id), lambda: q.exec(c.id, ["/bin/true"])):
         assert error_of(call).code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_an_ended_container_starts_again_with_its_workspace_as_it_was(q):
+    c = q.run()
+    q.exec(c.id, ["sh", "-c", "echo kept > /workspace/note"])
+    assert q.stop(c.id).state == pb.CONTAINER_STOPPED
+    again = q.start(c.id)
+    assert again.state == pb.CONTAINER_RUNNING and not again.HasField("exit_code")
+    assert q.exec(c.id, ["cat", "/workspace/note"]).stdout == "kept\n"
+    q.stop(c.id)
+    once = q.run(["sh", "-c", "echo run $(cat /workspace/n 2>/dev/null || echo 0); echo 1 > /workspace/n"])
+    q.wait_container(once.id)
+    q.start(once.id)  # (an exited one too)
+    q.wait_container(once.id)
+    assert [line.text for line in q.logs(once.id)] == ["run 0", "run 1"]  # its output goes on, both runs
 
 
 def test_missing_ids_are_not_found(q):

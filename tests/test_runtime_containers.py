@@ -172,3 +172,32 @@ def test_a_start_whose_caller_gives_up_is_still_recorded_and_watched(daemon):
     stale = {box_id: (status, actual[box_id]) for box_id, status in recorded.items() if status != actual[box_id]}
     assert not stale, f"recorded state differs from Quilt's: {stale}"
     assert sum(box.status == aria_pb2.COMPLETED for box in listed) >= 5
+
+
+def test_an_ended_container_starts_again_with_its_workspace(daemon):
+    """StartContainer on a COMPLETED, FAILED or CANCELLED container starts it again (contract,
+    second round), its workspace as it was; on a running one it is FAILED_PRECONDITION."""
+    c = AriaClient(daemon.channel())
+    box = c.create_container("again", persistent=True)
+    c.container_call("Start", box.id)
+    with pytest.raises(grpc.RpcError) as info:
+        c.container_call("Start", box.id)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    wrote = c.launch(["sh", "-c", "echo kept > /workspace/note"], type=f"container:exec:{box.id}")
+    assert c.wait_task(wrote).status == aria_pb2.COMPLETED
+    c.container_call("Stop", box.id)
+    assert c.container_call("Get", box.id).status == aria_pb2.CANCELLED
+    c.container_call("Start", box.id)
+    assert c.container_call("Get", box.id).status == aria_pb2.RUNNING
+    read = c.launch(["cat", "/workspace/note"], type=f"container:exec:{box.id}")
+    assert c.wait_task(read).status == aria_pb2.COMPLETED
+    assert [o.stdout_line for o in c.output(read)] == ["kept"]
+    c.container_call("Stop", box.id)
+    events = container_events(c, box.id, 5)
+    assert [s for s, _ in events] == [
+        aria_pb2.PENDING,
+        aria_pb2.RUNNING,
+        aria_pb2.CANCELLED,
+        aria_pb2.RUNNING,
+        aria_pb2.CANCELLED,
+    ]

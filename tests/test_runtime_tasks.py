@@ -119,7 +119,8 @@ def test_cancel_a_sleep_within_two_seconds(daemon):
 
 def test_timeout(daemon):
     c = AriaClient(daemon.channel())
-    task = c.wait_task(c.launch(["sh", "-c", "echo started; sleep 30"], timeout_seconds=1), timeout=15)
+    # (3 s: on two loaded cores a sandbox once took over a second from RUNNING to its first line)
+    task = c.wait_task(c.launch(["sh", "-c", "echo started; sleep 30"], timeout_seconds=3), timeout=20)
     assert task.status == aria_pb2.TIMEOUT
     assert "timed out" in task.error_message
     assert [o.stdout_line for o in c.output(task.id)] == ["started"]

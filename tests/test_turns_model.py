@@ -197,3 +197,37 @@ def test_the_system_prompt_leads_once_and_the_agent_s_model_wins(daemon, llm):
         aria_pb2.USER,
         aria_pb2.ASSISTANT,
     ]
+
+
+def test_a_tool_call_cut_short_is_closed_as_interrupted_before_the_next_model_call(daemon, llm):
+    """A client that leaves while its turn's tool runs: the call never gets a result. The next
+    turn first gives it a failed TOOL message, so the model server gets a history it accepts."""
+    from test_turns_direct import SLOW
+
+    c = AriaClient(daemon.channel())
+    c.upload_bytes(bundles.flat(SLOW))
+    use_model(c, llm.base_url)
+    session = c.session(agent_id="Sleeper")
+    llm.call_tool("slow", {})
+    request = session_pb2.ExecuteTurnRequest(session_id=session.id, input="sleep, please")
+    first = c.stream("/aria.v1.SessionService/ExecuteTurn", request, session_pb2.TurnOutput, 60)
+    kinds_seen = []
+    for out in first:
+        kinds_seen.append(out.WhichOneof("event"))
+        if kinds_seen[-1] == "tool_call":
+            first.cancel()  # gone mid-call
+            break
+    deadline = time.monotonic() + 10
+    llm.reply_text("done")
+    while True:
+        try:
+            out = turn(c, session.id, "and now?")
+            break
+        except grpc.RpcError as e:
+            assert "already running" in e.details() and time.monotonic() < deadline
+            time.sleep(0.05)
+    assert out[-1].final_response == "done"
+    sent = llm.requests[-1].body["messages"]
+    tools = [m for m in sent if m["role"] == "tool"]
+    assert len(tools) == 1 and "interrupted" in tools[0]["content"], sent
+    assert [m["role"] for m in sent][-3:] == ["assistant", "tool", "user"]  # right after its call

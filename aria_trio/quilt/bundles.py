@@ -140,6 +140,19 @@ class BundleStore:
         self.max_bytes = max_bytes
         self._unpacking: dict[str, trio.Lock] = {}  # one per bundle used since start (bounded by the bundles)
 
+    def clean(self) -> list[Path]:
+        """(At start, in a worker thread.) What a crash left: uploads cut short (incoming/*.part)
+        and bundles half unpacked (unpacked/.unpack-*). Returns what was removed."""
+        removed: list[Path] = []
+        for pattern in ("incoming/upload-*.part", "unpacked/.unpack-*"):
+            for path in self.root.glob(pattern):
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+                removed.append(path)
+        return removed
+
     def object_path(self, bundle_id: str) -> Path:
         return self.root / "objects" / bundle_id[:2] / f"{bundle_id}.aria"
 

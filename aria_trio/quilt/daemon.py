@@ -140,6 +140,8 @@ async def _run(settings: dict[str, Any], store: Store, sandbox: Sandbox, disks: 
         disks,
     )
     bundles = BundleStore(data_dir / "bundles", store, settings["max_bundle_bytes"])
+    for removed in await trio.to_thread.run_sync(bundles.clean):
+        log.info("removed what a crash left of a bundle", path=str(removed))
     runner = ToolRunner(
         sandbox, bundles, settings["tool_timeout"], settings["memory_bytes"], settings["pids"], settings["cpus"]
     )

@@ -280,6 +280,10 @@ class Engine:
     async def _recover(self) -> None:
         for removed in await self.images.clean():
             log.info("removed what a crash left in the image cache", path=str(removed))
+        old_scratch = self.settings.data_dir / "tools"  # (tool runs had host folders before tmpfs)
+        if await trio.to_thread.run_sync(old_scratch.is_dir):
+            await trio.to_thread.run_sync(lambda: shutil.rmtree(old_scratch, ignore_errors=True))
+            log.info("removed the tool runs' old scratch folders", path=str(old_scratch))
         lost, lost_tasks = await self.store.run(table.mark_lost, now_us())
         for row in lost:  # their sandboxes died with quilt; make sure nothing is left in their cgroups
             cgroup = Cgroup(self.sandbox.limits, row["id"])
@@ -289,6 +293,10 @@ class Engine:
             self.containers[row["id"]] = Container.from_row(row)
         if lost or lost_tasks:
             log.warning("quilt restarted: marked lost work as failed", containers=len(lost), tasks=lost_tasks)
+        # run_command's throw-away containers, whose runtime's call ended with that runtime
+        for c in [c for c in self.containers.values() if c.spec.labels.get("aria.tool") == "run_command"]:
+            await self.remove(c.id, force=True)
+            log.info("removed a throw-away container a crash left", container=c.id)
 
     async def shutdown(self, grace: float) -> None:
         """Stop every running container (and so its tasks); record why."""
@@ -401,11 +409,13 @@ class Engine:
     async def start(self, cid: str) -> Container:
         c = self.container(cid)
         async with c.lock:
-            if c.state != CREATED:
-                raise errors.FailedPrecondition(
-                    f"container {cid} is {CONTAINER_STATES[c.state]}; only a created container can be started",
-                    reason="INVALID_TRANSITION",
-                )
+            if c.state == RUNNING:
+                raise errors.FailedPrecondition(f"container {cid} is already running", reason="INVALID_TRANSITION")
+            if c.state != CREATED:  # ended: it starts again, its disk (workspace) as it was left
+                c.exit_code = c.signal = c.finished_at = None
+                c.message, c.stop_requested, c.stop_reached = "", False, False
+                c.killed_after_grace = c.killed_deaf = False
+                c.done = trio.Event()
             assert self._nursery is not None
             # Once begun, a start is seen through and the container supervised, whatever becomes
             # of the caller: trio leaves a task that calls started() under a cancelled caller

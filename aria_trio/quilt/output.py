@@ -68,33 +68,39 @@ class OutputLog:
 
     @classmethod
     async def create(cls, path: Path, cap_bytes: int) -> OutputLog:
+        """A log to write; one already there (a container started again) goes on after its lines."""
         log = cls(path, cap_bytes)
         await trio.to_thread.run_sync(lambda: path.parent.mkdir(parents=True, exist_ok=True))
         await trio.to_thread.run_sync(lambda: open(path, "ab").close())
+        await trio.to_thread.run_sync(log._scan)
         return log
 
     @classmethod
     async def open_existing(cls, path: Path, cap_bytes: int) -> OutputLog:
         """A finished log from disk (after a restart): readable, not writable."""
         log = cls(path, cap_bytes)
-
-        def scan() -> None:
-            try:
-                f = open(path, "rb")
-            except FileNotFoundError:
-                return
-            with f:
-                pos = 0
-                for raw in f:
-                    if log.count % INDEX_EVERY == 0:
-                        log._index.append(pos)
-                    pos += len(raw)
-                    log.count += 1
-                log._size = pos
-
-        await trio.to_thread.run_sync(scan)
-        log.closed = True
+        log.closed = True  # (before the scan: a half line is left as it is, and not read)
+        await trio.to_thread.run_sync(log._scan)
         return log
+
+    def _scan(self) -> None:
+        """The lines already in the file: their count, sizes and index (a worker thread's job)."""
+        try:
+            f = open(self.path, "rb")
+        except FileNotFoundError:
+            return
+        with f:
+            pos = 0
+            for raw in f:
+                if not raw.endswith(b"\n"):  # half a line: a crash while it was written
+                    if not self.closed:
+                        os.truncate(self.path, pos)
+                    break
+                if self.count % INDEX_EVERY == 0:
+                    self._index.append(pos)
+                pos += len(raw)
+                self.count += 1
+            self._size = pos
 
     # -- writing ------------------------------------------------------------------------------------
 

@@ -84,7 +84,11 @@ def now_us() -> int:
 
 @contextlib.contextmanager
 def transaction(db: sqlite_utils.Database) -> Iterator[None]:
-    """One write transaction (the connection is in autocommit mode otherwise)."""
+    """One write transaction (the connection is in autocommit mode otherwise); inside another,
+    it is part of that one (a change and its notification commit together)."""
+    if db.conn.in_transaction:
+        yield
+        return
     db.execute("BEGIN IMMEDIATE")
     try:
         yield
