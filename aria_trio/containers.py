@@ -61,7 +61,8 @@ class Containers:
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Watch running containers until cancelled, starting with those recorded as running."""
+        """Watch running containers until cancelled, starting with those recorded as pending or
+        running (a previous runtime may have been stopped between Quilt's answer and its record)."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             for row in await self.store.run(table.running):
@@ -104,23 +105,26 @@ class Containers:
             limits=limits,
             labels={"aria.user": user, "aria.persistent": str(persistent).lower(), "aria.session": session_id or ""},
         )
-        created = await self.quilt.unary(QC + "CreateContainer", q.CreateContainerRequest(spec=spec), q.Container)
-        row = {
-            "id": created.id,
-            "user_id": user,
-            "session_id": session_id,
-            "name": name,
-            "image_path": image_path or "host",
-            "environment_json": _json(environment),
-            "command_json": _json(command),
-            "persistent": int(persistent),
-            "status": PENDING,
-            "quilt_container_id": created.id,
-            "created_at": now_us(),
-            "updated_at": now_us(),
-            "message": "",
-        }
-        await self._announce(row, "created", functools.partial(table.insert, row=row))
+        # Shielded, the create and its record together: a caller who gives up in between would
+        # otherwise leave a container in Quilt that nobody knows of (until the next start).
+        with trio.CancelScope(shield=True):
+            created = await self.quilt.unary(QC + "CreateContainer", q.CreateContainerRequest(spec=spec), q.Container)
+            row = {
+                "id": created.id,
+                "user_id": user,
+                "session_id": session_id,
+                "name": name,
+                "image_path": image_path or "host",
+                "environment_json": _json(environment),
+                "command_json": _json(command),
+                "persistent": int(persistent),
+                "status": PENDING,
+                "quilt_container_id": created.id,
+                "created_at": now_us(),
+                "updated_at": now_us(),
+                "message": "",
+            }
+            await self._announce(row, "created", functools.partial(table.insert, row=row))
         return row
 
     async def start(self, user: str, container_id: str) -> dict[str, Any]:
@@ -273,6 +277,18 @@ class Containers:
 
     async def _wait_for_end(self, row: dict[str, Any]) -> None:
         quilt_id = row["quilt_container_id"]
+        while row["status"] == PENDING:  # (at start) a start the last runtime asked for may have been made
+            try:
+                await self.quilt.up.wait()
+                current = await self.quilt.unary(QC + "GetContainer", q.ContainerRef(id=quilt_id), q.Container)
+            except errors.Unavailable:
+                await trio.sleep(0.5)
+                continue
+            except errors.NotFound:
+                current = q.Container(state=q.CONTAINER_FAILED, message="lost: quilt no longer knows it")
+            async with self._lock(row["id"]):
+                await self._record(row, current)
+            break
         while row["status"] == RUNNING:
             try:
                 await self.quilt.up.wait()

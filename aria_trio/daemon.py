@@ -14,6 +14,7 @@ from .api_keys import ApiKeys
 from .audit import Audit
 from .containers import Containers
 from .identity import PeerIdentity
+from .leftovers import remove_leftovers
 from .lifecycle import claim, serve_until_signal
 from .llm import ChatModel
 from .metrics import Live, Metrics, MetricsServer
@@ -39,7 +40,7 @@ from .sessions import Sessions
 from .store import Store
 from .tap import Tap
 from .tasks import Tasks, TaskTimeouts
-from .tool_calls import ToolCalls, remove_leftovers
+from .tool_calls import ToolCalls
 from .turns import Turns
 from .uploads import Uploads
 
@@ -155,7 +156,7 @@ async def _serve(settings: dict[str, Any], store: Store, model: ChatModel) -> No
             health.set(name, SERVING)
     background: list[Callable[..., Awaitable[None]]] = [
         quilt.run,
-        functools.partial(remove_leftovers, quilt),  # (once, before the first call is served)
+        functools.partial(remove_leftovers, quilt, store),  # (once, before the first call is served)
         containers.run,
         tasks.run,
     ]

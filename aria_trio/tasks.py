@@ -5,7 +5,9 @@ The watcher records each status transition (with a history line and exactly one 
 stores every output line as Quilt delivers it (a `::progress <percent> <text>` line becomes a
 progress update), and enforces the timeout. Followers replay the stored output, then get new lines
 as the watcher stores them. After a restart of either daemon, unfinished tasks are looked up in
-Quilt again: resumed from the output already stored, or finished with what Quilt knows.
+Quilt again: resumed from the output already stored, or finished with what Quilt knows. A task
+stored but not yet in Quilt (a launch cut short) is found there by its label, or launched then:
+a stored task always runs, once.
 """
 
 from __future__ import annotations
@@ -308,9 +310,10 @@ class Tasks:
                         await self._watch_exec(running, resume)
                     break
                 except errors.Unavailable:
-                    if self.quilt.connected() or not (row.get("quilt_container_id") or row.get("quilt_task_id")):
-                        raise  # quilt itself answered so, or the task never reached it
-                    # Quilt went away (a restart, a crash): pick the task up again once it is back.
+                    if self.quilt.connected():
+                        raise  # quilt itself answered so
+                    # Quilt went away (a restart, a crash): pick the task up again once it is back
+                    # (a launch it may or may not have seen is found by its label, or made then).
                     log.warning("lost quilt while watching a task; resuming when it is back", task=row["id"])
                     await self.quilt.reconnected()
                     resume = True
@@ -335,29 +338,32 @@ class Tasks:
     async def _watch_run(self, running: _Running, resume: bool) -> None:
         row = running.row
         cid: str | None = row.get("quilt_container_id")
-        if resume and not cid:
-            await self._finish(running, FAILED, "the runtime restarted before the task started")
-            return
-        if not resume:
-            with trio.CancelScope(shield=True):  # so that we always know the container we made
-                spec = q.ContainerSpec(name=row["id"], **_what_to_run(row))
-                created = await self.quilt.unary(
-                    QC + "CreateContainer", q.CreateContainerRequest(spec=spec), q.Container
-                )
-                made = str(created.id)
-                await self._update(running, quilt_container_id=made)
-                started = await self.quilt.unary(QC + "StartContainer", q.ContainerRef(id=made), q.Container)
-            if started.state == q.CONTAINER_FAILED:
-                await self._finish(running, FAILED, started.message)
-                await self._remove(made)
-                return
-            cid = made
-        assert cid is not None
+        if resume and not cid:  # a runtime stopped in the middle of the launch: did Quilt get it?
+            listed = await self.quilt.unary(
+                QC + "ListContainers",
+                q.ListContainersRequest(labels={"aria.task": row["id"]}),
+                q.ListContainersResponse,
+            )
+            if listed.containers:
+                cid = str(listed.containers[0].id)
+                await self._update(running, quilt_container_id=cid)
+                log.info("adopted the container of a task whose launch was cut short", task=row["id"], container=cid)
+            else:
+                log.info("launching a task stored by a runtime that stopped before launching it", task=row["id"])
+        if not cid:
+            cid = await self._create_container(running)
         current = await self._quilt_container(cid)
+        if current is not None and current.state == q.CONTAINER_CREATED:
+            with trio.CancelScope(shield=True):  # (a start is local work of tens of milliseconds)
+                current = await self.quilt.unary(QC + "StartContainer", q.ContainerRef(id=cid), q.Container)
+            if current.state == q.CONTAINER_FAILED:
+                await self._finish(running, FAILED, current.message)
+                await self._remove(cid)
+                return
         if current is None:
             await self._finish(running, FAILED, "lost: quilt no longer knows its container")
             return
-        if row["status"] == PENDING and current.state != q.CONTAINER_CREATED:
+        if row["status"] == PENDING:
             await self._transition(running, RUNNING, "started", started_at=now_us())
         started_at = (row.get("started_at") or now_us()) / 1e6
         deadline = started_at + row["timeout_seconds"] if row["timeout_seconds"] else None
@@ -390,13 +396,32 @@ class Tasks:
             with trio.CancelScope(shield=True):  # its throw-away container goes, whatever happened
                 await self._remove(cid)
 
+    async def _create_container(self, running: _Running) -> str:
+        with trio.CancelScope(shield=True):  # so that we always know the container we made
+            spec = q.ContainerSpec(name=running.row["id"], **_what_to_run(running.row))
+            created = await self.quilt.unary(QC + "CreateContainer", q.CreateContainerRequest(spec=spec), q.Container)
+            await self._update(running, quilt_container_id=created.id)
+        return str(created.id)
+
     async def _watch_exec(self, running: _Running, resume: bool) -> None:
         row = running.row
         tid: str | None = row.get("quilt_task_id")
-        if resume and not tid:
-            await self._finish(running, FAILED, "the runtime restarted before the task started")
-            return
-        if not resume:
+        if resume and not tid:  # a runtime stopped in the middle of the launch: did Quilt get it?
+            try:
+                listed = await self.quilt.unary(
+                    QT + "ListTasks", q.ListTasksRequest(container_id=row["container_id"]), q.ListTasksResponse
+                )
+            except errors.NotFound:
+                listed = q.ListTasksResponse()  # (its container is gone: the exec below says so)
+            for t in listed.tasks:
+                if t.labels.get("aria.task") == row["id"]:
+                    tid = str(t.id)
+                    await self._update(running, quilt_task_id=tid)
+                    log.info("adopted the exec of a task whose launch was cut short", task=row["id"], quilt_task=tid)
+                    break
+            else:
+                log.info("launching a task stored by a runtime that stopped before launching it", task=row["id"])
+        if not tid:
             with trio.CancelScope(shield=True):  # so that we always know the task we started
                 request = q.ExecRequest(
                     container_id=row["container_id"], timeout_seconds=row["timeout_seconds"], **_what_to_run(row)

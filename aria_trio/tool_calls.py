@@ -188,24 +188,3 @@ def _capped(text: str, truncated: bool) -> str:
 
 async def _no_containers(user: str, container_id: str) -> str:
     raise errors.InvalidArgument("launch_task runs in a fresh container only")
-
-
-async def remove_leftovers(quilt: QuiltLink, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-    """(At the runtime's start, before it serves.) run_command's throw-away containers in Quilt
-    are all a previous runtime's, whose calls ended with it (an adopted Quilt keeps them): gone."""
-    if quilt.connected():
-        try:
-            listed = await quilt.unary(
-                QC + "ListContainers",
-                q.ListContainersRequest(labels={"aria.tool": "run_command"}),
-                q.ListContainersResponse,
-                timeout=30,
-            )
-            for c in listed.containers:
-                await quilt.unary(
-                    QC + "RemoveContainer", q.RemoveContainerRequest(id=c.id, force=True), q.RemoveContainerResponse
-                )
-                log.info("removed a run_command container a previous runtime left", container=c.id)
-        except errors.AriaError as exc:
-            log.warning("could not look for what a previous runtime left in quilt", error=exc.message)
-    task_status.started()

@@ -26,6 +26,9 @@ def test_quilt_removes_what_a_crash_left(sock_dir):
     (bundles / "incoming").mkdir(parents=True, exist_ok=True)
     (bundles / "incoming" / "upload-crashed.part").write_bytes(b"half an upload")
     (bundles / "unpacked" / ".unpack-crashed" / "x").mkdir(parents=True)
+    (q.data_dir / "containers" / "c-0123456789ab" / "workspace").mkdir(parents=True)  # a create cut short
+    (q.data_dir / "tasks").mkdir(exist_ok=True)
+    (q.data_dir / "tasks" / "t-0123456789ab.jsonl").write_text("{}\n")  # an exec cut short
     q = start_quilt(sock_dir)
     try:
         c = QuiltClient(q.channel())
@@ -41,25 +44,51 @@ def test_quilt_removes_what_a_crash_left(sock_dir):
         said = [e for e in q.logs() if "removed" in str(e.get("event"))]
         assert any(e.get("container") == thrown.id for e in said), said
         assert sum(1 for e in said if "a bundle" in e["event"]) == 2, said
+        assert not (q.data_dir / "containers" / "c-0123456789ab").exists()
+        assert not (q.data_dir / "tasks" / "t-0123456789ab.jsonl").exists()
+        assert (q.data_dir / "containers" / kept.id).is_dir()
+        assert sum(1 for e in said if e["event"] == "removed the folder of a container a crash left half-made") == 2
     finally:
         q.stop()
 
 
-def test_a_runtime_removes_the_throw_away_containers_a_previous_one_left(sock_dir):
-    """An adopted (or external) Quilt still holds run_command containers of calls that ended with
-    the runtime before: the next runtime removes them before it serves."""
+def test_a_runtime_removes_what_nobody_owns_any_more(sock_dir):
+    """An adopted (or external) Quilt still holds what the runtime before made and did not get to
+    remove: run_command containers, containers of tasks that are over, containers whose creation
+    it never recorded. The next runtime removes those before it serves, and only those."""
     q = start_quilt(sock_dir)
     try:
         c = QuiltClient(q.channel())
-        left = c.run(["sleep", "600"], labels={"aria.tool": "run_command"})
+        user = {"aria.user": "root"}
+        thrown = c.run(["sleep", "600"], labels={"aria.tool": "run_command"})
+        over = c.create(["true"], labels={**user, "aria.task": "t-0000000000000001"})  # no such task
+        unrecorded = c.create(["true"], labels={**user, "aria.persistent": "true"})
+        foreign = c.create(["true"], labels=user)  # not one the runtime makes: not its to judge
+        other = c.create(["true"])  # `aria quilt run` and the like
         d = start_daemon(sock_dir, "--quilt-socket", str(q.socket))
         try:
-            listed = c.call(
-                "/quilt.v1.Containers/ListContainers", pb.ListContainersRequest(), pb.ListContainersResponse
-            )
-            assert left.id not in {x.id for x in listed.containers}
-            assert any(e.get("event") == "removed a run_command container a previous runtime left" for e in d.logs())
-            assert AriaClient(d.channel()).list_tasks().tasks == []  # (and it serves)
+            a = AriaClient(d.channel())
+            ids = {x.id for x in listed(c)}
+            assert ids.isdisjoint({thrown.id, over.id, unrecorded.id}) and {foreign.id, other.id} <= ids
+            said = {
+                e["container"]: e["what"]
+                for e in d.logs()
+                if e.get("event") == "removed what a previous runtime left in quilt"
+            }
+            assert said == {
+                thrown.id: "a run_command container",
+                over.id: "the container of a task that is over",
+                unrecorded.id: "a container whose creation was never recorded",
+            }
+            assert a.list_tasks().tasks == []  # (and it serves)
+            box = a.create_container("kept")  # recorded: a runtime that starts again keeps it
+        finally:
+            d.stop()
+        d = start_daemon(sock_dir, "--quilt-socket", str(q.socket))
+        try:
+            assert box.id in {x.id for x in listed(c)}
+            assert not [e for e in d.logs() if e.get("event") == "removed what a previous runtime left in quilt"]
+            assert AriaClient(d.channel()).container_call("Get", box.id).id == box.id
         finally:
             d.stop()
     finally:

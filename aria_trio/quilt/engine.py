@@ -186,6 +186,8 @@ class Container:
         c = cls(row["id"], Spec(**json.loads(row["spec_json"])))
         for key in ("state", "created_at", "started_at", "finished_at", "exit_code", "signal", "message", "pid"):
             setattr(c, key, row[key])
+        if c.state not in (CREATED, RUNNING):
+            c.done.set()  # (ended under an earlier quilt: nothing of it is left to clean)
         return c
 
 
@@ -293,6 +295,10 @@ class Engine:
             self.containers[row["id"]] = Container.from_row(row)
         if lost or lost_tasks:
             log.warning("quilt restarted: marked lost work as failed", containers=len(lost), tasks=lost_tasks)
+        tasks = await self.store.run(table.ids, "tasks")
+        for stray in await trio.to_thread.run_sync(self._strays, tasks):  # a crash in the middle of a create
+            await trio.to_thread.run_sync(self._remove_dir, stray)
+            log.info("removed the folder of a container a crash left half-made", path=str(stray))
         # run_command's throw-away containers, whose runtime's call ended with that runtime
         for c in [c for c in self.containers.values() if c.spec.labels.get("aria.tool") == "run_command"]:
             await self.remove(c.id, force=True)
@@ -331,8 +337,9 @@ class Engine:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(lambda: shutil.rmtree(self._dir(c.id), ignore_errors=True))
             raise
-        await self.store.run(table.upsert, "containers", c.row())
-        self.containers[c.id] = c
+        with trio.CancelScope(shield=True):  # stored and known together, or a caller gone in between left a stray
+            await self.store.run(table.upsert, "containers", c.row())
+            self.containers[c.id] = c
         log.info("container created", container=c.id, image=image.name, command=spec.command or "(idle)")
         return c
 
@@ -383,6 +390,22 @@ class Engine:
                 fields={field_name: "not found in the image"},
             )
 
+    def _strays(self, tasks: set[str]) -> list[Path]:
+        """Container folders and task logs with no record (a worker thread's job): what a crash in
+        the middle of a create or a remove left."""
+        folders = self.settings.data_dir / "containers"
+        logs = self.settings.data_dir / "tasks"
+        found = [p for p in (folders.iterdir() if folders.is_dir() else ()) if p.name not in self.containers]
+        found += [p for p in (logs.glob("*.jsonl") if logs.is_dir() else ()) if p.stem not in tasks]
+        return sorted(found)
+
+    @staticmethod
+    def _remove_dir(path: Path) -> None:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
     def _dir(self, cid: str) -> Path:
         return self.settings.data_dir / "containers" / cid
 
@@ -412,6 +435,7 @@ class Engine:
             if c.state == RUNNING:
                 raise errors.FailedPrecondition(f"container {cid} is already running", reason="INVALID_TRANSITION")
             if c.state != CREATED:  # ended: it starts again, its disk (workspace) as it was left
+                await c.done.wait()  # (its last run's clean-up, disk detached, is over)
                 c.exit_code = c.signal = c.finished_at = None
                 c.message, c.stop_requested, c.stop_reached = "", False, False
                 c.killed_after_grace = c.killed_deaf = False
@@ -432,6 +456,7 @@ class Engine:
         limits = self._limits(spec)
         memory, pids = limits.memory_bytes, limits.pids
         started = attached = False
+        ended: tuple[int | None, int | None] = (None, None)  # (exit code, signal)
         image: Image | None = None
         try:
             image = await self.images.resolve(spec.image)
@@ -458,25 +483,26 @@ class Engine:
                 started = True
                 exit_ = await run.result()
             await c.log.close()
-            c.exit_code, c.signal = exit_.exit_code, exit_.signal
+            ended = (exit_.exit_code, exit_.signal)
             if c.stop_requested and (c.stop_reached or exit_.signal is not None):
                 # (a stop that never reached the process, which then ended by itself: what it did)
-                c.state = STOPPED
                 killed = " (killed after the grace period)" if c.killed_after_grace else ""
                 killed = " (killed: it does not handle SIGTERM)" if c.killed_deaf else killed
-                c.message = c.message or f"stopped{killed}"
+                state, message = STOPPED, c.message or f"stopped{killed}"
             elif _start_failure(exit_):
-                c.state, c.message = FAILED, f"could not start: {exit_.first_error}"
+                state, message = FAILED, f"could not start: {exit_.first_error}"
             else:
-                c.state, c.message = EXITED, _ending(exit_, c.cgroup, memory)
+                state, message = EXITED, _ending(exit_, c.cgroup, memory)
+            self._ended(c, ended, state, message)
         except Exception as exc:
             inner = errors.single(exc)
             if isinstance(inner, (errors.AriaError, OSError)):  # never ran: bad image, no /bin/sh, no cgroup...
-                c.state, c.message = FAILED, f"could not start: {_reason(inner)}"
+                state, message = FAILED, f"could not start: {_reason(inner)}"
                 log.info("container could not start", container=c.id, why=_reason(inner))
             else:  # ours: say so, keep serving
                 log.exception("container supervisor failed", container=c.id)
-                c.state, c.message = FAILED, f"quilt lost track of it ({type(inner).__name__})"
+                state, message = FAILED, f"quilt lost track of it ({type(inner).__name__})"
+            self._ended(c, ended, state, message)
         finally:
             if image is not None:
                 self.images.release(image)
@@ -484,12 +510,18 @@ class Engine:
             if attached:
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(self.disks.detach, self._files(c.id))
-        c.finished_at, c.pid, c.handle = now_us(), 0, None
         await self._record_end("containers", c.row())
         log.info("container ended", container=c.id, state=CONTAINER_STATES[c.state], message=c.message)
-        c.done.set()
+        c.done.set()  # (after the clean-up: a start again or a removal waits for it)
         if not started:
             task_status.started()
+
+    @staticmethod
+    def _ended(c: Container, ended: tuple[int | None, int | None], state: int, message: str) -> None:
+        """The end, shown all at once (no await): a reader never sees an ended state without its
+        code or time, nor a log follower its state still RUNNING."""
+        (c.exit_code, c.signal), c.state, c.message = ended, state, message
+        c.finished_at, c.pid, c.handle = now_us(), 0, None
 
     async def _record_end(self, table_name: str, row: dict[str, Any]) -> None:
         """A run's end, stored whatever happens: shielded (it must be made), and if even that fails
@@ -553,13 +585,19 @@ class Engine:
 
     async def remove(self, cid: str, force: bool) -> None:
         c = self.container(cid)
+        async with c.lock:
+            pass  # (a start in flight is seen through first: then its container is RUNNING)
         if c.state == RUNNING:
             if not force:
                 raise errors.FailedPrecondition(
                     f"container {cid} is running; stop it first, or remove it with force", reason="CONTAINER_RUNNING"
                 )
             await self._stop(c, 0.0, "removed")
+        if c.state != CREATED:
+            await c.done.wait()  # its run's clean-up (cgroup, disk) is over before its folder goes
         async with c.lock:
+            if c.state == RUNNING:  # started again meanwhile, by another caller
+                raise errors.FailedPrecondition(f"container {cid} was started again", reason="CONTAINER_RUNNING")
             for row in await self.store.run(table.rows, "tasks", "container_id = ?", [cid]):
                 await self.store.run(table.delete, "tasks", row["id"])
                 with contextlib.suppress(FileNotFoundError):

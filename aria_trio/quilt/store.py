@@ -77,6 +77,10 @@ def get(db: sqlite_utils.Database, table: str, row_id: str) -> dict[str, Any] | 
     return rows[0] if rows else None
 
 
+def ids(db: sqlite_utils.Database, table: str) -> set[str]:
+    return {row[0] for row in db.execute(f"SELECT id FROM {table}").fetchall()}
+
+
 def delete(db: sqlite_utils.Database, table: str, row_id: str) -> None:
     db.execute(f"DELETE FROM {table} WHERE id = ?", [row_id])
 

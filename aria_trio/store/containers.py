@@ -40,6 +40,10 @@ def of_user(db: sqlite_utils.Database, user_id: str, session_id: str | None) -> 
     )
 
 
+def ids(db: sqlite_utils.Database) -> set[str]:
+    return {row[0] for row in db.execute("SELECT id FROM containers").fetchall()}
+
+
 def running(db: sqlite_utils.Database) -> list[dict[str, Any]]:
     return list(db.query("SELECT * FROM containers WHERE status IN (1, 2)"))
 
