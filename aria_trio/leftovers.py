@@ -3,7 +3,9 @@
 An adopted Quilt keeps everything the last runtime made. Some of it nobody owns any more:
 run_command's throw-away containers (their calls ended with that runtime), containers made for
 tasks that are over (the runtime died before removing them), and containers a CreateContainer
-made in Quilt that the runtime never recorded (it died in between). This runs once, before the
+made in Quilt that the runtime never recorded (it died in between), and bundles Quilt stored for
+a runtime's upload that it did not get to register (labelled with their user: others' bundles,
+uploaded to Quilt directly, are kept). This runs once, before the
 runtime serves and before the task watchers resume (they adopt the containers of unfinished
 tasks), so no call of this runtime can be racing it.
 """
@@ -20,11 +22,13 @@ from .proto.quilt.v1 import quilt_pb2 as q
 from .quilt_link import QuiltLink
 from .store import Store
 from .store import containers as containers_table
+from .store import registry as registry_table
 from .store import tasks as tasks_table
 
 log = structlog.get_logger("aria.leftovers")
 
 QC = "/quilt.v1.Containers/"
+QB = "/quilt.v1.Bundles/"
 
 
 def _orphaned(c: q.Container, unfinished_tasks: set[str], recorded: set[str]) -> str | None:
@@ -57,6 +61,25 @@ async def remove_leftovers(quilt: QuiltLink, store: Store, *, task_status: Any =
                         QC + "RemoveContainer", q.RemoveContainerRequest(id=c.id, force=True), q.RemoveContainerResponse
                     )
                     log.info("removed what a previous runtime left in quilt", container=c.id, what=why)
+            await _remove_unregistered_bundles(quilt, store)
         except errors.AriaError as exc:
             log.warning("could not look for what a previous runtime left in quilt", error=exc.message)
     task_status.started()
+
+
+async def _remove_unregistered_bundles(quilt: QuiltLink, store: Store) -> None:
+    token = ""
+    while True:
+        page = await quilt.unary(
+            QB + "ListBundles",
+            q.ListBundlesRequest(page_size=1000, page_token=token),
+            q.ListBundlesResponse,
+            timeout=30,
+        )
+        for b in page.bundles:
+            if "aria.user" in b.labels and not await store.run(registry_table.blake3_in_use, b.blake3):
+                await quilt.unary(QB + "DeleteBundle", q.BundleRef(id=b.id), q.DeleteBundleResponse)
+                log.info("removed what a previous runtime left in quilt", bundle=b.id, what="a bundle never registered")
+        token = page.next_page_token
+        if not token:
+            return

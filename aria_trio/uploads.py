@@ -148,12 +148,19 @@ class Uploads:
             raise as_domain_error(inner) if isinstance(inner, RpcError) else inner from None
 
     async def _register(self, user: str, bundle: q.Bundle) -> str:
+        """Shielded (a local write): once Quilt has stored the bundle, it is registered or removed,
+        whatever becomes of the client. (A runtime killed here leaves Quilt a bundle nobody
+        registered: the next start removes it, leftovers.py.)"""
+        with trio.CancelScope(shield=True):
+            bundle_id = await self._register_or_remove(user, bundle)
+        return bundle_id
+
+    async def _register_or_remove(self, user: str, bundle: q.Bundle) -> str:
         try:
             return await self.registry.register(user, bundle)
         except errors.AriaError:
-            with trio.CancelScope(shield=True):
-                if not await self.registry.in_use(bundle.blake3):
-                    await self.quilt.unary(QB + "DeleteBundle", q.BundleRef(id=bundle.id), q.DeleteBundleResponse)
+            if not await self.registry.in_use(bundle.blake3):
+                await self.quilt.unary(QB + "DeleteBundle", q.BundleRef(id=bundle.id), q.DeleteBundleResponse)
             raise
 
 

@@ -6,6 +6,7 @@ import signal
 
 from aria_trio.proto.quilt.v1 import quilt_pb2 as pb
 
+import bundles
 from aria_client import AriaClient
 from conftest import start_daemon, start_quilt
 from quilt_client import QuiltClient
@@ -14,6 +15,18 @@ from quilt_client import QuiltClient
 def listed(c: QuiltClient) -> list[pb.Container]:
     reply = c.call("/quilt.v1.Containers/ListContainers", pb.ListContainersRequest(), pb.ListContainersResponse)
     return list(reply.containers)
+
+
+def quilt_upload(c: QuiltClient, data: bytes, labels: dict[str, str]) -> pb.Bundle:
+    meta = pb.BundleMetadata(filename="b.aria", size_bytes=len(data), labels=labels)
+    call = c.channel.stream_unary(
+        "/quilt.v1.Bundles/UploadBundle", pb.UploadBundleRequest.SerializeToString, pb.Bundle.FromString
+    )
+    return call(iter([pb.UploadBundleRequest(metadata=meta), pb.UploadBundleRequest(chunk=data)]), timeout=30)
+
+
+def quilt_bundles(c: QuiltClient) -> list[pb.Bundle]:
+    return list(c.call("/quilt.v1.Bundles/ListBundles", pb.ListBundlesRequest(), pb.ListBundlesResponse).bundles)
 
 
 def test_quilt_removes_what_a_crash_left(sock_dir):
@@ -65,6 +78,8 @@ def test_a_runtime_removes_what_nobody_owns_any_more(sock_dir):
         unrecorded = c.create(["true"], labels={**user, "aria.persistent": "true"})
         foreign = c.create(["true"], labels=user)  # not one the runtime makes: not its to judge
         other = c.create(["true"])  # `aria quilt run` and the like
+        unregistered = quilt_upload(c, bundles.flat(bundles.manifest("left")), {"aria.user": "root"})
+        direct = quilt_upload(c, bundles.flat(bundles.manifest("direct")), {})  # uploaded to Quilt itself
         d = start_daemon(sock_dir, "--quilt-socket", str(q.socket))
         try:
             a = AriaClient(d.channel())
@@ -73,13 +88,17 @@ def test_a_runtime_removes_what_nobody_owns_any_more(sock_dir):
             said = {
                 e["container"]: e["what"]
                 for e in d.logs()
-                if e.get("event") == "removed what a previous runtime left in quilt"
+                if e.get("event") == "removed what a previous runtime left in quilt" and "container" in e
             }
             assert said == {
                 thrown.id: "a run_command container",
                 over.id: "the container of a task that is over",
                 unrecorded.id: "a container whose creation was never recorded",
             }
+            gone = [e for e in d.logs() if e.get("what") == "a bundle never registered"]
+            assert [e["bundle"] for e in gone] == [unregistered.id]
+            assert {b.id for b in quilt_bundles(c)} == {direct.id}
+            registered = a.upload_bytes(bundles.flat(bundles.manifest("kept")))  # through the runtime
             assert a.list_tasks().tasks == []  # (and it serves)
             box = a.create_container("kept")  # recorded: a runtime that starts again keeps it
         finally:
@@ -87,6 +106,7 @@ def test_a_runtime_removes_what_nobody_owns_any_more(sock_dir):
         d = start_daemon(sock_dir, "--quilt-socket", str(q.socket))
         try:
             assert box.id in {x.id for x in listed(c)}
+            assert len(quilt_bundles(c)) == 2 and registered.bundle_id
             assert not [e for e in d.logs() if e.get("event") == "removed what a previous runtime left in quilt"]
             assert AriaClient(d.channel()).container_call("Get", box.id).id == box.id
         finally:
