@@ -7,11 +7,14 @@ made in Quilt that the runtime never recorded (it died in between), and bundles 
 a runtime's upload that it did not get to register (labelled with their user: others' bundles,
 uploaded to Quilt directly, are kept). This runs once, before the
 runtime serves and before the task watchers resume (they adopt the containers of unfinished
-tasks), so no call of this runtime can be racing it.
+tasks), so no call of this runtime can be racing it; and again whenever the link to Quilt comes
+up anew (a Quilt restarted after a crash holds what its predecessor stored), limited to what was
+made before that connection.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import structlog
@@ -29,6 +32,7 @@ log = structlog.get_logger("aria.leftovers")
 
 QC = "/quilt.v1.Containers/"
 QB = "/quilt.v1.Bundles/"
+RETRY_S = 60.0  # a sweep that could not look (quilt down or failing) is tried again after this
 
 
 def _orphaned(c: q.Container, unfinished_tasks: set[str], recorded: set[str]) -> str | None:
@@ -46,28 +50,47 @@ def _orphaned(c: q.Container, unfinished_tasks: set[str], recorded: set[str]) ->
 
 
 async def remove_leftovers(quilt: QuiltLink, store: Store, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-    """Remove every container in Quilt that nobody owns any more, saying each in the log."""
-    if quilt.connected():
-        try:
-            listed = await quilt.unary(
-                QC + "ListContainers", q.ListContainersRequest(), q.ListContainersResponse, timeout=30
-            )
-            unfinished = {row["id"] for row in await store.run(tasks_table.unfinished)}
-            recorded = await store.run(containers_table.ids)
-            for c in listed.containers:
-                why = _orphaned(c, unfinished, recorded)
-                if why is not None:
-                    await quilt.unary(
-                        QC + "RemoveContainer", q.RemoveContainerRequest(id=c.id, force=True), q.RemoveContainerResponse
-                    )
-                    log.info("removed what a previous runtime left in quilt", container=c.id, what=why)
-            await _remove_unregistered_bundles(quilt, store)
-        except errors.AriaError as exc:
-            log.warning("could not look for what a previous runtime left in quilt", error=exc.message)
+    """Sweep once before the runtime serves, then again at each new connection to Quilt (a
+    restarted Quilt keeps what its predecessor had stored, and a create or upload whose answer
+    the crash swallowed is in it): only what existed before that connection, so that no call
+    made over it can be racing the sweep."""
+    ok = quilt.connected() and await _sweep(quilt, store, before_us=None)
     task_status.started()
+    while True:
+        with trio.move_on_after(float("inf") if ok else RETRY_S):
+            await quilt.reconnected()
+        if quilt.connected():
+            ok = await _sweep(quilt, store, before_us=quilt.connected_at_us)
 
 
-async def _remove_unregistered_bundles(quilt: QuiltLink, store: Store) -> None:
+async def _sweep(quilt: QuiltLink, store: Store, before_us: int | None) -> bool:
+    """Remove what nobody owns (made before `before_us`, if given), saying each in the log;
+    False if it could not look (tried again later)."""
+    try:
+        listed = await quilt.unary(
+            QC + "ListContainers", q.ListContainersRequest(), q.ListContainersResponse, timeout=30
+        )
+        unfinished = {row["id"] for row in await store.run(tasks_table.unfinished)}
+        recorded = await store.run(containers_table.ids)
+        for c in listed.containers:
+            why = _orphaned(c, unfinished, recorded)
+            if why is not None and (before_us is None or _us(c.created_at) < before_us):
+                with contextlib.suppress(errors.NotFound):  # (its watcher removed it meanwhile)
+                    request = q.RemoveContainerRequest(id=c.id, force=True)
+                    await quilt.unary(QC + "RemoveContainer", request, q.RemoveContainerResponse)
+                log.info("removed what a previous runtime left in quilt", container=c.id, what=why)
+        await _remove_unregistered_bundles(quilt, store, before_us)
+    except errors.AriaError as exc:
+        log.warning("could not look for what a previous runtime left in quilt", error=exc.message)
+        return False
+    return True
+
+
+def _us(t: Any) -> int:
+    return int(t.seconds) * 1_000_000 + int(t.nanos) // 1000
+
+
+async def _remove_unregistered_bundles(quilt: QuiltLink, store: Store, before_us: int | None) -> None:
     token = ""
     while True:
         page = await quilt.unary(
@@ -77,8 +100,11 @@ async def _remove_unregistered_bundles(quilt: QuiltLink, store: Store) -> None:
             timeout=30,
         )
         for b in page.bundles:
-            if "aria.user" in b.labels and not await store.run(registry_table.blake3_in_use, b.blake3):
-                await quilt.unary(QB + "DeleteBundle", q.BundleRef(id=b.id), q.DeleteBundleResponse)
+            if "aria.user" not in b.labels or (before_us is not None and _us(b.created_at) >= before_us):
+                continue
+            if not await store.run(registry_table.blake3_in_use, b.blake3):
+                with contextlib.suppress(errors.NotFound):
+                    await quilt.unary(QB + "DeleteBundle", q.BundleRef(id=b.id), q.DeleteBundleResponse)
                 log.info("removed what a previous runtime left in quilt", bundle=b.id, what="a bundle never registered")
         token = page.next_page_token
         if not token:

@@ -32,6 +32,7 @@ from .proto.quilt.v1 import quilt_pb2 as q
 from .rpc import Channel, Health, RpcError, StatusCode
 from .rpc.client import ClientCall
 from .rpc.health import NOT_SERVING, SERVING
+from .store.db import now_us
 
 log = structlog.get_logger("aria.quilt_link")
 
@@ -107,6 +108,7 @@ class QuiltLink:
         self.up = trio.Event()
         self.restarts = 0
         self._connections = 0  # connections made so far
+        self.connected_at_us = 0  # when the current one came up (wall clock, as Quilt's records)
         self._changed = trio.Event()  # set (and replaced) whenever the link comes up or goes down
 
     def _report(self, up: bool) -> None:
@@ -206,6 +208,7 @@ class QuiltLink:
                             f"not in {self.data_dir}: it belongs to another runtime; stop it or choose another "
                             "--data-dir"
                         )
+                    self.connected_at_us = now_us()
                     self._channel, self._extras = channel, extras
                     self._connections += 1
                     self.refused = None

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import time
+
+import grpc
 
 from aria_trio.proto.quilt.v1 import quilt_pb2 as pb
 
@@ -123,5 +127,38 @@ def test_a_broken_page_token_key_is_made_again_whole(sock_dir):
     try:
         assert len((data / "page-token.key").read_bytes()) == 32
         assert not list(data.glob(".page-token.key.*"))  # (no temporary file left)
+    finally:
+        d.stop()
+
+
+def test_after_quilt_restarts_the_runtime_removes_what_the_crash_swallowed(sock_dir):
+    """A create or an upload whose answer died with Quilt: stored by it, never recorded by the
+    runtime (which kept running). Swept when the link to the restarted Quilt comes up."""
+    from test_survival import quilts_of
+
+    d = start_daemon(sock_dir)
+    try:
+        c = QuiltClient(grpc.insecure_channel(f"unix:{d.data_dir / 'quilt.sock'}"))
+        user = {"aria.user": "root"}
+        unrecorded = c.create(["true"], labels={**user, "aria.persistent": "false"})
+        unregistered = quilt_upload(c, bundles.flat(bundles.manifest("swallowed")), user)
+        a = AriaClient(d.channel())
+        kept = a.create_container("kept")
+        (old,) = quilts_of(d.data_dir)
+        os.kill(old, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        said: list = []
+        while len(said) < 2 and time.monotonic() < deadline:
+            said = [e for e in d.logs() if e.get("event") == "removed what a previous runtime left in quilt"]
+            time.sleep(0.05)
+        assert sorted((e.get("container") or e.get("bundle"), e["what"]) for e in said) == sorted(
+            [
+                (unrecorded.id, "a container whose creation was never recorded"),
+                (unregistered.id, "a bundle never registered"),
+            ]
+        )
+        assert quilts_of(d.data_dir) != [old]
+        assert {x.id for x in listed(c)} == {kept.id}
+        assert a.container_call("Get", kept.id).id == kept.id
     finally:
         d.stop()
