@@ -38,6 +38,7 @@ log = structlog.get_logger("aria.quilt_link")
 
 R = TypeVar("R")
 BACKOFF_FIRST, BACKOFF_MAX = 0.25, 30.0
+HEALTHY_S = 2.0  # a link up this long was a Quilt that served: its end is no crash loop
 READY_TIMEOUT = 30.0
 STOP_GRACE = 10.0
 MAX_CONNECTIONS = 8  # to Quilt, each with Quilt's stream cap (1024): 8,192 calls at once, then a queue
@@ -109,6 +110,7 @@ class QuiltLink:
         self.restarts = 0
         self._connections = 0  # connections made so far
         self.connected_at_us = 0  # when the current one came up (wall clock, as Quilt's records)
+        self._up_since = 0.0  # the same, on trio's clock
         self._changed = trio.Event()  # set (and replaced) whenever the link comes up or goes down
 
     def _report(self, up: bool) -> None:
@@ -135,18 +137,23 @@ class QuiltLink:
             task_status.started()
 
     async def _keep_up(self) -> None:
+        """The backoff grows only while Quilt fails to come up (or falls at once): one that served
+        a while and then died (a crash, a kill) is started again at once, so that the work it ran
+        is recorded lost, and its persistent containers can start again, within seconds."""
         backoff = BACKOFF_FIRST
         while True:
-            started = trio.current_time()
+            seen = self._connections
             if self.spawn is None:
                 await self._connect_and_hold()
             elif not await self._connect_and_hold(adopting=True):  # one kept running for us? adopt it
                 await self._run_child()
-            if trio.current_time() - started > 60:
-                backoff = BACKOFF_FIRST  # it ran a good while: start the backoff over
+            served = self._connections > seen and trio.current_time() - self._up_since >= HEALTHY_S
+            if served:
+                backoff = BACKOFF_FIRST
             log.warning("quilt link down; retrying", socket=str(self.socket), retry_in_s=backoff)
             await trio.sleep(backoff)
-            backoff = min(backoff * 2, BACKOFF_MAX)
+            if not served:
+                backoff = min(backoff * 2, BACKOFF_MAX)
             self.restarts += 1
 
     async def _run_child(self) -> None:
@@ -208,7 +215,7 @@ class QuiltLink:
                             f"not in {self.data_dir}: it belongs to another runtime; stop it or choose another "
                             "--data-dir"
                         )
-                    self.connected_at_us = now_us()
+                    self.connected_at_us, self._up_since = now_us(), trio.current_time()
                     self._channel, self._extras = channel, extras
                     self._connections += 1
                     self.refused = None

@@ -27,6 +27,7 @@ from . import (
     quilt_exec,
     quilt_upload,
     runtime_upload,
+    soak,
     turn_overhead,
     unary_prefs,
 )
@@ -48,6 +49,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "runtime_upload": runtime_upload,
     "turn_overhead": turn_overhead,
     "cpu_spinners": cpu_spinners,
+    "soak": soak,
 }
 RESULTS = Path(__file__).resolve().parent / "results"
 

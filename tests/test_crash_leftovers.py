@@ -162,3 +162,41 @@ def test_after_quilt_restarts_the_runtime_removes_what_the_crash_swallowed(sock_
         assert a.container_call("Get", kept.id).id == kept.id
     finally:
         d.stop()
+
+
+def test_quilt_kills_what_a_crash_left_in_the_cgroups_of_starts_and_tool_runs(sock_dir):
+    """A sandbox spawned in the instant before bubblewrap's --die-with-parent took hold outlives
+    a Quilt killed then; it is in its container's (or tool run's) cgroup, which the next Quilt
+    kills: for a container whose start the crash cut (CREATED), and for a tool run."""
+    import subprocess
+
+    from aria_trio.quilt import limits
+    from aria_trio.quilt.stage import stage_id
+
+    mode = limits.detect()
+    if not mode.parents:
+        raise AssertionError("this machine has cgroups (CI too): the test needs them")
+    q = start_quilt(sock_dir)
+    c = QuiltClient(q.channel())
+    created = c.create(["true"])  # CREATED: its start is what the crash cuts
+    q.stop(signal.SIGKILL)
+    survivors = []
+    names = (created.id, f"tool-{stage_id(q.data_dir)}-0123456789ab")
+    for name in names:
+        cgroup = limits.Cgroup(mode, name)
+        cgroup.create(64 << 20, 16)
+        procs = " ".join(f"echo $$ > {f};" for f in cgroup.procs_files)
+        survivors.append(subprocess.Popen(["sh", "-c", f"{procs} exec sleep 600"]))
+    deadline = time.monotonic() + 5
+    while not all(limits.Cgroup(mode, n).pids() for n in names) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    q = start_quilt(sock_dir)
+    try:
+        for p in survivors:
+            assert p.wait(10) == -signal.SIGKILL
+        said = [e for e in q.logs() if "crash left" in str(e.get("event"))]
+        assert any(e.get("container") == created.id for e in said), said
+        assert any(str(e.get("cgroup", "")).startswith("tool-") for e in said), said
+        assert QuiltClient(q.channel()).get(created.id).state == pb.CONTAINER_CREATED  # (and it may start)
+    finally:
+        q.stop()

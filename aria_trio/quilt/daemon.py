@@ -143,8 +143,16 @@ async def _run(settings: dict[str, Any], store: Store, sandbox: Sandbox, disks: 
     for removed in await trio.to_thread.run_sync(bundles.clean):
         log.info("removed what a crash left of a bundle", path=str(removed))
     runner = ToolRunner(
-        sandbox, bundles, settings["tool_timeout"], settings["memory_bytes"], settings["pids"], settings["cpus"]
+        sandbox,
+        bundles,
+        settings["tool_timeout"],
+        settings["memory_bytes"],
+        settings["pids"],
+        settings["cpus"],
+        cgroup_prefix=f"tool-{stage.stage_id(data_dir)}-",
     )
+    for name in await trio.to_thread.run_sync(runner.clean):
+        log.info("removed the cgroup of a tool run a crash left, with its processes", cgroup=name)
     server = Server(error_domain="quilt.v1", max_concurrent_streams=QUILT_STREAMS)
     managed = bool(os.environ.get(PARENT_ENV))
     attachments = Attachments(managed, settings["orphan_grace"], data_dir / "quilt.log" if managed else None)

@@ -286,9 +286,15 @@ class Engine:
         if await trio.to_thread.run_sync(old_scratch.is_dir):
             await trio.to_thread.run_sync(lambda: shutil.rmtree(old_scratch, ignore_errors=True))
             log.info("removed the tool runs' old scratch folders", path=str(old_scratch))
+        starting = await self.store.run(table.rows, "containers", "state = ?", [CREATED])
         lost, lost_tasks = await self.store.run(table.mark_lost, now_us())
-        for row in lost:  # their sandboxes died with quilt; make sure nothing is left in their cgroups
+        # Their sandboxes died with quilt; make sure nothing is left in their cgroups. CREATED ones
+        # too: one whose start the crash cut may have a sandbox that was spawned in the instant
+        # before bubblewrap's --die-with-parent took hold (it joins the cgroup first thing).
+        for row in [*lost, *starting]:
             cgroup = Cgroup(self.sandbox.limits, row["id"])
+            if await trio.to_thread.run_sync(cgroup.pids):
+                log.warning("killed the processes a crash left in a container's cgroup", container=row["id"])
             await trio.to_thread.run_sync(cgroup.kill_all)
             await trio.to_thread.run_sync(cgroup.remove)
         for row in await self.store.run(table.rows, "containers"):

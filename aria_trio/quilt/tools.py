@@ -51,14 +51,30 @@ class ToolRunner:
         pids: int,
         cpus: float = 1.0,
         scratch_bytes: int = SCRATCH_BYTES,
+        cgroup_prefix: str = "tool-",
     ) -> None:
         self.sandbox = sandbox
+        # Tool runs are recorded nowhere: their cgroups carry the Quilt's name (its data folder's),
+        # so that a Quilt starting after a crash finds the ones of its predecessor (clean()).
+        self.cgroup_prefix = cgroup_prefix
         self.bundles = bundles
         self.default_timeout = default_timeout
         self.default_memory = default_memory
         self.pids = pids
         self.cpus = cpus
         self.scratch_bytes = scratch_bytes
+
+    def clean(self) -> list[str]:
+        """Kill and remove the cgroups of tool runs a crash of this Quilt left (a worker thread's
+        job, at start): a sandbox that Quilt's death did not take (it died in the instant between
+        the spawn and bubblewrap's --die-with-parent) is in one."""
+        names = sorted({d.name for parent in self.sandbox.limits.parents if parent.is_dir() for d in parent.iterdir()})
+        found = [n for n in names if n.startswith(self.cgroup_prefix)]
+        for name in found:
+            cgroup = Cgroup(self.sandbox.limits, name)
+            cgroup.kill_all()
+            cgroup.remove()
+        return found
 
     async def run(
         self, bundle_id: str, tool_name: str, arguments_json: str, timeout: float, memory: int, network: bool
@@ -78,7 +94,7 @@ class ToolRunner:
         files = await self.bundles.unpacked(bundle_id)
         timeout = timeout or self.default_timeout
         memory = memory or self.default_memory
-        name = "tool-" + secrets.token_hex(6)
+        name = self.cgroup_prefix + secrets.token_hex(6)
         cgroup = None
         try:
             if self.sandbox.limits.parents:
