@@ -42,7 +42,7 @@ def manifest(name: str = "calc", **extra: Any) -> dict[str, Any]:
 
 
 def flat(
-    data: dict[str, Any] | None = None, files: dict[str, str] | None = None, raw_manifest: bytes | None = None
+    data: dict[str, Any] | None = None, files: dict[str, str | bytes] | None = None, raw_manifest: bytes | None = None
 ) -> bytes:
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w") as z:

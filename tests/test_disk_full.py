@@ -89,7 +89,9 @@ def test_a_full_disk_is_an_answer_and_both_daemons_recover(sock_dir, small_disk)
         agents_before = [a.agent_id for a in c.agents()]
         # work that runs through it all: a line every 0.1 s for 8 s
         task_id = c.launch(["sh", "-c", "for i in $(seq 1 80); do echo line $i; sleep 0.1; done; echo end"])
-        time.sleep(1)
+        deadline = time.monotonic() + 20
+        while not list(c.output(task_id)) and time.monotonic() < deadline:  # (its first line is stored)
+            time.sleep(0.05)
         filler = fill(small_disk)
 
         # calls that must write: RESOURCE_EXHAUSTED "disk full", nothing half-done
@@ -138,3 +140,27 @@ def test_a_full_disk_is_an_answer_and_both_daemons_recover(sock_dir, small_disk)
         conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",), db
         conn.close()
+
+
+def test_a_disk_that_fills_during_an_upload(sock_dir, small_disk):
+    """Room for the start of a 16 MiB bundle, not for the rest: the upload fails RESOURCE_EXHAUSTED
+    "disk full" part-way, leaves no file and registers nothing; with room again, it goes through."""
+    d = start_daemon(sock_dir, "--data-dir", str(small_disk / "data"))
+    try:
+        c = AriaClient(d.channel())
+        pad = os.urandom(16 * 1024 * 1024)  # (random: the zip stores it as it is)
+        data = bundles.flat(bundles.manifest(name="big"), files={"pad.bin": pad})
+        filler = fill(small_disk)
+        filler_size = filler.stat().st_size
+        os.truncate(filler, filler_size - 6 * 1024 * 1024)  # 6 MiB free: the upload starts, then fills it
+        quilt_bundles = small_disk / "data" / "quilt" / "bundles"
+        err = disk_full(c.upload_bytes, data, name="big.aria")
+        assert error_reason(err) == "DISK_FULL", err.details()
+        assert not [p for p in quilt_bundles.rglob("*") if p.is_file() and p.suffix in (".part", ".aria")]
+        assert [a.name for a in c.agents() if a.name == "Calculator"] == []
+        filler.unlink()
+        assert c.upload_bytes(data, name="big.aria").bundle_id
+        assert [a.name for a in c.agents() if a.name == "Calculator"] == ["Calculator"]
+        assert d.proc.poll() is None
+    finally:
+        d.stop()

@@ -521,3 +521,38 @@ def test_the_accepted_histories_check_refuses_a_call_left_unanswered():
     assert not accepted([{"role": "user"}, call, {"role": "user"}])
     assert not accepted([{"role": "user"}, call])
     assert not accepted([{"role": "tool", "tool_call_id": "c1"}])
+
+
+def test_quilt_killed_mid_upload(sock_dir):
+    """The client gets UNAVAILABLE; nothing is registered, no file is left once Quilt is back,
+    and the same upload then goes through."""
+    d = start_daemon(sock_dir)
+    try:
+        c = AriaClient(d.channel(**CHANNEL))
+        data = bundles.flat(bundles.manifest("midway"), files={"pad.bin": os.urandom(4 * 1024 * 1024)})
+        (quilt,) = quilts_of(d.data_dir)
+        incoming = d.data_dir / "quilt" / "bundles" / "incoming"
+
+        def chunks() -> Iterator[bpb.UploadBundleRequest]:
+            yield bpb.UploadBundleRequest(metadata=bpb.BundleMetadata(name="midway.aria", total_size_bytes=len(data)))
+            for i in range(0, len(data), 64 * 1024):
+                if i == 16 * 64 * 1024:  # a quarter in: Quilt holds a part file, and dies
+                    parts.extend(incoming.glob("*.part"))
+                    os.kill(quilt, signal.SIGKILL)
+                time.sleep(0.005)
+                yield bpb.UploadBundleRequest(chunk=data[i : i + 64 * 1024])
+
+        parts: list[Path] = []
+        try:
+            c.upload(chunks())  # type: ignore[arg-type]
+            raise AssertionError("an upload whose Quilt died went through")
+        except grpc.RpcError as err:
+            assert err.code() is grpc.StatusCode.UNAVAILABLE, (err.code(), err.details())
+        assert len(parts) == 1  # (it was half-way)
+        assert "Calculator" not in {a.name for a in c.agents()}
+        eventually(lambda: quilts_of(d.data_dir) not in ([], [quilt]), "a new quilt")
+        eventually(lambda: c.upload_bytes(data, name="midway.aria").bundle_id, "the upload again")
+        assert not list(incoming.glob("*.part"))
+        assert "Calculator" in {a.name for a in c.agents()}
+    finally:
+        d.stop()

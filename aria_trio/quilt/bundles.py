@@ -128,7 +128,10 @@ class _Upload:
         self.file.close()
 
     def discard(self) -> None:
-        self.file.close()
+        # On a full disk the close cannot flush what is buffered, and says so: the file goes anyway
+        # (the descriptor is closed all the same).
+        with contextlib.suppress(OSError):
+            self.file.close()
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 
