@@ -364,7 +364,7 @@ class Tasks:
             await self._finish(running, FAILED, "lost: quilt no longer knows its container")
             return
         if row["status"] == PENDING:
-            await self._transition(running, RUNNING, "started", started_at=now_us())
+            await self._transition(running, RUNNING, "started", started_at=_time(current, "started_at"))
         started_at = (row.get("started_at") or now_us()) / 1e6
         deadline = started_at + row["timeout_seconds"] if row["timeout_seconds"] else None
         with trio.move_on_after(_remaining(deadline)) as timeout, running.phase():
@@ -406,6 +406,7 @@ class Tasks:
     async def _watch_exec(self, running: _Running, resume: bool) -> None:
         row = running.row
         tid: str | None = row.get("quilt_task_id")
+        quilt_task: q.Task | None = None  # (its times, when we have them)
         if resume and not tid:  # a runtime stopped in the middle of the launch: did Quilt get it?
             try:
                 listed = await self.quilt.unary(
@@ -415,7 +416,7 @@ class Tasks:
                 listed = q.ListTasksResponse()  # (its container is gone: the exec below says so)
             for t in listed.tasks:
                 if t.labels.get("aria.task") == row["id"]:
-                    tid = str(t.id)
+                    tid, quilt_task = str(t.id), t
                     await self._update(running, quilt_task_id=tid)
                     log.info("adopted the exec of a task whose launch was cut short", task=row["id"], quilt_task=tid)
                     break
@@ -426,12 +427,12 @@ class Tasks:
                 request = q.ExecRequest(
                     container_id=row["container_id"], timeout_seconds=row["timeout_seconds"], **_what_to_run(row)
                 )
-                task = await self.quilt.unary(QT + "ExecAsync", request, q.Task)
-                tid = task.id
+                quilt_task = await self.quilt.unary(QT + "ExecAsync", request, q.Task)
+                tid = quilt_task.id
                 await self._update(running, quilt_task_id=tid)
         assert tid is not None
         if row["status"] == PENDING:
-            await self._transition(running, RUNNING, "started", started_at=now_us())
+            await self._transition(running, RUNNING, "started", started_at=_time(quilt_task, "started_at"))
         with running.phase():
             await self._follow(running, QT + "TaskOutput", q.TaskOutputRequest(id=tid, follow=True))
         if running.cancel_requested:
@@ -531,7 +532,8 @@ class Tasks:
     async def _finish(self, running: _Running, status: int, message: str, end: Any = None) -> None:
         if running.row["status"] in FINISHED:
             return
-        fields: dict[str, Any] = {"completed_at": now_us()}
+        # (when it ended, as Quilt saw it: a runtime that was down then records it later)
+        fields: dict[str, Any] = {"completed_at": max(_time(end, "finished_at"), running.row.get("started_at") or 0)}
         if end is not None and end.HasField("exit_code"):
             fields["exit_code"] = end.exit_code
         if status == COMPLETED:
@@ -564,6 +566,14 @@ def _what_to_run(row: Mapping[str, Any]) -> dict[str, Any]:
         "env": json.loads(row["environment_json"]),
         "labels": {"aria.user": row["user_id"], "aria.task": row["id"]},
     }
+
+
+def _time(message: Any, name: str) -> int:
+    """A Quilt message's timestamp `name` in microseconds; now if it has none (or no message)."""
+    if message is None or not message.HasField(name):
+        return now_us()
+    stamp = getattr(message, name)
+    return int(stamp.seconds) * 1_000_000 + int(stamp.nanos) // 1000
 
 
 def _remaining(deadline: float | None) -> float:

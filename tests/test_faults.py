@@ -55,10 +55,11 @@ FINAL = {aria_pb2.COMPLETED, aria_pb2.FAILED, aria_pb2.CANCELLED, aria_pb2.TIMEO
 CUT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN}
 # Each client a connection of its own (grpc shares them between channels by default, with the
 # backoff of one that saw the runtime gone), that tries again soon after a restart.
+# (Not grpc.min_reconnect_backoff_ms: it is also the time a connection may take to get the
+# server's SETTINGS, and a runtime that has just started on a loaded machine can take longer.)
 CHANNEL = {
     "grpc.use_local_subchannel_pool": 1,
     "grpc.initial_reconnect_backoff_ms": 50,
-    "grpc.min_reconnect_backoff_ms": 50,
     "grpc.max_reconnect_backoff_ms": 250,
 }
 

@@ -68,6 +68,14 @@ def containers_of(q: QuiltClient, task_id: str) -> list[pb.Container]:
     return list(q.call("/quilt.v1.Containers/ListContainers", request, pb.ListContainersResponse).containers)
 
 
+def wait_gone(q: QuiltClient, task_id: str) -> None:
+    """The task's throw-away container is removed (just after the task is recorded as ended)."""
+    deadline = time.monotonic() + 10
+    while containers_of(q, task_id) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert containers_of(q, task_id) == []
+
+
 def said(d: Daemon, event: str) -> list[dict[str, Any]]:
     return [e for e in d.logs() if e.get("event") == event]
 
@@ -87,7 +95,7 @@ def test_a_task_stored_but_never_launched_runs_once_at_the_next_start(sock_dir):
         assert [
             e["task"] for e in said(d, "launching a task stored by a runtime that stopped before launching it")
         ] == [done.id]
-        assert containers_of(quilt_client(d), done.id) == []  # (its throw-away container went)
+        wait_gone(quilt_client(d), done.id)  # (its throw-away container goes)
     finally:
         d.stop()
         stop_quilt(quilts_of(d.data_dir))
@@ -180,7 +188,7 @@ def test_a_runtime_killed_while_quilt_holds_its_launch(sock_dir):
         assert [o.stdout_line for o in c.output(task_id)] == ["cut-short-launch"]
         assert created_in_quilt(d, "cut-short-launch") == 1
         assert quilts_of(d.data_dir) == [quilt]
-        assert containers_of(quilt_client(d), task_id) == []
+        wait_gone(quilt_client(d), task_id)
     finally:
         d.stop()
         stop_quilt(quilts_of(d.data_dir))

@@ -100,6 +100,28 @@ def test_a_printing_task_survives_a_kill_9_and_a_sigterm_of_the_runtime(sock_dir
         stop_quilt(quilts_of(d.data_dir))
 
 
+def test_a_task_that_ends_while_no_runtime_runs_is_recorded_with_its_true_end(sock_dir):
+    """Its exit code and its times are Quilt's, not those of the runtime that saw it later."""
+    grace = ("--quilt-orphan-grace", "120")
+    d = start_daemon(sock_dir, *grace)
+    try:
+        c = AriaClient(d.channel())
+        task_id = c.launch(["sh", "-c", "sleep 0.5; exit 3"])
+        deadline = time.monotonic() + 20
+        while c.task(task_id).status != aria_pb2.RUNNING and time.monotonic() < deadline:
+            time.sleep(0.02)
+        d.stop(signal.SIGKILL)
+        time.sleep(3)  # it ends meanwhile
+        d = start_daemon(sock_dir, *grace)
+        done = AriaClient(d.channel()).wait_task(task_id)
+        assert (aria_pb2.TaskStatus.Name(done.status), done.exit_code) == ("FAILED", 3), done
+        ran = done.completed_at.ToMicroseconds() - done.started_at.ToMicroseconds()
+        assert 400_000 <= ran < 2_500_000, ran  # (the 3 s without a runtime are not in it)
+    finally:
+        d.stop()
+        stop_quilt(quilts_of(d.data_dir))
+
+
 def test_a_persistent_container_keeps_running_through_a_restart_and_takes_an_exec(sock_dir):
     grace = ("--quilt-orphan-grace", "120")
     d = start_daemon(sock_dir, *grace)
