@@ -152,6 +152,8 @@ def start_aria(socket_path: Path, data_dir: Path, workdir: Path, *extra: str) ->
         "info",
         "--log-format",
         "json",
+        "--quilt-orphan-grace",  # its Quilt goes with it (else it would outlive the benchmark)
+        "0",
         *extra,
     ]
     return ServerProcess.start("aria", argv, socket_path, workdir / "aria.log")

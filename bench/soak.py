@@ -587,14 +587,20 @@ def _quilt_pid(aria: ServerProcess) -> int:
 
 
 def _status(pid: int) -> dict[str, int]:
-    """VmRSS (KiB), Threads and open fds of a process."""
+    """VmRSS (KiB; of it RssAnon, the heap, and RssFile, mapped files), Threads and open fds of a process."""
     found = {}
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             key, _, value = line.partition(":")
-            if key in ("VmRSS", "Threads"):
+            if key in ("VmRSS", "RssAnon", "RssFile", "Threads"):
                 found[key] = int(value.split()[0])
-    return {"rss_kib": found["VmRSS"], "threads": found["Threads"], "fds": len(os.listdir(f"/proc/{pid}/fd"))}
+    return {
+        "rss_kib": found["VmRSS"],
+        "rss_anon_kib": found["RssAnon"],
+        "rss_file_kib": found["RssFile"],
+        "threads": found["Threads"],
+        "fds": len(os.listdir(f"/proc/{pid}/fd")),
+    }
 
 
 def _cpu_s(pid: int) -> float:
@@ -764,6 +770,24 @@ def _stop_quilt(pid: int) -> str:
     return "killed: still running 20 s after SIGTERM"
 
 
+def _log_warnings(log_path: Path) -> dict[str, int]:
+    """The runtime's log lines (Quilt's too: the child writes to the same log) at warning or above,
+    counted by level, logger and event."""
+    found: Counter[str] = Counter()
+    for line in log_path.read_text(errors="replace").splitlines():
+        try:
+            entry = json.loads(line) if line.startswith("{") else None
+        except ValueError:
+            entry = None
+        if entry is None:
+            if line.strip():
+                found["(not a JSON line)"] += 1
+            continue
+        if entry.get("level") in ("warning", "error", "critical", "exception"):
+            found[f"{entry['level']}: {entry.get('logger', '?')}: {entry.get('event')}"] += 1
+    return dict(found.most_common())
+
+
 def _db_counts(data_dir: Path) -> dict[str, int]:
     counts = {}
     with contextlib.closing(sqlite3.connect(f"file:{data_dir / 'runtime.db'}?mode=ro", uri=True)) as db:
@@ -856,10 +880,11 @@ def run() -> dict[str, Any]:
         time.sleep(IDLE_S)
         idle = sampler.sample("idle after the load")
         counts = _db_counts(data)
+        warnings = _log_warnings(aria.log_path)
         aria.stop()
         quilt_stop.pop_all()
         quilt_exit = _stop_quilt(quilt_pid)
-    return _summary(seconds, warmup, shares, samples, settled, idle, results, counts, quilt_exit)
+    return _summary(seconds, warmup, shares, samples, settled, idle, results, counts, warnings, quilt_exit)
 
 
 def _merge(results: list[dict[str, Any]], phase: str) -> dict[str, dict[str, int]]:
@@ -893,6 +918,7 @@ def _summary(
     idle: dict[str, Any],
     results: list[dict[str, Any]],
     counts: dict[str, int],
+    warnings: dict[str, int],
     quilt_exit: str,
 ) -> dict[str, Any]:
     measured, warm = _merge(results, "measure"), _merge(results, "warmup")
@@ -967,6 +993,7 @@ def _summary(
         "settled": settled,
         "idle": idle,
         "db_rows_at_end": counts,
+        "log_warnings": warnings,
         "quilt_at_the_end": quilt_exit,
         "targets": [
             *growth,
@@ -1056,6 +1083,11 @@ def table(r: dict[str, Any]) -> str:
         f"quilt data {start['quilt_data_bytes'] / mib:.1f} -> {end['quilt_data_bytes'] / mib:.1f} MiB "
         f"(bundles {start['quilt_metrics']['bundles']} -> {end['quilt_metrics']['bundles']}); rows at the end: "
         + ", ".join(f"{k} {v}" for k, v in r["db_rows_at_end"].items())
+    )
+    warned = r["log_warnings"]
+    lines.append(
+        f"log lines at warning or above (both daemons, the whole run): {sum(warned.values())}"
+        + "".join(f"\n  {n} x {what}" for what, n in list(warned.items())[:6])
     )
     mid = next(s for s in r["samples"] if s["label"] == "midpoint")
     loads = ", ".join(f"{s['load_1m']:.1f}" for s in (start, mid, end))
