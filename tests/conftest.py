@@ -28,6 +28,14 @@ from probe import Probe, make_server
 
 logs.setup("debug", "json")
 
+# The tests that take a minute or more each, started first so that the four workers do not wait on
+# one of them at the end (the rest keep their order).
+LONG_FIRST = ("test_faults.py::test_kill_9", "test_lifetimes.py", "test_fuzz.py::test_fuzz")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: not any(mark in item.nodeid for mark in LONG_FIRST))
+
 
 def pytest_sessionfinish() -> None:
     for d in _STARTED:  # (a scenario's daemons, when the session was interrupted)
