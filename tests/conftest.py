@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -43,6 +44,19 @@ def pytest_sessionfinish() -> None:
             d.stop(signal.SIGKILL)
 
 
+def _kill_quilts_under(path: Path) -> None:
+    mark = str(path).encode() + b"/"
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"quilt\0serve" in cmdline and mark in cmdline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(entry), signal.SIGKILL)
+
+
 @pytest.fixture
 def sock_dir() -> Iterator[Path]:
     """A short folder for sockets (AF_UNIX paths are limited to 107 bytes). Daemons started in it
@@ -53,6 +67,7 @@ def sock_dir() -> Iterator[Path]:
         if d.proc.poll() is None and path in d.socket.parents:
             d.stop(signal.SIGKILL)
     _STARTED[:] = [d for d in _STARTED if d.proc.poll() is None]
+    _kill_quilts_under(path)  # (kept by an orphan grace, if the test failed before it stopped them)
     if not os.environ.get("ARIA_TEST_KEEP"):  # (set it to look at the daemons' logs afterwards)
         shutil.rmtree(path, ignore_errors=True)
 
@@ -97,6 +112,7 @@ class Daemon:
     socket: Path
     data_dir: Path
     log_path: Path
+    keeps_quilt: bool = False  # started with an orphan grace: its Quilt outlives it, by design
 
     def channel(self, **options: Any) -> grpc.Channel:
         return grpc.insecure_channel("unix:" + str(self.socket), options=list(options.items()))
@@ -125,8 +141,9 @@ class Daemon:
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         """Stop the daemon; and wait for the Quilt it started to be gone too (the tests start
-        runtimes with --quilt-orphan-grace 0: it stops at once when its runtime has gone)."""
-        quilts = self.quilt_pids() if self.proc.poll() is None else []
+        runtimes with --quilt-orphan-grace 0: it stops at once when its runtime has gone), unless
+        it was started to keep its Quilt (a grace: the test stops that Quilt itself)."""
+        quilts = self.quilt_pids() if self.proc.poll() is None and not self.keeps_quilt else []
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         code = self.proc.wait(timeout)
@@ -170,7 +187,12 @@ def start_daemon(folder: Path, *args: str, env: dict[str, str] | None = None, wa
     unless the test asks for a grace (--quilt-orphan-grace N) to see the work outlive it."""
     if not any(a.startswith("--quilt-orphan-grace") for a in args):
         args = (*args, "--quilt-orphan-grace", "0")
-    return _spawn(folder, ["serve"], "runtime", "data", args, env, wait)
+    keeps = args[args.index("--quilt-orphan-grace") + 1] != "0" if "--quilt-orphan-grace" in args else False
+    d = _spawn(folder, ["serve"], "runtime", "data", args, env, wait=False)
+    d.keeps_quilt = keeps
+    if wait:
+        wait_ready(d)
+    return d
 
 
 def _alive(pid: int) -> bool:

@@ -173,6 +173,11 @@ def test_quilt_cancel_right_after_exec_async(quilt, q):
     finish(problems, len(results), f"{len(results)} repetitions in {took:.1f} s")
 
 
+# A cancel of a pending exec answers once the exec's sandbox, started meanwhile, is killed: on two
+# loaded cores (20 execs at once, beside the other workers) that has taken more than 3 s.
+CANCEL_ANSWER = 15
+
+
 def test_quilt_cancel_of_an_exec_still_pending(quilt, q):
     """CancelTask of a task still PENDING (ExecAsync in flight, its sandbox being made), found by
     polling ListTasks: CancelTask must answer within moments, the task end CANCELLED and killed,
@@ -190,10 +195,10 @@ def test_quilt_cancel_of_an_exec_still_pending(quilt, q):
             tasks = q.call(T + "ListTasks", listing, pb.ListTasksResponse).tasks
             found = [t for t in tasks if t.labels.get("race") == label]
             if found:
-                return found[0].id, True, cancel(q, found[0].id, timeout=3)
+                return found[0].id, True, cancel(q, found[0].id, timeout=CANCEL_ANSWER)
         code, t = started.result()
         assert code == "ok", t
-        return t.id, False, cancel(q, t.id, timeout=3)
+        return t.id, False, cancel(q, t.id, timeout=CANCEL_ANSWER)
 
     began = time.monotonic()
     results = races.Pool(20).map(one, range(100))
@@ -205,7 +210,9 @@ def test_quilt_cancel_of_an_exec_still_pending(quilt, q):
         if code != "ok":
             now = q.task(tid)
             then = f"the task then {qstate(now)}" + (", its process running on" if now.pid else "")
-            problems.add(tid, [f"CancelTask of a {when} task: {code} (no answer in 3 s); {then}"], races.short(now))
+            problems.add(
+                tid, [f"CancelTask of a {when} task: {code} (no answer in {CANCEL_ANSWER} s); {then}"], races.short(now)
+            )
             continue
         final = q.task(tid)
         bad = quilt_task_final(final)
@@ -224,6 +231,10 @@ def test_quilt_cancel_of_an_exec_still_pending(quilt, q):
 # -- 1. stop against start --------------------------------------------------------------------------
 
 STOP_DELAYS = [0, 0, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12]
+# A stop this long after its start is surely after it, even on a loaded machine: below, Quilt may
+# read both from one batch of frames, and trio runs the two calls' tasks in either order (then a
+# stop that comes first is rightly refused: the container is not running yet).
+SURELY_AFTER = 0.05
 
 
 def stop_against_start(start: Any, stop: Any, delay: float) -> tuple[tuple[str, Any], tuple[str, Any]]:
@@ -240,7 +251,7 @@ def stop_against_start(start: Any, stop: Any, delay: float) -> tuple[tuple[str, 
 
 def test_quilt_stop_against_start(quilt, q):
     """StopContainer sent 0 to 120 ms after StartContainer (one connection, the start first), while
-    the start runs. A stop 10 ms or more after the start (surely after it) must stop the container:
+    the start runs. A stop SURELY_AFTER or more after the start must stop the container:
     not be refused "created, not running" while the start it raced then succeeds and the container
     runs on. Every container ends STOPPED and final; nothing is left."""
     mark = races.new_mark()
@@ -269,9 +280,10 @@ def test_quilt_stop_against_start(quilt, q):
                 bad.append(f"StopContainer answered {cstate(tval)}, the container is {cstate(now)}")
         else:
             refused[f"{delay * 1000:.0f} ms"] += 1
-            if now.state == pb.CONTAINER_RUNNING and delay >= 0.01:
+            if now.state == pb.CONTAINER_RUNNING and delay >= SURELY_AFTER:
                 bad.append(
-                    f"StopContainer 10-120 ms after StartContainer refused ({tcode}: {tval}); the container runs on"
+                    f"StopContainer {delay * 1000:.0f} ms after StartContainer refused ({tcode}: {tval}); "
+                    "the container runs on"
                 )
             if now.state == pb.CONTAINER_RUNNING:
                 q.stop(cid)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import sqlite_utils
@@ -28,30 +29,7 @@ def append(
     change the event tells of, is made in the same transaction: both are kept, or neither (a
     runtime killed in between never leaves a change unannounced, nor an event of nothing)."""
     created = now_us()
-    # This commit is made durable before anyone is told (synchronous=FULL: the WAL is fsynced,
-    # and with it every commit before it), so a sequence number a subscriber has seen is never
-    # handed out again, even after a power cut. The cost is one fsync per event, not per output
-    # line (those stay at NORMAL: durable at checkpoints, never corrupt).
-    db.execute("PRAGMA synchronous = FULL")
-    try:
-        return _append(db, user_id, notification_id, kind, title, message, metadata_json, payload, change, created)
-    finally:
-        db.execute("PRAGMA synchronous = NORMAL")
-
-
-def _append(
-    db: sqlite_utils.Database,
-    user_id: str,
-    notification_id: str,
-    kind: str,
-    title: str,
-    message: str,
-    metadata_json: str,
-    payload: Callable[[int, int], bytes],
-    change: Callable[[sqlite_utils.Database], object] | None,
-    created: int,
-) -> tuple[int, int]:
-    with transaction(db):  # the change, the sequence and the row, together
+    with _durable(db), transaction(db):  # the change, the sequence and the row, together
         if change is not None:
             change(db)
         seq = db.execute(
@@ -67,6 +45,19 @@ def _append(
         if seq % 1000 == 0:
             db.execute("DELETE FROM notifications WHERE user_id = ? AND sequence <= ?", [user_id, seq - RETENTION])
     return seq, created
+
+
+@contextlib.contextmanager
+def _durable(db: sqlite_utils.Database) -> Iterator[None]:
+    """The commit inside is made durable before anyone is told (synchronous=FULL: the WAL is
+    fsynced, and with it every commit before it), so a sequence number a subscriber has seen is
+    never handed out again, even after a power cut. The cost is one fsync per event, not per
+    output line (those stay at NORMAL: durable at checkpoints, never corrupt)."""
+    db.execute("PRAGMA synchronous = FULL")
+    try:
+        yield
+    finally:
+        db.execute("PRAGMA synchronous = NORMAL")
 
 
 def after(db: sqlite_utils.Database, user_id: str, sequence: int, kinds: list[str], limit: int) -> list[bytes]:
