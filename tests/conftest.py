@@ -45,16 +45,11 @@ def pytest_sessionfinish() -> None:
 
 
 def _kill_quilts_under(path: Path) -> None:
-    mark = str(path).encode() + b"/"
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"quilt\0serve" in cmdline and mark in cmdline:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(entry), signal.SIGKILL)
+    from quilt_client import quilt_daemons
+
+    for pid in quilt_daemons(str(path).encode() + b"/"):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture

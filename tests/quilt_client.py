@@ -123,6 +123,20 @@ def descendants(root: int) -> set[int]:
     return found
 
 
+def quilt_daemons(mark: bytes) -> list[int]:
+    """Live Quilt daemons whose command line (NUL-separated, one NUL added at the end) holds `mark`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"quilt\0serve" in cmdline and mark in cmdline + b"\0" and alive(int(entry)):
+                found.append(int(entry))
+    return found
+
+
 def alive(pid: int) -> bool:
     """Is there a process with this pid (not a zombie)?"""
     try:

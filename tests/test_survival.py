@@ -20,22 +20,12 @@ from aria_trio.proto.aria.v1 import aria_pb2
 
 from aria_client import AriaClient
 from conftest import start_daemon, start_quilt
-from quilt_client import alive, sandbox_processes
+from quilt_client import alive, quilt_daemons, sandbox_processes
 
 
 def quilts_of(data_dir: Path) -> list[int]:
     """Every Quilt process serving this runtime data folder's Quilt (there must be one at most)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"quilt\0serve" in cmdline and str(data_dir / "quilt").encode() + b"\0" in cmdline + b"\0":
-                if alive(int(entry)):
-                    found.append(int(entry))
-    return found
+    return quilt_daemons(str(data_dir / "quilt").encode() + b"\0")
 
 
 def stop_quilt(pids: list[int]) -> None:
