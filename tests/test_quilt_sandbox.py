@@ -212,7 +212,10 @@ def test_memory_hog_is_killed_at_its_limit(q):
 
 def test_fork_bomb_hits_the_pids_limit(q, quilt):
     c = q.run(limits=pb.Limits(pids=32))
-    bomb = q.exec(c.id, ["/bin/sh", "-c", "b() { b | b & }; b; sleep 2; echo still here"], timeout_seconds=10)
+    # After the bomb the script forks nothing more (a `sleep` would find the limit still taken, on
+    # a loaded machine: the bomb collapses at its own pace): it counts with builtins, then echoes.
+    spin = "i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done"
+    bomb = q.exec(c.id, ["/bin/sh", "-c", f"b() {{ b | b & }}; b; {spin}; echo still here"], timeout_seconds=10)
     # the bomb hit the limit (forks refused), the script itself went on, and its end took the
     # whole tree with it
     assert "Cannot fork" in bomb.stderr
