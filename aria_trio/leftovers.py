@@ -74,7 +74,7 @@ async def _sweep(quilt: QuiltLink, store: Store, before_us: int | None) -> bool:
         recorded = await store.run(containers_table.ids)
         for c in listed.containers:
             why = _orphaned(c, unfinished, recorded)
-            if why is not None and (before_us is None or _us(c.created_at) < before_us):
+            if why is not None and (before_us is None or c.created_at.ToMicroseconds() < before_us):
                 with contextlib.suppress(errors.NotFound):  # (its watcher removed it meanwhile)
                     request = q.RemoveContainerRequest(id=c.id, force=True)
                     await quilt.unary(QC + "RemoveContainer", request, q.RemoveContainerResponse)
@@ -84,10 +84,6 @@ async def _sweep(quilt: QuiltLink, store: Store, before_us: int | None) -> bool:
         log.warning("could not look for what a previous runtime left in quilt", error=exc.message)
         return False
     return True
-
-
-def _us(t: Any) -> int:
-    return int(t.seconds) * 1_000_000 + int(t.nanos) // 1000
 
 
 async def _remove_unregistered_bundles(quilt: QuiltLink, store: Store, before_us: int | None) -> None:
@@ -100,7 +96,7 @@ async def _remove_unregistered_bundles(quilt: QuiltLink, store: Store, before_us
             timeout=30,
         )
         for b in page.bundles:
-            if "aria.user" not in b.labels or (before_us is not None and _us(b.created_at) >= before_us):
+            if "aria.user" not in b.labels or (before_us is not None and b.created_at.ToMicroseconds() >= before_us):
                 continue
             if not await store.run(registry_table.blake3_in_use, b.blake3):
                 with contextlib.suppress(errors.NotFound):

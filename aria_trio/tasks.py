@@ -572,8 +572,7 @@ def _time(message: Any, name: str) -> int:
     """A Quilt message's timestamp `name` in microseconds; now if it has none (or no message)."""
     if message is None or not message.HasField(name):
         return now_us()
-    stamp = getattr(message, name)
-    return int(stamp.seconds) * 1_000_000 + int(stamp.nanos) // 1000
+    return int(getattr(message, name).ToMicroseconds())
 
 
 def _remaining(deadline: float | None) -> float:
