@@ -123,16 +123,9 @@ class Daemon:
 
     def quilt_pids(self) -> list[int]:
         """The Quilt this runtime started, if any (it lives in a session of its own)."""
-        from quilt_client import descendants
+        from quilt_client import descendants_running
 
-        found = []
-        for pid in descendants(self.proc.pid):
-            try:
-                if b"quilt\0serve" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    found.append(pid)
-            except OSError:
-                pass
-        return found
+        return descendants_running(self.proc.pid, b"quilt\0serve")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         """Stop the daemon; and wait for the Quilt it started to be gone too (the tests start

@@ -102,6 +102,18 @@ def error_reason(err: grpc.RpcError) -> str | None:
     return None
 
 
+def descendants_running(root: int, needle: bytes) -> list[int]:
+    """The processes below `root` whose command line (NUL-separated) holds `needle`."""
+    found = []
+    for pid in descendants(root):
+        try:
+            if needle in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(pid)
+        except OSError:
+            pass
+    return found
+
+
 def descendants(root: int) -> set[int]:
     """The pids of every live process below `root` (by their parent pids, on the host)."""
     children: dict[int, list[int]] = {}

@@ -25,7 +25,7 @@ from typing import Any
 
 import grpc
 
-from quilt_client import alive, sandbox_processes
+from quilt_client import alive, descendants, sandbox_processes
 
 MARK_KEY = "ARIA_RACE_MARK"
 
@@ -46,17 +46,6 @@ def _children() -> dict[int, list[int]]:
             continue
         kids.setdefault(ppid, []).append(int(entry))
     return kids
-
-
-def descendants(pid: int) -> list[int]:
-    kids = _children()
-    found: list[int] = []
-    todo = list(kids.get(pid, []))
-    while todo:
-        p = todo.pop()
-        found.append(p)
-        todo.extend(kids.get(p, []))
-    return [p for p in found if alive(p)]
 
 
 def marked(mark: str) -> list[int]:
@@ -102,7 +91,7 @@ def leftovers(quilt_pid: int, quilt_data_dir: Path, mark: str, daemons: Iterable
     """Every process left of a Quilt's sandboxes: its descendants, the processes marked by this
     test, and what `sandbox_processes` names (less the daemons themselves, which it also finds)."""
     daemons = {quilt_pid, *daemons}
-    found = set(descendants(quilt_pid)) | set(marked(mark))
+    found = descendants(quilt_pid) | set(marked(mark))
     found |= {p for p in sandbox_processes(str(quilt_data_dir)) if p not in daemons}
     return sorted(found - daemons)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from pathlib import Path
 
 import grpc
 import pytest
@@ -17,7 +16,7 @@ from aria_trio.proto.aria.v1 import session_pb2 as pb
 import bundles
 from aria_client import SESSIONS, AriaClient
 from conftest import Daemon
-from quilt_client import descendants
+from quilt_client import descendants_running
 
 SLOW = dict(
     TWO_TOOLS,
@@ -29,14 +28,7 @@ SLOW = dict(
 
 def tool_runners(daemon: Daemon) -> list[int]:
     """Pids of the tool sandboxes of this daemon (its Quilt child's; other tests may run theirs)."""
-    found = []
-    for pid in descendants(daemon.proc.pid):
-        try:
-            if b"/runner/python_runner.py" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                found.append(pid)
-        except OSError:
-            pass
-    return found
+    return descendants_running(daemon.proc.pid, b"/runner/python_runner.py")
 
 
 def turn(c: AriaClient, session_id: str, text: str, timeout: float = 60) -> list[pb.TurnOutput]:
