@@ -1,3 +1,3 @@
-from .cli import main
+from aria_trio.cli import main
 
 main()

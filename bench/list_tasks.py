@@ -31,9 +31,9 @@ from typing import Any
 
 import sqlite_utils
 
-from aria_trio.identity import user_name
-from aria_trio.pagination import PageTokens
-from aria_trio.store.db import migrate
+from aria_trio.runtime.access.identity import user_name
+from aria_trio.runtime.access.pagination import PageTokens
+from aria_trio.shared.sqlite import migrate
 
 from .harness import BenchError, percentile, progress, rpc_durations, run_script, start_aria
 

@@ -21,8 +21,8 @@ import grpc
 import pytest
 import structlog
 
-from aria_trio import logs
 from aria_trio.rpc import Server
+from aria_trio.shared import logs
 
 import users
 from probe import Probe, make_server

@@ -13,8 +13,8 @@ import grpc
 import trio
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
-from aria_trio import errors
 from aria_trio.rpc import CallContext, Server
+from aria_trio.shared import errors
 
 _FILE = descriptor_pb2.FileDescriptorProto(name="probe/v1/probe.proto", package="probe.v1", syntax="proto3")
 _req = _FILE.message_type.add(name="Req")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from aria_trio.config import RUNTIME_SETTINGS, ConfigError, resolve
+from aria_trio.shared.config import RUNTIME_SETTINGS, ConfigError, resolve
 
 
 def test_precedence(tmp_path):

@@ -16,9 +16,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from aria_trio.config import RUNTIME_SETTINGS
 from aria_trio.proto.aria.v1 import session_pb2
 from aria_trio.proto.aria.v1 import user_preference_pb2 as prefs_pb
+from aria_trio.shared.config import RUNTIME_SETTINGS
 
 from conftest import start_daemon
 

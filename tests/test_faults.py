@@ -33,11 +33,11 @@ from test_survival import quilts_of, stop_quilt
 from test_turns_direct import turn
 from test_turns_model import use_model
 
-from aria_trio.containers import status_of
 from aria_trio.proto.aria.v1 import aria_pb2
 from aria_trio.proto.aria.v1 import bundle_pb2 as bpb
 from aria_trio.proto.quilt.v1 import quilt_pb2 as qpb
-from aria_trio.quilt_link import HEALTHY_S
+from aria_trio.runtime.quilt_client import HEALTHY_S
+from aria_trio.runtime.work.containers import status_of
 
 import bundles
 from aria_client import AriaClient

@@ -86,7 +86,7 @@ from aria_trio.proto.aria.v1 import (
 )
 from aria_trio.proto.aria.v1 import task_pb2 as tpb
 from aria_trio.proto.quilt.v1 import quilt_pb2 as qpb
-from aria_trio.services import SERVICES
+from aria_trio.runtime.services import SERVICES
 
 import bundles
 from conftest import Daemon, start_daemon, start_quilt

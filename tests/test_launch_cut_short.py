@@ -20,8 +20,8 @@ from test_survival import quilts_of, stop_quilt
 
 from aria_trio.proto.aria.v1 import aria_pb2
 from aria_trio.proto.quilt.v1 import quilt_pb2 as pb
-from aria_trio.store import tasks as tasks_table
-from aria_trio.store.db import now_us
+from aria_trio.runtime.store import tasks as tasks_table
+from aria_trio.shared.sqlite import now_us
 
 from aria_client import AriaClient
 from conftest import Daemon, start_daemon

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import trio
 
-from aria_trio import errors
-from aria_trio.llm import OPENAI_BASE_URL, ChatModel, LLMConfig, Reply, ToolCall, resolve_config
+from aria_trio.runtime.agents.llm import OPENAI_BASE_URL, ChatModel, LLMConfig, Reply, ToolCall, resolve_config
+from aria_trio.shared import errors
 
 from fake_llm import Error, FakeLLM, Json, Stream, chunk, completion, text_stream
 

@@ -15,14 +15,18 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from aria_trio.metrics import BUNDLE_BYTES_RECEIVED, Live, Metrics, MetricsServer, split_path
-from aria_trio.notifications import Notifications
 from aria_trio.proto.aria.v1 import notification_pb2 as npb
-from aria_trio.quilt_link import QuiltLink
 from aria_trio.rpc import Channel, Health, RpcError, Server, StatusCode
-from aria_trio.store import Store
-from aria_trio.store import containers as container_table
-from aria_trio.store import tasks as task_table
+from aria_trio.runtime.agents.registry import Registry
+from aria_trio.runtime.daemon import live_metrics
+from aria_trio.runtime.operations.metrics import Live, Metrics, MetricsServer, split_path
+from aria_trio.runtime.quilt_client import QuiltLink
+from aria_trio.runtime.store import containers as container_table
+from aria_trio.runtime.store import open_store
+from aria_trio.runtime.store import tasks as task_table
+from aria_trio.runtime.work.notifications import Notifications
+from aria_trio.runtime.work.uploads import Uploads
+from aria_trio.shared.sqlite import Store
 
 import bundles
 from aria_client import AriaClient
@@ -150,7 +154,7 @@ async def test_servers_without_metrics_work_as_before(probe_server):
 
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    s = await Store.open(tmp_path / "runtime.db")
+    s = await open_store(tmp_path / "runtime.db")
     yield s
     await s.close()
 
@@ -190,7 +194,9 @@ async def test_live_state_from_a_real_store_notifications_and_quilt_link(nursery
     await nursery.start(link.run)
 
     metrics = Metrics()
-    http = MetricsServer(0, metrics, Live.of_runtime(store, notifications, link))
+    http = MetricsServer(
+        0, metrics, live_metrics(store, notifications, link, Uploads(link, Registry(store), notifications))
+    )
     await nursery.start(http.run)
 
     async with notifications.subscription("u", [], None), notifications.subscription("v", [], None):
@@ -228,12 +234,12 @@ async def test_a_failing_source_costs_only_its_own_metric(nursery):
 
 
 async def test_bundle_bytes_received(nursery):
-    http = MetricsServer(0, Metrics())
+    received = [5]
+    http = MetricsServer(0, Metrics(), Live(bundle_bytes_received=lambda: received[0]))
     await nursery.start(http.run)
-    before = value((await scrape(http.port)).text, "aria_bundle_received_bytes_total")
-    assert before is not None
-    BUNDLE_BYTES_RECEIVED.inc(1000)
-    assert value((await scrape(http.port)).text, "aria_bundle_received_bytes_total") == before + 1000
+    assert value((await scrape(http.port)).text, "aria_bundle_received_bytes_total") == 5
+    received[0] += 1000
+    assert value((await scrape(http.port)).text, "aria_bundle_received_bytes_total") == 1005
 
 
 # -- the HTTP endpoint -----------------------------------------------------------------------------

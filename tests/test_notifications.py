@@ -6,10 +6,10 @@ from contextlib import AsyncExitStack
 
 import trio
 
-from aria_trio import notifications as notifications_module
-from aria_trio.notifications import Notifications
 from aria_trio.proto.aria.v1 import notification_pb2 as pb
-from aria_trio.store import Store
+from aria_trio.runtime.store import open_store
+from aria_trio.runtime.work import notifications as notifications_module
+from aria_trio.runtime.work.notifications import Notifications
 
 
 def task_event(i: int) -> pb.TaskStatusEvent:
@@ -27,7 +27,7 @@ async def take(events, count: int) -> list[pb.Notification]:
 
 
 async def test_live_in_order_filtered_and_per_user(tmp_path):
-    store = await Store.open(tmp_path / "runtime.db")
+    store = await open_store(tmp_path / "runtime.db")
     hub = Notifications(store)
     async with AsyncExitStack() as stack:
         everything = await stack.enter_async_context(hub.subscription("ann", [], None))
@@ -54,7 +54,7 @@ async def test_live_in_order_filtered_and_per_user(tmp_path):
 
 
 async def test_resume_replays_what_was_missed_then_goes_live(tmp_path):
-    store = await Store.open(tmp_path / "runtime.db")
+    store = await open_store(tmp_path / "runtime.db")
     hub = Notifications(store)
     for i in range(5):
         await hub.publish("ann", "task_status", task_event(i))
@@ -71,7 +71,7 @@ async def test_resume_replays_what_was_missed_then_goes_live(tmp_path):
 
 async def test_a_slow_subscriber_blocks_nobody_and_loses_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(notifications_module, "BUFFER", 8)
-    store = await Store.open(tmp_path / "runtime.db")
+    store = await open_store(tmp_path / "runtime.db")
     hub = Notifications(store)
     total = 200
     async with hub.subscription("ann", [], None) as slow, hub.subscription("ann", [], None) as fast:

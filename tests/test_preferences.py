@@ -8,10 +8,10 @@ from google.protobuf import json_format, struct_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from aria_trio import errors
-from aria_trio.preferences import MAX_BYTES, Preferences
 from aria_trio.proto.aria.v1 import user_preference_pb2 as pb
-from aria_trio.store import Store
+from aria_trio.runtime.access.preferences import MAX_BYTES, Preferences
+from aria_trio.runtime.store import open_store
+from aria_trio.shared import errors
 
 from conftest import start_daemon
 
@@ -141,7 +141,7 @@ def test_preferences_survive_a_restart(sock_dir):
 
 
 async def test_each_user_has_their_own_document(tmp_path):
-    store = await Store.open(tmp_path / "p.db")
+    store = await open_store(tmp_path / "p.db")
     try:
         prefs = Preferences(store)
         await prefs.update("alice", {"llm.model": "a"})

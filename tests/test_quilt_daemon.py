@@ -76,7 +76,7 @@ def test_cli_create_exec_logs_stop_and_bundles(quilt, tmp_path):
 
 
 def test_quilt_serve_help_documents_every_setting():
-    from aria_trio.config import QUILT_SETTINGS
+    from aria_trio.shared.config import QUILT_SETTINGS
 
     out = subprocess.run(
         [sys.executable, "-m", "aria_trio", "quilt", "serve", "--help"], capture_output=True, text=True, check=True

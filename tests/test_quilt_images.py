@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 import trio
 
-from aria_trio import errors
 from aria_trio.quilt import images as images_mod
 from aria_trio.quilt import safetar
 from aria_trio.quilt.images import HOST, Images
 from aria_trio.quilt.sandbox import Image
+from aria_trio.shared import errors
 
 MiB = 1024 * 1024
 

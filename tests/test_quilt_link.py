@@ -12,9 +12,9 @@ import trio
 
 from aria_trio.proto.aria.v1 import aria_pb2
 from aria_trio.proto.quilt.v1 import quilt_pb2 as q
-from aria_trio.quilt_link import QuiltLink
 from aria_trio.rpc import Channel, Health, RpcError, Server, StatusCode
 from aria_trio.rpc.health import DESCRIPTOR as HEALTH
+from aria_trio.runtime.quilt_client import QuiltLink
 
 from aria_client import AriaClient
 from conftest import start_daemon

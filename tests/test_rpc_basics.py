@@ -12,7 +12,7 @@ from grpc_status import rpc_status
 
 from aria_trio.proto.aria.v1 import task_pb2
 from aria_trio.rpc import Channel, RpcError, Server, StatusCode
-from aria_trio.services import register
+from aria_trio.runtime.services import register
 
 from probe import SECRET, Req, bidi, client_stream, grpc_channel, server_stream, unary
 

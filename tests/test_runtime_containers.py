@@ -8,9 +8,9 @@ import grpc
 import pytest
 from google.protobuf import timestamp_pb2
 
-from aria_trio.containers import status_of
 from aria_trio.proto.aria.v1 import aria_pb2, session_pb2
 from aria_trio.proto.aria.v1 import container_pb2 as pb
+from aria_trio.runtime.work.containers import status_of
 
 from aria_client import CONTAINERS, SESSIONS, AriaClient, as_other_user
 from conftest import give_up_midway, typical_seconds

@@ -7,8 +7,8 @@ import pytest
 import trio
 
 from aria_trio.proto.aria.v1 import aria_pb2
-from aria_trio.store import Store
-from aria_trio.store import tasks as table
+from aria_trio.runtime.store import open_store
+from aria_trio.runtime.store import tasks as table
 
 from aria_client import AriaClient, bad_fields
 from conftest import start_daemon
@@ -21,7 +21,7 @@ def seed(data_dir) -> None:
 
     async def write() -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
-        store = await Store.open(data_dir / "runtime.db")
+        store = await open_store(data_dir / "runtime.db")
         for i in range(SEEDED):
             row = {
                 "id": f"t-seed{i:05d}",

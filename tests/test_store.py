@@ -7,9 +7,9 @@ import threading
 
 import pytest
 
-from aria_trio.store import Store
-from aria_trio.store.db import migrate
-from aria_trio.store.migrations import MIGRATIONS
+from aria_trio.runtime.store import open_store
+from aria_trio.runtime.store.migrations import MIGRATIONS
+from aria_trio.shared.sqlite import migrate
 
 TABLES = {
     "sessions",
@@ -32,7 +32,7 @@ TABLES = {
 
 
 async def test_wal_foreign_keys_and_migrations(tmp_path):
-    store = await Store.open(tmp_path / "s.db")
+    store = await open_store(tmp_path / "s.db")
     try:
 
         def facts(db):
@@ -55,13 +55,13 @@ async def test_wal_foreign_keys_and_migrations(tmp_path):
             "sessions_by_user",
             "audit_log_by_actor",
         } <= indexes
-        assert await store.run(migrate) == []  # applying again changes nothing
+        assert await store.run(migrate, MIGRATIONS) == []  # applying again changes nothing
     finally:
         await store.close()
 
 
 async def test_foreign_keys_are_enforced(tmp_path):
-    store = await Store.open(tmp_path / "f.db")
+    store = await open_store(tmp_path / "f.db")
     try:
 
         def orphan(db):
@@ -74,7 +74,7 @@ async def test_foreign_keys_are_enforced(tmp_path):
 
 
 async def test_store_calls_never_run_on_the_event_loop_thread(tmp_path):
-    store = await Store.open(tmp_path / "t.db")
+    store = await open_store(tmp_path / "t.db")
     try:
         loop_thread = threading.get_ident()
         seen = await store.run(lambda db: threading.get_ident())
@@ -84,14 +84,14 @@ async def test_store_calls_never_run_on_the_event_loop_thread(tmp_path):
 
 
 async def test_reopening_keeps_data_and_schema(tmp_path):
-    store = await Store.open(tmp_path / "r.db")
+    store = await open_store(tmp_path / "r.db")
     await store.run(
         lambda db: db.execute(
             "INSERT INTO user_preferences (user_id, preferences_json, updated_at) VALUES ('u', '{}', 1)"
         )
     )
     await store.close()
-    again = await Store.open(tmp_path / "r.db")
+    again = await open_store(tmp_path / "r.db")
     try:
         assert await again.run(lambda db: db.execute("SELECT count(*) FROM user_preferences").fetchone()[0]) == 1
     finally:

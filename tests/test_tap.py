@@ -13,16 +13,16 @@ import trio
 from google.protobuf import json_format
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
-from aria_trio import tap as tap_module
-from aria_trio.lifecycle import StartupError
-from aria_trio.notifications import Notifications
-from aria_trio.pagination import PageTokens
 from aria_trio.proto.aria.v1 import notification_pb2 as pb
-from aria_trio.store import Store
-from aria_trio.store import tasks as table
-from aria_trio.store.db import now_us
-from aria_trio.tap import Tap
-from aria_trio.tasks import Tasks, _Running
+from aria_trio.runtime.access.pagination import PageTokens
+from aria_trio.runtime.operations import tap as tap_module
+from aria_trio.runtime.operations.tap import Tap
+from aria_trio.runtime.store import open_store
+from aria_trio.runtime.store import tasks as table
+from aria_trio.runtime.work.notifications import Notifications
+from aria_trio.runtime.work.tasks import Tasks, _Running
+from aria_trio.shared.lifecycle import StartupError
+from aria_trio.shared.sqlite import Store, now_us
 
 KEYS = {"key-ann": "ann", "key-bob": "bob"}
 
@@ -41,7 +41,7 @@ class Env:
 
 
 async def start(tmp_path: Any, **options: Any) -> Any:
-    store = await Store.open(tmp_path / "runtime.db")
+    store = await open_store(tmp_path / "runtime.db")
     hub = Notifications(store)
     tasks = Tasks(store, None, hub, PageTokens(b"k" * 32))  # type: ignore[arg-type]  # (no quilt: nothing runs)
     keys = dict(KEYS)

@@ -12,9 +12,9 @@ from typing import Any, TypeVar
 import click
 import trio
 
-from .. import __version__
-from ..config import QUILT_SETTINGS, RUNTIME_SETTINGS, ConfigError, Setting, default_config_path, resolve
-from ..rpc import Channel, RpcError
+from aria_trio import __version__
+from aria_trio.rpc import Channel, RpcError
+from aria_trio.shared.config import QUILT_SETTINGS, RUNTIME_SETTINGS, ConfigError, Setting, default_config_path, resolve
 
 T = TypeVar("T")
 
@@ -124,8 +124,8 @@ def run_daemon(
     serve_fn: Callable[[dict[str, Any]], Awaitable[None]],
 ) -> None:
     """Resolve the settings, set up logging, run `serve_fn` under trio; startup errors exit 1."""
-    from .. import errors, logs
-    from ..lifecycle import StartupError
+    from aria_trio.shared import errors, logs
+    from aria_trio.shared.lifecycle import StartupError
 
     try:
         settings = resolve(declared, flags, config_path=config_path or default_config_path(), section=section)
@@ -163,11 +163,11 @@ def serve(ctx: click.Context, /, config_path: Path | None, **flags: Any) -> None
     environment: ARIA_LLM_BASE_URL, ARIA_LLM_MODEL, ARIA_LLM_API_KEY, else OPENAI_BASE_URL and
     OPENAI_API_KEY.
     """
-    from ..daemon import serve as serve_daemon
+    from aria_trio.runtime.daemon import serve as serve_daemon
 
     if flags.get("socket") is None and ctx.obj._socket:
         flags["socket"] = ctx.obj._socket  # `aria --socket X serve`
     run_daemon("aria serve", RUNTIME_SETTINGS, flags, config_path, None, serve_daemon)
 
 
-from . import auth, client, quilt, runtime, session  # noqa: E402,F401  (they register their verbs)
+from aria_trio.cli import auth, client, quilt, runtime, session  # noqa: E402,F401  (they register their verbs)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import click
 
-from ..proto.aria.v1 import auth_pb2 as pb
-from ..rpc import Channel
-from . import Context, main
-from .runtime import _call, _show, _show_list, _table, _when
+from aria_trio.cli import Context, main
+from aria_trio.cli.runtime import _call, _show, _show_list, _table, _when
+from aria_trio.proto.aria.v1 import auth_pb2 as pb
+from aria_trio.rpc import Channel
 
 AUTH = "/aria.v1.AuthService/"
 

@@ -10,9 +10,9 @@ import click
 from google.protobuf import json_format, struct_pb2
 from grpc_health.v1 import health_pb2
 
-from ..proto.aria.v1 import user_preference_pb2 as prefs_pb
-from ..rpc import Channel
-from . import Context, main
+from aria_trio.cli import Context, main
+from aria_trio.proto.aria.v1 import user_preference_pb2 as prefs_pb
+from aria_trio.rpc import Channel
 
 PREFS = "/aria.v1.UserPreferenceService/"
 

@@ -13,10 +13,10 @@ import click
 import trio
 from google.protobuf import json_format
 
-from ..config import QUILT_SETTINGS
-from ..proto.quilt.v1 import quilt_pb2 as pb
-from ..rpc import Channel
-from . import CONFIG_OPTION, Context, main, run_daemon, settings_options
+from aria_trio.cli import CONFIG_OPTION, Context, main, run_daemon, settings_options
+from aria_trio.proto.quilt.v1 import quilt_pb2 as pb
+from aria_trio.rpc import Channel
+from aria_trio.shared.config import QUILT_SETTINGS
 
 C, T, B, S = "/quilt.v1.Containers/", "/quilt.v1.Tasks/", "/quilt.v1.Bundles/", "/quilt.v1.System/"
 CHUNK = 1024 * 1024
@@ -49,7 +49,7 @@ def quilt_serve(obj: Context, /, config_path: Path | None, **flags: Any) -> None
     limits use cgroups where they are writable, else rlimits. At SIGTERM it drains calls, stops
     the running containers, and exits 0.
     """
-    from ..quilt.daemon import serve as serve_quilt
+    from aria_trio.quilt.daemon import serve as serve_quilt
 
     if flags.get("socket") is None and obj.quilt_socket_flag:
         flags["socket"] = obj.quilt_socket_flag

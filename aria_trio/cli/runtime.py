@@ -21,15 +21,15 @@ import click
 import trio
 from google.protobuf import json_format, timestamp_pb2
 
-from ..proto.aria.v1 import aria_pb2
-from ..proto.aria.v1 import bundle_pb2 as bundle_pb
-from ..proto.aria.v1 import container_pb2 as container_pb
-from ..proto.aria.v1 import notification_pb2 as notification_pb
-from ..proto.aria.v1 import registry_pb2 as registry_pb
-from ..proto.aria.v1 import task_pb2 as task_pb
-from ..rpc import Channel
-from . import Context, main
-from .quilt import _env as parse_env
+from aria_trio.cli import Context, main
+from aria_trio.cli.quilt import _env as parse_env
+from aria_trio.proto.aria.v1 import aria_pb2
+from aria_trio.proto.aria.v1 import bundle_pb2 as bundle_pb
+from aria_trio.proto.aria.v1 import container_pb2 as container_pb
+from aria_trio.proto.aria.v1 import notification_pb2 as notification_pb
+from aria_trio.proto.aria.v1 import registry_pb2 as registry_pb
+from aria_trio.proto.aria.v1 import task_pb2 as task_pb
+from aria_trio.rpc import Channel
 
 T = TypeVar("T")
 
@@ -595,7 +595,7 @@ async def _upload_requests(path: Path, metadata: bundle_pb.BundleMetadata, progr
 
 def _registered(path: Path, agents: Sequence[Any], tools: Sequence[Any]) -> tuple[list[Any], list[Any]]:
     """Of the registry's agents and tools, those the bundle at `path` defines (by name)."""
-    from ..bundle_manifest import InvalidBundle, inspect_bundle
+    from aria_trio.shared.bundle_manifest import InvalidBundle, inspect_bundle
 
     try:
         manifest = inspect_bundle(str(path))

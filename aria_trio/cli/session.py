@@ -20,11 +20,11 @@ from typing import Any
 import click
 import trio
 
-from ..proto.aria.v1 import aria_pb2
-from ..proto.aria.v1 import session_pb2 as pb
-from ..rpc import Channel, RpcError
-from . import Context, main
-from .runtime import _call, _each, _env_text, _fields, _printer, _show, _show_list, _table, _when
+from aria_trio.cli import Context, main
+from aria_trio.cli.runtime import _call, _each, _env_text, _fields, _printer, _show, _show_list, _table, _when
+from aria_trio.proto.aria.v1 import aria_pb2
+from aria_trio.proto.aria.v1 import session_pb2 as pb
+from aria_trio.rpc import Channel, RpcError
 
 SESSIONS = "/aria.v1.SessionService/"
 PAGE = 500  # messages asked for per ListMessages page

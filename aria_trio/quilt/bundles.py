@@ -27,12 +27,11 @@ import blake3
 import structlog
 import trio
 
-from .. import errors, json_input
-from ..bundle_manifest import Agent, InvalidBundle, Manifest, Tool, inspect_bundle
-from ..store import Store
-from ..store.db import fits
-from . import store as table
-from .engine import now_us
+from aria_trio.quilt import store as table
+from aria_trio.quilt.engine import now_us
+from aria_trio.shared import errors, json_input
+from aria_trio.shared.bundle_manifest import Agent, InvalidBundle, Manifest, Tool, inspect_bundle
+from aria_trio.shared.sqlite import Store, fits
 
 log = structlog.get_logger("quilt.bundles")
 

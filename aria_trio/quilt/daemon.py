@@ -10,23 +10,23 @@ from typing import Any
 import structlog
 import trio
 
-from ..lifecycle import StartupError, claim, serve_until_signal
-from ..proto.quilt.v1 import quilt_pb2
-from ..rpc import Health, Server, add_reflection
-from ..rpc.health import DESCRIPTOR as HEALTH
-from ..rpc.health import SERVING
-from ..store import Store
-from . import limits, seccomp, stage
-from .attach import Attachments
-from .bundles import BundleStore
-from .disks import Disks
-from .engine import Engine, Settings
-from .images import Images
-from .sandbox import Sandbox
-from .service import BundlesService, ContainersService, SystemService, TasksService
-from .stage import Stage
-from .store import MIGRATIONS
-from .tools import RUNNERS, ToolRunner
+from aria_trio.proto.quilt.v1 import quilt_pb2
+from aria_trio.quilt import limits, seccomp, stage
+from aria_trio.quilt.attach import Attachments
+from aria_trio.quilt.bundles import BundleStore
+from aria_trio.quilt.disks import Disks
+from aria_trio.quilt.engine import Engine, Settings
+from aria_trio.quilt.images import Images
+from aria_trio.quilt.sandbox import Sandbox
+from aria_trio.quilt.service import BundlesService, ContainersService, SystemService, TasksService
+from aria_trio.quilt.stage import Stage
+from aria_trio.quilt.store import MIGRATIONS
+from aria_trio.quilt.tools import RUNNERS, ToolRunner
+from aria_trio.rpc import Health, Server, add_reflection
+from aria_trio.rpc.health import DESCRIPTOR as HEALTH
+from aria_trio.rpc.health import SERVING
+from aria_trio.shared.lifecycle import StartupError, claim, serve_until_signal
+from aria_trio.shared.sqlite import Store
 
 log = structlog.get_logger("quilt.daemon")
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import structlog
 
-from .stage import umount
+from aria_trio.quilt.stage import umount
 
 log = structlog.get_logger("quilt.disks")
 

@@ -26,16 +26,15 @@ from typing import Any
 import structlog
 import trio
 
-from .. import errors
-from ..store import Store
-from ..store.db import background
-from . import store as table
-from .disks import MIN_DISK_BYTES, MOUNT, Disks
-from .images import Images
-from .limits import Cgroup
-from .output import OutputLog
-from .process import Captured, Exit, Handle, start_process
-from .sandbox import Image, Sandbox, base_env
+from aria_trio.quilt import store as table
+from aria_trio.quilt.disks import MIN_DISK_BYTES, MOUNT, Disks
+from aria_trio.quilt.images import Images
+from aria_trio.quilt.limits import Cgroup
+from aria_trio.quilt.output import OutputLog
+from aria_trio.quilt.process import Captured, Exit, Handle, start_process
+from aria_trio.quilt.sandbox import Image, Sandbox, base_env
+from aria_trio.shared import errors
+from aria_trio.shared.sqlite import Store, background
 
 log = structlog.get_logger("quilt.engine")
 

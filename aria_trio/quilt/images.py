@@ -37,9 +37,9 @@ from pathlib import Path
 import structlog
 import trio
 
-from .. import errors
-from . import safetar
-from .sandbox import Image
+from aria_trio.quilt import safetar
+from aria_trio.quilt.sandbox import Image
+from aria_trio.shared import errors
 
 log = structlog.get_logger("quilt.images")
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import trio
 
-from .. import errors
+from aria_trio.shared import errors
 
 STDOUT, STDERR, SYSTEM = 1, 2, 3
 MAX_LINE = 64 * 1024

@@ -26,7 +26,7 @@ from typing import Any
 
 import trio
 
-from .output import STDERR, STDOUT, OutputLog
+from aria_trio.quilt.output import STDERR, STDOUT, OutputLog
 
 MAX_STDIN = 1024 * 1024
 CAPTURE_LIMIT = 1024 * 1024  # bytes of each stream kept in memory for Exec's answer

@@ -21,8 +21,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .limits import Cgroup, LimitsMode
-from .stage import Stage
+from aria_trio.quilt.limits import Cgroup, LimitsMode
+from aria_trio.quilt.stage import Stage
 
 BWRAP_INSTALL_HINT = (
     "bubblewrap (bwrap) is not installed; quilt needs it to sandbox containers. Install it with "

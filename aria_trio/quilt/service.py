@@ -14,15 +14,15 @@ from typing import Any
 import trio
 from google.protobuf import timestamp_pb2
 
-from .. import errors
-from ..proto.quilt.v1 import quilt_grpc
-from ..proto.quilt.v1 import quilt_pb2 as pb
-from ..rpc import CallContext
-from .attach import Attachments
-from .bundles import Bundle, BundleStore, Checksum, Metadata
-from .engine import Container, Engine, ExecSpec, Spec, Task
-from .output import Line, OutputLog
-from .tools import ToolRunner
+from aria_trio.proto.quilt.v1 import quilt_grpc
+from aria_trio.proto.quilt.v1 import quilt_pb2 as pb
+from aria_trio.quilt.attach import Attachments
+from aria_trio.quilt.bundles import Bundle, BundleStore, Checksum, Metadata
+from aria_trio.quilt.engine import Container, Engine, ExecSpec, Spec, Task
+from aria_trio.quilt.output import Line, OutputLog
+from aria_trio.quilt.tools import ToolRunner
+from aria_trio.rpc import CallContext
+from aria_trio.shared import errors
 
 
 def _ts(us: int) -> timestamp_pb2.Timestamp:

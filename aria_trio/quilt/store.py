@@ -7,7 +7,7 @@ from typing import Any
 
 import sqlite_utils
 
-from ..store.db import PAGE_BYTES, bounded, row_bytes
+from aria_trio.shared.sqlite import PAGE_BYTES, bounded, row_bytes
 
 MIGRATIONS: list[tuple[int, str, str]] = [
     (

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import trio
 
-from .. import errors, json_input
-from .bundles import BundleStore
-from .images import HOST
-from .limits import Cgroup
-from .process import Captured, start_process
-from .sandbox import Sandbox, base_env
+from aria_trio.quilt.bundles import BundleStore
+from aria_trio.quilt.images import HOST
+from aria_trio.quilt.limits import Cgroup
+from aria_trio.quilt.process import Captured, start_process
+from aria_trio.quilt.sandbox import Sandbox, base_env
+from aria_trio.shared import errors, json_input
 
 RUNNERS = Path(__file__).resolve().parent / "runners"
 SCRATCH_BYTES = 64 * 1024 * 1024  # each of a tool run's /tmp and /workspace (tmpfs: counted as its memory)

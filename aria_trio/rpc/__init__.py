@@ -1,11 +1,11 @@
 """The purerpc adapter: gRPC over Unix sockets under Trio, with the behaviour a daemon needs."""
 
-from .client import Channel, ClientCall
-from .context import CallContext, Identity, PeerCred
-from .health import Health
-from .reflection import add_reflection, renamed_pool
-from .server import Method, Server, methods_of
-from .status import RpcError, StatusCode
+from aria_trio.rpc.client import Channel, ClientCall
+from aria_trio.rpc.context import CallContext, Identity, PeerCred
+from aria_trio.rpc.health import Health
+from aria_trio.rpc.reflection import add_reflection, renamed_pool
+from aria_trio.rpc.server import Method, Server, methods_of
+from aria_trio.rpc.status import RpcError, StatusCode
 
 __all__ = [
     "CallContext",

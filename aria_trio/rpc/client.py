@@ -29,8 +29,8 @@ from purerpc.grpclib.config import GRPCConfiguration
 from purerpc.grpclib.events import MessageReceived, ResponseEnded, ResponseReceived, WindowUpdated
 from purerpc.grpclib.exceptions import ProtocolError as PurerpcProtocolError
 
-from .protocol import ClientConnection, GoAway, StreamFailed, StreamReset
-from .status import RpcError, StatusCode
+from aria_trio.rpc.protocol import ClientConnection, GoAway, StreamFailed, StreamReset
+from aria_trio.rpc.status import RpcError, StatusCode
 
 MiB = 1024 * 1024
 RECEIVE_SIZE = 256 * 1024

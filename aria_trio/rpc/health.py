@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator
 import trio
 from grpc_health.v1 import health_pb2  # descriptors only: this import does not load grpcio
 
-from .. import errors
-from .context import CallContext
+from aria_trio.rpc.context import CallContext
+from aria_trio.shared import errors
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

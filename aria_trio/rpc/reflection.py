@@ -14,8 +14,8 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.descriptor import FileDescriptor, ServiceDescriptor
 from grpc_reflection.v1alpha import reflection_pb2 as v1alpha  # descriptors only, no grpcio
 
-from .context import CallContext
-from .server import Server, methods_of
+from aria_trio.rpc.context import CallContext
+from aria_trio.rpc.server import Server, methods_of
 
 NOT_FOUND = 5
 

@@ -46,9 +46,8 @@ from purerpc.grpclib.events import MessageReceived, RequestEnded, RequestReceive
 from purerpc.grpclib.exceptions import ProtocolError as PurerpcProtocolError
 from purerpc.grpclib.headers import sanitize_headers
 
-from .. import errors
-from .context import CallContext, PeerCred
-from .protocol import (
+from aria_trio.rpc.context import CallContext, PeerCred
+from aria_trio.rpc.protocol import (
     ACCEPT_ENCODING,
     SUPPORTED_ENCODINGS,
     BadRequestHeaders,
@@ -56,7 +55,8 @@ from .protocol import (
     StreamFailed,
     StreamReset,
 )
-from .status import RpcError, StatusCode, b64, encode_message, from_exception, status_details
+from aria_trio.rpc.status import RpcError, StatusCode, b64, encode_message, from_exception, status_details
+from aria_trio.shared import errors
 
 log = structlog.get_logger("aria.rpc")
 
@@ -67,7 +67,7 @@ Authenticate = Callable[[CallContext], Awaitable[None]]
 
 
 class CallMetrics(Protocol):
-    """Told about every call, if the server has one (aria_trio.metrics.RpcMetrics does). `path` is
+    """Told about every call, if the server has one (aria_trio.runtime.operations.metrics.RpcMetrics does). `path` is
     the registered method's, or None for a method that does not exist (its name is the client's
     to choose, so it must not become a label)."""
 

@@ -11,7 +11,7 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from purerpc.grpclib.status import StatusCode
 
-from .. import errors
+from aria_trio.shared import errors
 
 __all__ = ["CODES", "RpcError", "StatusCode", "from_exception", "status_details"]
 

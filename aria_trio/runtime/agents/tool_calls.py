@@ -1,0 +1,189 @@
+"""Running the tools an agent calls: the built-ins (`run_command`, `launch_task`) and bundle tools.
+
+A call is checked before it runs: the tool must be one of the agent's (anything else is refused as
+"not permitted", never run), its arguments must be a JSON object that its JSON Schema accepts.
+A refusal or a failure is a result too (`ok=False` and why): the model reads it and may try
+again. Bundle tools run in Quilt (RunTool: a sandbox with the bundle read-only at /bundle);
+`run_command` runs an argv in a fresh throw-away Quilt container; `launch_task` starts a task
+through the task service's own logic and returns its id. Cancelling a call (the client left)
+kills its sandbox: Quilt ends a call's processes when the call is cancelled, and a container made
+here is removed with force on the way out.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import jsonschema
+import structlog
+import trio
+
+from aria_trio.proto.quilt.v1 import quilt_pb2 as q
+from aria_trio.runtime.agents.registry import ToolInfo
+from aria_trio.runtime.quilt_client import QuiltLink
+from aria_trio.runtime.store import messages as table
+from aria_trio.runtime.work.tasks import Launch, Tasks
+from aria_trio.shared import errors, json_input
+from aria_trio.shared.sqlite import Store, now_us
+
+log = structlog.get_logger("aria.tool_calls")
+
+OUTPUT_CAP = 64 * 1024  # of each of stdout and stderr returned to the model; the rest is cut (and said)
+RESULT_CAP = 256 * 1024  # of a result's JSON given back to the model
+QC, QT, QB = "/quilt.v1.Containers/", "/quilt.v1.Tasks/", "/quilt.v1.Bundles/"
+
+
+@dataclass
+class Call:
+    call_id: str
+    name: str
+    arguments: str  # JSON text, as the model wrote it
+
+
+@dataclass
+class Outcome:
+    ok: bool
+    result_json: str  # "null" when not ok
+    error: str | None = None
+    container_id: str | None = None
+    exit_status: int | None = None
+
+
+class ToolCalls:
+    def __init__(self, store: Store, quilt: QuiltLink, tasks: Tasks, tool_timeout: float) -> None:
+        self.store = store
+        self.quilt = quilt
+        self.tasks = tasks
+        self.tool_timeout = tool_timeout
+
+    async def run(self, user: str, session_id: str, message_id: str, tools: dict[str, ToolInfo], call: Call) -> Outcome:
+        """Check, run and log one call; never raises for the tool's own failures."""
+        started, started_us = time.monotonic(), now_us()
+        outcome = await self._checked(user, session_id, tools, call)
+        await self.store.run(
+            table.log_tool_execution,
+            {
+                "id": "x-" + secrets.token_hex(8),
+                "user_id": user,
+                "session_id": session_id,
+                "message_id": message_id,
+                "tool_name": call.name,
+                "parameters_json": call.arguments[:RESULT_CAP],
+                "result_json": outcome.result_json if outcome.ok else None,
+                "error": outcome.error,
+                "duration_ms": (time.monotonic() - started) * 1000,
+                "container_id": outcome.container_id,
+                "exit_status": outcome.exit_status,
+                "started_at": started_us,
+            },
+        )
+        log.info("tool call", tool=call.name, ok=outcome.ok, ms=round((time.monotonic() - started) * 1000, 1))
+        return outcome
+
+    async def _checked(self, user: str, session_id: str, tools: dict[str, ToolInfo], call: Call) -> Outcome:
+        tool = tools.get(call.name)
+        if tool is None:
+            return _failed(f"tool {call.name!r} is not one of this agent's tools: not permitted")
+        try:
+            arguments = json_input.loads(call.arguments or "{}")
+        except ValueError as exc:
+            return _failed(f"the arguments are not valid JSON: {exc}")
+        if not isinstance(arguments, dict):
+            return _failed("the arguments must be a JSON object")
+        problem = _schema_problem(tool.schema, arguments)
+        if problem:
+            return _failed(f"invalid arguments: {problem}")
+        try:
+            if call.name == "run_command" and tool.builtin:
+                return await self._run_command(arguments)
+            if call.name == "launch_task" and tool.builtin:
+                return await self._launch_task(user, session_id, arguments)
+            return await self._bundle_tool(tool, arguments)
+        except errors.AriaError as exc:
+            return _failed(exc.message)
+
+    async def _run_command(self, arguments: dict[str, Any]) -> Outcome:
+        timeout = float(arguments.get("timeout_seconds") or self.tool_timeout)
+        spec = q.ContainerSpec(name="run_command", labels={"aria.tool": "run_command"})
+        made = await self.quilt.unary(QC + "CreateContainer", q.CreateContainerRequest(spec=spec), q.Container)
+        try:
+            await self.quilt.unary(QC + "StartContainer", q.ContainerRef(id=made.id), q.Container)
+            request = q.ExecRequest(container_id=made.id, command=arguments["command"], timeout_seconds=timeout)
+            done = await self.quilt.unary(QT + "Exec", request, q.ExecResult, timeout=timeout + 30)
+        finally:
+            with trio.CancelScope(shield=True):  # the sandbox never outlives the call
+                await self._remove(made.id)
+        task = done.task
+        exit_code = task.exit_code if task.HasField("exit_code") else None
+        result = {
+            "exit_code": exit_code,
+            "stdout": _capped(done.stdout, done.stdout_truncated),
+            "stderr": _capped(done.stderr, done.stderr_truncated),
+        }
+        if task.state == q.TASK_TIMEOUT:
+            return Outcome(False, "null", f"timed out after {timeout:g} s", made.id, exit_code)
+        if exit_code is None:
+            return Outcome(False, "null", task.message or "the command did not run", made.id)
+        return Outcome(True, json.dumps(result), None, made.id, exit_code)
+
+    async def _launch_task(self, user: str, session_id: str, arguments: dict[str, Any]) -> Outcome:
+        launch = Launch(
+            session_id=session_id,
+            type="container:run",
+            command=list(arguments["command"]),
+            environment=dict(arguments.get("environment") or {}),
+            timeout_seconds=int(arguments.get("timeout_seconds") or 0),
+            parent_task_id=None,
+        )
+        task_id = await self.tasks.launch(user, launch, _no_containers)
+        return Outcome(True, json.dumps({"task_id": task_id}))
+
+    async def _bundle_tool(self, tool: ToolInfo, arguments: dict[str, Any]) -> Outcome:
+        request = q.RunToolRequest(
+            bundle_id=tool.bundle_blake3,
+            tool_name=tool.name,
+            arguments_json=json.dumps(arguments),
+            timeout_seconds=self.tool_timeout,
+        )
+        r = await self.quilt.unary(QB + "RunTool", request, q.RunToolResult, timeout=self.tool_timeout + 30)
+        exit_code = r.exit_code if r.HasField("exit_code") else None
+        if r.timed_out:
+            return Outcome(False, "null", f"timed out after {self.tool_timeout:g} s", exit_status=exit_code)
+        if not r.ok:
+            return Outcome(False, "null", r.error or "the tool failed", exit_status=exit_code)
+        if len(r.result_json) > RESULT_CAP:
+            return Outcome(False, "null", f"the tool's result is larger than {RESULT_CAP} bytes")
+        return Outcome(True, r.result_json, exit_status=exit_code)
+
+    async def _remove(self, cid: str) -> None:
+        try:
+            request = q.RemoveContainerRequest(id=cid, force=True)
+            await self.quilt.unary(QC + "RemoveContainer", request, q.RemoveContainerResponse, timeout=30)
+        except errors.AriaError as exc:
+            log.warning("could not remove a run_command container", container=cid, error=exc.message)
+
+
+def _failed(error: str) -> Outcome:
+    return Outcome(False, "null", error)
+
+
+def _schema_problem(schema: dict[str, Any], arguments: dict[str, Any]) -> str | None:
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(arguments))
+    if error is None:
+        return None
+    where = "/".join(str(p) for p in error.absolute_path)
+    return f"{where}: {error.message}" if where else error.message
+
+
+def _capped(text: str, truncated: bool) -> str:
+    if len(text) > OUTPUT_CAP:
+        text, truncated = text[:OUTPUT_CAP], True
+    return text + ("\n[... output truncated]" if truncated else "")
+
+
+async def _no_containers(user: str, container_id: str) -> str:
+    raise errors.InvalidArgument("launch_task runs in a fresh container only")

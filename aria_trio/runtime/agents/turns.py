@@ -1,0 +1,261 @@
+"""The agent turn loop: a user's input, then model calls and tool calls until a final answer.
+
+A turn: the USER message; then up to `max_iterations` model calls. Each reply's text is an
+ASSISTANT message; each tool call it makes is checked and run (the calls of one reply run
+concurrently, in a nursery), its result a TOOL message fed back to the model; a reply without tool
+calls is the final response. Everything is persisted as it happens, so a turn cut short (the
+client left, the model server failed) leaves a consistent history, and the session stays usable.
+One turn at a time per session. Without a configured model, `/<tool> <json object>` runs a tool
+directly (same permission and schema checks); any other input is refused with a message that says
+how to configure a model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import structlog
+import trio
+
+from aria_trio.runtime.access.preferences import Preferences
+from aria_trio.runtime.access.quotas import Quotas
+from aria_trio.runtime.agents.llm import ChatModel, LLMConfig, resolve_config
+from aria_trio.runtime.agents.llm import ToolCall as ModelToolCall
+from aria_trio.runtime.agents.registry import AgentInfo, Registry, ToolInfo
+from aria_trio.runtime.agents.sessions import Sessions
+from aria_trio.runtime.agents.tool_calls import Call, Outcome, ToolCalls
+from aria_trio.runtime.store import messages as table
+from aria_trio.shared import errors
+from aria_trio.shared.sqlite import Store, now_us
+
+log = structlog.get_logger("aria.turns")
+
+SYSTEM, USER, ASSISTANT, TOOL = 1, 2, 3, 4  # aria.v1.MessageRole
+MAX_INPUT = 1024 * 1024  # bytes of input per turn
+DEFAULT_MAX_ITERATIONS = 8
+INTERRUPTED = "interrupted: the turn ended before this call did (its client left, or the runtime stopped)"
+DEFAULT_AT_ONCE, DEFAULT_PER_REPLY = 8, 32  # (the settings tool_calls_at_once, max_tool_calls_per_reply)
+HISTORY = 200  # newest messages sent to the model; older ones stay in the store only
+NO_MODEL = (
+    "no model is configured: set one with `aria prefs set llm.model NAME` and `aria prefs set llm.base_url URL` "
+    "(an OpenAI-compatible server, e.g. http://127.0.0.1:11434/v1 for Ollama), or ARIA_LLM_MODEL and "
+    "ARIA_LLM_BASE_URL for the daemon; without a model, run a tool directly: /<tool> <json object>"
+)
+
+
+@dataclass
+class TurnEvent:
+    kind: str  # message, tool_call, tool_result, final
+    message: dict[str, Any] | None = None  # a stored messages row
+    call: Call | None = None
+    outcome: Outcome | None = None
+    final: str = ""
+
+
+class Turns:
+    def __init__(
+        self,
+        store: Store,
+        sessions: Sessions,
+        registry: Registry,
+        preferences: Preferences,
+        tool_calls: ToolCalls,
+        model: ChatModel,
+        env: Mapping[str, str] | None = None,
+        *,
+        quotas: Quotas | None = None,
+    ) -> None:
+        self.store = store
+        self.sessions = sessions
+        self.registry = registry
+        self.preferences = preferences
+        self.tool_calls = tool_calls
+        self.model = model
+        self.env = os.environ if env is None else env
+        self._busy: set[str] = set()  # sessions with a turn running
+        self.quotas = quotas
+        self.at_once = quotas.tool_calls_at_once if quotas is not None else DEFAULT_AT_ONCE
+        self.per_reply = quotas.tool_calls_per_reply if quotas is not None else DEFAULT_PER_REPLY
+
+    async def execute(self, user: str, session_id: str, text: str) -> AsyncIterator[TurnEvent]:
+        """Run one turn; its events as they happen. Every check that can refuse the turn happens
+        before the first event."""
+        session = await self.sessions.get(user, session_id)
+        if not text.strip():
+            raise errors.InvalidArgument("input is empty", fields={"input": "empty"})
+        if len(text.encode()) > MAX_INPUT:
+            raise errors.InvalidArgument(f"input is larger than {MAX_INPUT} bytes", fields={"input": "too large"})
+        if session["status"] != "active":
+            raise errors.FailedPrecondition(f"session {session_id} has ended", reason="SESSION_ENDED")
+        agent, tool_list = await self.registry.agent(user, session["agent_id"])
+        tools = {t.name: t for t in tool_list}
+        config = resolve_config(await self.preferences.get(user), self.env)
+        if config is not None and agent.model:
+            config = replace(config, model=agent.model)
+        if config is None and not text.startswith("/"):
+            raise errors.FailedPrecondition(NO_MODEL, reason="NO_MODEL")
+        if session_id in self._busy:
+            raise errors.FailedPrecondition(
+                f"session {session_id} is already running a turn; wait for it to end", reason="TURN_RUNNING"
+            )
+        held = self.quotas.turns.hold(user) if self.quotas is not None else contextlib.nullcontext()
+        with held:
+            self._busy.add(session_id)
+            try:
+                turn = _Turn(self, user, session_id, agent, tools)
+                if config is None:
+                    async for event in turn.direct(text):
+                        yield event
+                else:
+                    async for event in turn.with_model(config, text):
+                        yield event
+            finally:
+                self._busy.discard(session_id)
+
+
+class _Turn:
+    """One turn's state: who, where, with which agent and tools."""
+
+    def __init__(self, turns: Turns, user: str, session_id: str, agent: AgentInfo, tools: dict[str, ToolInfo]) -> None:
+        self.turns = turns
+        self.user = user
+        self.session_id = session_id
+        self.agent = agent
+        self.tools = tools
+
+    async def direct(self, text: str) -> AsyncIterator[TurnEvent]:
+        """`/<tool> <json object>`: run one tool, without a model."""
+        yield TurnEvent("message", await self._store(USER, text))
+        name, _, arguments = text[1:].partition(" ")
+        call = Call("call-" + secrets.token_hex(6), name.strip(), arguments.strip() or "{}")
+        assistant = await self._store(ASSISTANT, "", tool_calls=[call])
+        yield TurnEvent("tool_call", call=call)
+        outcome = await self.turns.tool_calls.run(self.user, self.session_id, assistant["id"], self.tools, call)
+        yield TurnEvent("tool_result", call=call, outcome=outcome)
+        yield TurnEvent("message", await self._tool_message(call, outcome))
+        yield TurnEvent("final", final=outcome.result_json if outcome.ok else f"error: {outcome.error}")
+
+    async def with_model(self, config: LLMConfig, text: str) -> AsyncIterator[TurnEvent]:
+        system = self.agent.system_prompt or config.system_prompt
+        if system and not await self.turns.store.run(table.last, self.session_id, 1):
+            await self._store(SYSTEM, system)  # a session's first turn: its system prompt leads
+        config = replace(config, system_prompt=None)  # (it is in the history: not twice)
+        await self._close_interrupted()
+        yield TurnEvent("message", await self._store(USER, text))
+        specs = [
+            {"type": "function", "function": {"name": t.name, "description": t.description, "parameters": t.schema}}
+            for t in self.tools.values()
+        ]
+        limit = self.agent.max_iterations or DEFAULT_MAX_ITERATIONS
+        for _ in range(limit):
+            history = await self.turns.store.run(table.last, self.session_id, HISTORY)
+            reply = await self.turns.model.complete(config, _as_openai(history), specs)
+            calls = [_call(c) for c in reply.tool_calls]
+            assistant = await self._store(ASSISTANT, reply.content, tool_calls=calls)
+            if reply.content:
+                yield TurnEvent("message", assistant)
+            if not calls:
+                yield TurnEvent("final", final=reply.content)
+                return
+            for call in calls:
+                yield TurnEvent("tool_call", call=call)
+            outcomes = await self._run_all(assistant["id"], calls)
+            for call, outcome in zip(calls, outcomes, strict=True):
+                yield TurnEvent("tool_result", call=call, outcome=outcome)
+                yield TurnEvent("message", await self._tool_message(call, outcome))
+        yield TurnEvent(
+            "final",
+            final=f"Stopped: the agent made {limit} model calls (its max_iterations) without a final answer.",
+        )
+
+    async def _run_all(self, message_id: str, calls: list[Call]) -> list[Outcome]:
+        """The calls of one reply, concurrently, at most `tool_calls_at_once` at a time (the rest
+        wait their turn); past `max_tool_calls_per_reply`, a call does not run: its result says
+        why. Their outcomes in the calls' order."""
+        outcomes: list[Outcome | None] = [None] * len(calls)
+        slots = trio.Semaphore(self.turns.at_once)
+        per_reply = self.turns.per_reply
+
+        async def one(i: int, call: Call) -> None:
+            async with slots:
+                outcomes[i] = await self.turns.tool_calls.run(self.user, self.session_id, message_id, self.tools, call)
+
+        async with trio.open_nursery() as nursery:
+            for i, call in enumerate(calls):
+                if i < per_reply:
+                    nursery.start_soon(one, i, call)
+                else:
+                    outcomes[i] = Outcome(
+                        False,
+                        "null",
+                        f"not run: the reply asked for {len(calls)} tool calls, and at most {per_reply} run per "
+                        "reply (the runtime's max_tool_calls_per_reply setting); ask for fewer at a time",
+                    )
+        return [o for o in outcomes if o is not None]
+
+    async def _close_interrupted(self) -> None:
+        """A turn cut short (its client gone, the runtime killed) may leave tool calls without a
+        result, a history no model server accepts: each gets a failed TOOL message first."""
+        history = await self.turns.store.run(table.last, self.session_id, HISTORY)
+        answered = {row["tool_call_id"] for row in history if row["role"] == TOOL}
+        for row in history:
+            if row["role"] == ASSISTANT:
+                for call in tool_calls_of(row):
+                    if call.call_id not in answered:
+                        await self._tool_message(call, Outcome(False, "null", INTERRUPTED))
+                        log.info("closed an interrupted tool call", session=self.session_id, call=call.call_id)
+
+    async def _tool_message(self, call: Call, outcome: Outcome) -> dict[str, Any]:
+        content = outcome.result_json if outcome.ok else json.dumps({"error": outcome.error})
+        return await self._store(TOOL, content, tool_call_id=call.call_id, tool_name=call.name)
+
+    async def _store(self, role: int, content: str, **extra: Any) -> dict[str, Any]:
+        calls = extra.pop("tool_calls", None)
+        row = {
+            "id": "m-" + secrets.token_hex(8),
+            "session_id": self.session_id,
+            "role": role,
+            "content": content,
+            "tool_calls_json": json.dumps([c.__dict__ for c in calls]) if calls else None,
+            "created_at": now_us(),
+            **extra,
+        }
+        return dict(await self.turns.store.run(table.append, row))
+
+
+def _call(c: ModelToolCall) -> Call:
+    return Call(c.id or "call-" + secrets.token_hex(6), c.name, c.arguments)
+
+
+def tool_calls_of(row: Mapping[str, Any]) -> list[Call]:
+    return [Call(**c) for c in json.loads(row.get("tool_calls_json") or "[]")]
+
+
+def _as_openai(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Stored messages in the Chat Completions format (a history cut by HISTORY never starts with
+    tool results whose call was cut off)."""
+    out: list[dict[str, Any]] = []
+    for row in rows:
+        role = row["role"]
+        if role == TOOL:
+            if not out:
+                continue
+            out.append({"role": "tool", "tool_call_id": row["tool_call_id"], "content": row["content"]})
+        elif role == ASSISTANT:
+            message: dict[str, Any] = {"role": "assistant", "content": row["content"] or None}
+            calls = tool_calls_of(row)
+            if calls:
+                message["tool_calls"] = [
+                    {"id": c.call_id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                    for c in calls
+                ]
+            out.append(message)
+        else:
+            out.append({"role": "system" if role == SYSTEM else "user", "content": row["content"]})
+    return out
