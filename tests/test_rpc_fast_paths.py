@@ -21,13 +21,10 @@ from hyperframe.frame import ContinuationFrame, DataFrame, HeadersFrame, PingFra
 from purerpc.grpclib.config import GRPCConfiguration
 from purerpc.grpclib.events import RequestReceived
 
-from aria_trio.rpc.protocol import (
-    ServerConnection,
-    _CachingDecoder,
-    _FrameBuffer,
-    _GracefulH2Connection,
-    _PlainEncoder,
-)
+from aria_trio.rpc.frames import FrameBuffer
+from aria_trio.rpc.hpack import CachingDecoder, PlainEncoder
+from aria_trio.rpc.http2 import GracefulH2Connection
+from aria_trio.rpc.protocol import ServerConnection
 
 RESPONSE = [(":status", "200"), ("content-type", "application/grpc+proto")]
 
@@ -55,7 +52,7 @@ def _plain(headers: list[object]) -> list[tuple[str, str]]:
 
 
 def test_encoder_codes_like_hpack_and_decodes_back() -> None:
-    ours, reference = _PlainEncoder(), hpack.Encoder()
+    ours, reference = PlainEncoder(), hpack.Encoder()
     decoder = hpack.Decoder()
     for i, headers in enumerate(_header_lists()):
         if i == 50:  # the peer shrinks the table: a size update leads the next block
@@ -67,7 +64,7 @@ def test_encoder_codes_like_hpack_and_decodes_back() -> None:
 
 
 def test_encoder_cache_is_used_and_bounded() -> None:
-    encoder = _PlainEncoder()
+    encoder = PlainEncoder()
     encoder.encode(RESPONSE)  # content-type goes into the table
     first = encoder.encode(RESPONSE)
     assert set(encoder._cache) == {(":status", "200"), ("content-type", "application/grpc+proto")}
@@ -86,7 +83,7 @@ def test_encoder_cache_is_used_and_bounded() -> None:
 
 def test_decoder_decodes_like_hpack() -> None:
     encoder = hpack.Encoder()  # with Huffman coding, as other clients send
-    ours, reference = _CachingDecoder(), hpack.Decoder()
+    ours, reference = CachingDecoder(), hpack.Decoder()
     blocks = []
     for i, headers in enumerate(_header_lists() * 2):
         if i == 60:
@@ -102,7 +99,7 @@ def test_decoder_decodes_like_hpack() -> None:
 
 
 def test_decoder_cache_honours_a_lower_header_list_limit() -> None:
-    encoder, decoder = hpack.Encoder(), _CachingDecoder()
+    encoder, decoder = hpack.Encoder(), CachingDecoder()
     headers = [("x-big", "b" * 1000)]
     decoder.decode(encoder.encode(headers))  # a literal that goes into the table
     block = encoder.encode(headers)  # an index only now
@@ -115,7 +112,7 @@ def test_decoder_cache_honours_a_lower_header_list_limit() -> None:
 def _pair() -> tuple[h2.connection.H2Connection, h2.connection.H2Connection, h2.connection.H2Connection]:
     """Our server connection, h2's own, and a client that opened streams 1, 3, 5 on both."""
     config = h2.config.H2Configuration(client_side=False, header_encoding="utf-8", validate_outbound_headers=False)
-    ours, theirs = _GracefulH2Connection(config), h2.connection.H2Connection(config)
+    ours, theirs = GracefulH2Connection(config), h2.connection.H2Connection(config)
     client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     client.initiate_connection()
     for sid in (1, 3, 5):
@@ -123,7 +120,7 @@ def _pair() -> tuple[h2.connection.H2Connection, h2.connection.H2Connection, h2.
     client.send_data(5, b"x", end_stream=True)
     wire = client.data_to_send()
     for server in (ours, theirs):
-        server.encoder = _PlainEncoder()
+        server.encoder = PlainEncoder()
         server.initiate_connection()
         server.receive_data(wire)
         server.data_to_send()
@@ -280,7 +277,7 @@ def test_frame_reader_reads_like_h2s() -> None:
     for stream in (good, bad_stream, short_body, oversized):
         for _ in range(30):
             cuts = sorted(rng.sample(range(1, len(stream)), min(5, len(stream) - 1)))
-            theirs, ours = h2.frame_buffer.FrameBuffer(server=True), _FrameBuffer(server=True)
+            theirs, ours = h2.frame_buffer.FrameBuffer(server=True), FrameBuffer(server=True)
             theirs.max_frame_size = ours.max_frame_size = 16_384 * 4
             if stream is oversized:
                 theirs.max_frame_size = ours.max_frame_size = 16_384
@@ -289,7 +286,7 @@ def test_frame_reader_reads_like_h2s() -> None:
                 assert _frames_of(theirs, stream + b"x" * 16_385, cuts)[-1] == "FrameTooLargeError"
                 continue
             assert _frames_of(ours, stream, cuts) == _frames_of(theirs, stream, cuts)
-    reader = _FrameBuffer(server=True)
+    reader = FrameBuffer(server=True)
     reader.max_frame_size = 65_536
     whole = _frames_of(reader, good, [len(preface)])
     assert [f[0] for f in whole] == ["HeadersFrame", "DataFrame", "WindowUpdateFrame", "ExtensionFrame", "PingFrame"]  # type: ignore[index]

@@ -3,8 +3,9 @@
 from aria_trio.rpc.client import Channel, ClientCall
 from aria_trio.rpc.context import CallContext, Identity, PeerCred
 from aria_trio.rpc.health import Health
+from aria_trio.rpc.methods import Method, methods_of
 from aria_trio.rpc.reflection import add_reflection, renamed_pool
-from aria_trio.rpc.server import Method, Server, methods_of
+from aria_trio.rpc.server import Server
 from aria_trio.rpc.status import RpcError, StatusCode
 
 __all__ = [

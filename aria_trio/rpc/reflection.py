@@ -15,7 +15,8 @@ from google.protobuf.descriptor import FileDescriptor, ServiceDescriptor
 from grpc_reflection.v1alpha import reflection_pb2 as v1alpha  # descriptors only, no grpcio
 
 from aria_trio.rpc.context import CallContext
-from aria_trio.rpc.server import Server, methods_of
+from aria_trio.rpc.methods import methods_of
+from aria_trio.rpc.server import Server
 
 NOT_FOUND = 5
 

@@ -15,18 +15,19 @@ Bounds, and what happens at each:
 * connections (`max_connections`): further clients wait in the listen backlog until one closes.
 * buffered request bytes: per stream, the HTTP/2 window (2x the largest message); per connection,
   `connection_window`. A client sending faster than its handler reads simply waits for credit.
+
+Here: the listener and shutdown (`Server`), and each client's connection, its reader and writer
+(`Connection`). A call is server_call.py's, the methods it routes to methods.py's, and the
+protocol engine each connection drives protocol.py's.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import errno
-import math
 import os
 import socket
 import stat
 import struct
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Protocol
@@ -36,26 +37,17 @@ import h2.errors
 import h2.exceptions
 import structlog
 import trio
-from google.protobuf import message as pb_message
-from google.protobuf import message_factory
 from google.protobuf.descriptor import ServiceDescriptor
-from hpack import NeverIndexedHeaderTuple
 from hyperframe.frame import GoAwayFrame
 from purerpc.grpclib.config import GRPCConfiguration
 from purerpc.grpclib.events import MessageReceived, RequestEnded, RequestReceived, WindowUpdated
 from purerpc.grpclib.exceptions import ProtocolError as PurerpcProtocolError
-from purerpc.grpclib.headers import sanitize_headers
 
 from aria_trio.rpc.context import CallContext, PeerCred
-from aria_trio.rpc.protocol import (
-    ACCEPT_ENCODING,
-    SUPPORTED_ENCODINGS,
-    BadRequestHeaders,
-    ServerConnection,
-    StreamFailed,
-    StreamReset,
-)
-from aria_trio.rpc.status import RpcError, StatusCode, b64, encode_message, from_exception, status_details
+from aria_trio.rpc.methods import Method, methods_of
+from aria_trio.rpc.protocol import BadRequestHeaders, ServerConnection, StreamFailed, StreamReset
+from aria_trio.rpc.server_call import END, ServerCall
+from aria_trio.rpc.status import StatusCode
 from aria_trio.shared import errors
 
 log = structlog.get_logger("aria.rpc")
@@ -88,59 +80,7 @@ class Admission(Protocol):
         ...
 
 
-@dataclasses.dataclass(frozen=True)
-class Method:
-    path: str
-    request_type: Any
-    response_type: Any
-    client_streaming: bool
-    server_streaming: bool
-    # impl.Method(request_or_requests, ctx) -> response | async iterator of responses.
-    # None: the service is known but this method is not built yet (UNIMPLEMENTED, said plainly).
-    handler: Callable[..., Any] | None
-    authenticated: bool
-
-
-def methods_of(
-    descriptor: ServiceDescriptor,
-    impl: object,
-    *,
-    service_name: str | None = None,
-    authenticated: bool = True,
-) -> list[Method]:
-    """The methods of a service from its descriptor; `impl` provides those it implements.
-
-    A method `impl` inherits from a purerpc-generated Servicer base (which only raises
-    NotImplementedError) counts as not implemented."""
-    get_class = message_factory.GetMessageClass
-    name = service_name or descriptor.full_name
-    out = []
-    for m in descriptor.methods:
-        fn = getattr(impl, m.name, None)
-        if fn is not None and _is_generated_stub(type(impl), m.name):
-            fn = None
-        out.append(
-            Method(
-                path=f"/{name}/{m.name}",
-                request_type=get_class(m.input_type),
-                response_type=get_class(m.output_type),
-                client_streaming=m.client_streaming,
-                server_streaming=m.server_streaming,
-                handler=fn,
-                authenticated=authenticated,
-            )
-        )
-    return out
-
-
-def _is_generated_stub(cls: type, name: str) -> bool:
-    for klass in cls.__mro__:
-        if name in vars(klass):
-            return klass.__module__.endswith("_grpc")
-    return False
-
-
-def peer_credentials(sock: Any) -> PeerCred | None:
+def peer_credentials(sock: trio.socket.SocketType) -> PeerCred | None:
     try:
         if sock.family != socket.AF_UNIX:
             return None
@@ -173,7 +113,7 @@ class Server:
         self.admission = admission
         self.methods: dict[str, Method] = {}
         self.path: str | None = None
-        self._connections: set[_Connection] = set()
+        self._connections: set[Connection] = set()
         self._listener: trio.SocketListener | None = None
         self._accept_scope = trio.CancelScope()
         self._shutting_down = False
@@ -202,7 +142,9 @@ class Server:
 
     # -- listening --------------------------------------------------------------------------------
 
-    async def serve(self, path: str, *, mode: int = 0o600, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(
+        self, path: str, *, mode: int = 0o600, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         """Listen on `path` until shutdown() (or cancellation); the socket file goes with us."""
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -252,7 +194,7 @@ class Server:
 
     async def _serve_connection(self, stream: trio.SocketStream, slots: trio.Semaphore) -> None:
         self.stats["connections"] += 1
-        conn = _Connection(self, stream)
+        conn = Connection(self, stream)
         self._connections.add(conn)
         try:
             admitted = self.admission.connection(conn.peer) if self.admission is not None else nullcontext(None)
@@ -308,22 +250,15 @@ def _unlink_socket(path: str) -> None:
         pass
 
 
-_END = object()  # end of the client's messages
 HANDSHAKE_TIMEOUT = 10.0  # seconds a new connection has for its preface and first SETTINGS
 CLOSE_FLUSH = 1.0  # seconds the writer gets to send a GOAWAY before a broken connection closes
 OVER_QUOTA_GRACE = 5.0  # seconds a connection over its user's quota is answered before it closes
-MAX_STATUS_MESSAGE = 1024  # bytes of a status message (its details carry a copy): the rest is cut, with "…"
 
 
-def bounded(text: str, most: int) -> str:
-    """`text` cut to at most `most` bytes of UTF-8 (at a character), with "…" when cut."""
-    raw = text.encode()
-    if len(raw) <= most:
-        return text
-    return raw[: most - 3].decode("utf-8", "ignore") + "…"
+class Connection:
+    """One client's connection: the socket's reader and writer around its protocol engine, the
+    calls it carries (each in its own task, in this connection's nursery), its GOAWAY."""
 
-
-class _Connection:
     def __init__(self, server: Server, stream: trio.SocketStream) -> None:
         self.server = server
         self.stream = stream
@@ -335,7 +270,7 @@ class _Connection:
             connection_window=server.connection_window,
         )
         self.h2 = self.proto.h2_connection
-        self.calls: dict[int, _Call] = {}
+        self.calls: dict[int, ServerCall] = {}
         self._fd = stream.socket.fileno()
         self._backlog = b""  # bytes the socket did not take yet; only the writer sends them
         self._writer_busy = False
@@ -476,7 +411,7 @@ class _Connection:
         if kind is MessageReceived or kind is RequestEnded:
             call = self.calls.get(event.stream_id)
             if call is not None:
-                call.put(event if kind is MessageReceived else _END)
+                call.put(event if kind is MessageReceived else END)
             elif kind is MessageReceived:
                 self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
         elif kind is RequestReceived:
@@ -509,7 +444,7 @@ class _Connection:
             self._reset(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)  # clients retry these
             return
         assert self._nursery is not None
-        call = _Call(self, event)
+        call = ServerCall(self, event)
         self.calls[event.stream_id] = call
         self.server._call_started()
         self._nursery.start_soon(call.run)
@@ -535,306 +470,3 @@ class _Connection:
         """Send what is queued, then close the connection."""
         self._closing = True
         self.kick()
-
-
-class _Call:
-    __slots__ = (
-        "_aborted",
-        "_headers_sent",
-        "_inbox",
-        "_remote_closed",
-        "_reset",
-        "_waiter",
-        "_window",
-        "conn",
-        "ctx",
-        "event",
-        "method",
-        "scope",
-        "sid",
-    )
-
-    def __init__(self, conn: _Connection, event: RequestReceived) -> None:
-        self.conn = conn
-        self.sid = event.stream_id
-        self.event = event
-        path = f"/{event.service_name}/{event.method_name}"
-        self.method = conn.server.methods.get(path)
-        deadline = math.inf
-        if event.timeout is not None:
-            deadline = trio.current_time() + event.timeout.total_seconds()
-        self.scope = trio.CancelScope(deadline=deadline)
-        self.ctx = CallContext(path, event.custom_metadata, conn.peer, deadline)
-        self._inbox: deque[Any] = deque()
-        self._waiter: trio.Event | None = None
-        self._window: trio.Event | None = None
-        self._headers_sent = False
-        self._remote_closed = False
-        self._reset = False
-        self._aborted: tuple[StatusCode, str] | None = None
-
-    # -- events from the reader --------------------------------------------------------------------
-
-    def put(self, item: Any) -> None:
-        # Unbounded deque, bounded in bytes by the stream's flow-control window: a client cannot
-        # send more until the handler consumes (and we acknowledge) what is here.
-        if item is _END:
-            self._remote_closed = True
-        self._inbox.append(item)
-        if self._waiter is not None:
-            self._waiter.set()
-
-    def window_opened(self) -> None:
-        if self._window is not None:
-            self._window.set()
-
-    def reset_by_peer(self) -> None:
-        self._reset = True
-        self._remote_closed = True
-        self.scope.cancel()
-
-    def abort(self, code: StatusCode, message: str) -> None:
-        if self._aborted is None:
-            self._aborted = (code, message)
-        self.scope.cancel()
-
-    # -- the handler's side ------------------------------------------------------------------------
-
-    async def receive(self) -> Any:
-        """The next request message, or None after the client's last one."""
-        while not self._inbox:
-            self._waiter = trio.Event()
-            await self._waiter.wait()
-            self._waiter = None
-        item = self._inbox[0]
-        if item is _END:
-            return None
-        self._inbox.popleft()
-        self.conn.h2.acknowledge_received_data(item.flow_controlled_length, self.sid)
-        if self.conn.h2._data_to_send:  # credit is sent back in batches (half a window)
-            self.conn.kick()
-        try:
-            return self.method.request_type.FromString(item.data)  # type: ignore[union-attr]
-        except pb_message.DecodeError:
-            name = self.method.request_type.DESCRIPTOR.full_name  # type: ignore[union-attr]
-            raise RpcError(
-                StatusCode.INVALID_ARGUMENT,
-                f"the request is not a valid {name} message",
-                reason="MALFORMED_REQUEST",
-                fields={"request": f"not a valid {name}"},
-            ) from None
-
-    async def requests(self) -> Any:
-        while (msg := await self.receive()) is not None:
-            yield msg
-
-    async def send(self, msg: Any, *, last: bool = False) -> None:
-        """Queue one response message; waits only for flow-control credit. `last`: the status
-        follows at once, so skip the checkpoint that lets the writer send this message alone."""
-        data = msg.SerializeToString()
-        if len(data) > self.conn.server.max_message_length:
-            raise RpcError(
-                StatusCode.RESOURCE_EXHAUSTED,
-                f"the response is larger than the maximum message size ({self.conn.server.max_message_length} bytes)",
-            )
-        if not self._headers_sent:
-            self._send_headers()
-        payload = memoryview(struct.pack(">?I", False, len(data)) + data)
-        proto = self.conn.proto
-        while payload:
-            window = proto.flow_control_window(self.sid)
-            if window <= 0:
-                self.conn.kick()  # what is queued must reach the client before it grants more
-                self._window = trio.Event()
-                await self._window.wait()
-                self._window = None
-                continue
-            chunk, payload = payload[:window], payload[window:]
-            self.conn.h2.send_data(self.sid, bytes(chunk))
-        if not last:
-            self.conn.kick()
-            await trio.lowlevel.checkpoint()
-
-    def _send_headers(self) -> None:
-        self._headers_sent = True
-        headers = [(":status", "200"), ("content-type", "application/grpc+proto")]
-        if self.ctx.initial_metadata:
-            headers.extend(sanitize_headers(self.ctx.initial_metadata))
-        self.conn.h2.send_headers(self.sid, headers)
-
-    def _send_status(
-        self, code: StatusCode, message: str, reason: str, fields: dict[str, str], metadata: dict[str, str]
-    ) -> None:
-        # A message may quote the caller's input: bounded, so the trailers stay within what any
-        # client takes (grpcio: 8 KiB soft, 16 KiB hard, for all of its metadata).
-        message = bounded(message, MAX_STATUS_MESSAGE)
-        fields = {bounded(k, 256): bounded(v, 256) for k, v in list(fields.items())[:16]}
-        metadata = {bounded(k, 128): bounded(v, 512) for k, v in list(metadata.items())[:16]}
-        if self._headers_sent:
-            headers = []
-        else:
-            headers = [(":status", "200"), ("content-type", "application/grpc+proto")]
-            if self.ctx.initial_metadata:
-                headers.extend(sanitize_headers(self.ctx.initial_metadata))
-        headers.append(("grpc-status", str(code.value)))
-        if message:
-            headers.append(NeverIndexedHeaderTuple("grpc-message", encode_message(message)))
-        if code is not StatusCode.OK:
-            if code is StatusCode.UNIMPLEMENTED:
-                headers.append(("grpc-accept-encoding", ACCEPT_ENCODING))
-            details = status_details(
-                code,
-                message,
-                domain=self.conn.server.error_domain,
-                reason=reason,
-                metadata={**metadata, "request_id": self.ctx.request_id},
-                fields=fields,
-            )
-            headers.append(NeverIndexedHeaderTuple("grpc-status-details-bin", b64(details)))
-        # Values that differ on every call stay out of the HPACK table, or they would evict the
-        # ones that repeat (and make every lookup scan the whole table).
-        headers.append(NeverIndexedHeaderTuple("x-request-id", self.ctx.request_id))
-        if self.ctx.trailing_metadata:
-            headers.extend(sanitize_headers(self.ctx.trailing_metadata))
-        h2c = self.conn.h2
-        try:
-            h2c.send_headers(self.sid, headers, end_stream=True)
-            if not self._remote_closed:
-                # We are done before the client is (e.g. a failed upload): tell it to stop.
-                h2c.reset_stream(self.sid, h2.errors.ErrorCodes.NO_ERROR)
-        except h2.exceptions.StreamClosedError:
-            pass  # the client already reset the stream
-        self.conn.flush()
-
-    # -- the call's task ---------------------------------------------------------------------------
-
-    async def run(self) -> None:
-        server = self.conn.server
-        started = trio.current_time()
-        known = self.method.path if self.method is not None else None
-        if server.metrics is not None:  # (no checkpoint before the try: call_ended always follows)
-            server.metrics.call_started(known)
-        code, message, reason = StatusCode.CANCELLED, "", "CANCELLED"  # unless we get further
-        fields: dict[str, str] = {}
-        metadata: dict[str, str] = {}
-        try:
-            with self.scope:
-                try:
-                    await self._invoke()
-                    code, reason = StatusCode.OK, "OK"
-                except Exception as exc:
-                    err = _to_rpc_error(errors.single(exc), self)
-                    code, message, reason = err.code, err.message, err.reason
-                    fields, metadata = err.fields, err.metadata
-            if self.scope.cancelled_caught:
-                if self._reset:
-                    code, message, reason = StatusCode.CANCELLED, "cancelled by the client", "CANCELLED"
-                elif self._aborted is not None:
-                    code, message = self._aborted
-                    reason = code.name
-                else:
-                    code, message, reason = StatusCode.DEADLINE_EXCEEDED, "deadline exceeded", "DEADLINE_EXCEEDED"
-            if not self._reset:
-                self._send_status(code, message, reason, fields, metadata)
-        finally:
-            self._close()
-            server._call_ended()
-            duration = trio.current_time() - started
-            if server.metrics is not None:
-                server.metrics.call_ended(known, code.name, duration)
-            identity = self.ctx.identity
-            log.info(
-                "rpc",
-                method=self.ctx.method,
-                code=code.name,
-                duration_ms=round(duration * 1000, 3),
-                request_id=self.ctx.request_id,
-                peer_uid=self.conn.peer.uid if self.conn.peer else None,
-                user=identity.user if identity else None,
-            )
-
-    async def _invoke(self) -> None:
-        method = self.method
-        if method is None:
-            raise RpcError(StatusCode.UNIMPLEMENTED, f"unknown method {self.ctx.method}", reason="UNKNOWN_METHOD")
-        if method.handler is None:
-            raise RpcError(
-                StatusCode.UNIMPLEMENTED,
-                f"{self.ctx.method} is part of the API but not implemented by this server yet",
-                reason="NOT_IMPLEMENTED_YET",
-            )
-        if self.event.message_encoding not in SUPPORTED_ENCODINGS:
-            raise RpcError(
-                StatusCode.UNIMPLEMENTED,
-                f"unsupported message encoding {self.event.message_encoding!r}; this server accepts {ACCEPT_ENCODING}",
-                reason="UNSUPPORTED_ENCODING",
-            )
-        server = self.conn.server
-        if method.authenticated and server.authenticate is not None:
-            await server.authenticate(self.ctx)
-        if self.conn.refusal is not None and method.authenticated:
-            raise self.conn.refusal
-        admitted = (
-            server.admission.call(self.ctx, method.client_streaming or method.server_streaming)
-            if server.admission is not None and method.authenticated
-            else nullcontext()
-        )
-        with admitted:
-            await self._handle(method)
-
-    async def _handle(self, method: Method) -> None:
-        assert method.handler is not None
-        if method.client_streaming:
-            request: Any = self.requests()
-        else:
-            request = await self.receive()
-            if request is None:
-                raise RpcError(
-                    StatusCode.INVALID_ARGUMENT, "the request message is missing", reason="MALFORMED_REQUEST"
-                )
-            if await self.receive() is not None:  # like grpc-core: the whole request, then the handler
-                raise RpcError(
-                    StatusCode.INVALID_ARGUMENT,
-                    "more than one request message for a unary method",
-                    reason="MALFORMED_REQUEST",
-                )
-        try:
-            if method.server_streaming:
-                responses = method.handler(request, self.ctx)
-                try:
-                    async for response in responses:
-                        await self.send(response)
-                finally:
-                    await responses.aclose()
-            else:
-                await self.send(await method.handler(request, self.ctx), last=True)
-        finally:
-            if method.client_streaming:
-                await request.aclose()
-
-    def _close(self) -> None:
-        """Forget the stream and give back the credit of every message nobody read."""
-        conn = self.conn
-        conn.calls.pop(self.sid, None)
-        conn.proto.message_read_buffers.pop(self.sid, None)
-        unread = sum(item.flow_controlled_length for item in self._inbox if item is not _END)
-        self._inbox.clear()
-        if unread:
-            conn.h2.acknowledge_received_data(unread, self.sid)
-            conn.kick()
-
-
-def _to_rpc_error(exc: BaseException, call: _Call) -> RpcError:
-    if isinstance(exc, RpcError):
-        return exc
-    if isinstance(exc, errors.AriaError):
-        return from_exception(exc)
-    if errors.is_disk_full(exc):  # wherever it came from: an answer, not an internal error
-        log.warning("disk full", method=call.ctx.method, request_id=call.ctx.request_id, error=str(exc))
-        return from_exception(errors.disk_full())
-    if isinstance(exc, h2.exceptions.StreamClosedError):
-        call._reset = True  # the client is gone; there is nobody to answer
-        return RpcError(StatusCode.CANCELLED, "client went away")
-    call.conn.server.stats["internal_errors"] += 1
-    log.error("handler failed", method=call.ctx.method, request_id=call.ctx.request_id, exc_info=exc)
-    return RpcError(StatusCode.INTERNAL, f"internal error (request id {call.ctx.request_id})", reason="INTERNAL")
