@@ -147,7 +147,7 @@ def test_a_task_launched_over_grpc_appears_and_completes_on_the_page(tap_daemon,
         # the same page opened from disk cannot connect (the tap refuses Origin "null"): it says
         # where the page lives instead, and lists nothing
         browser.execute_script("sessionStorage.clear()")
-        browser.get(Path(str(resources.files("aria_trio") / "dashboard.html")).as_uri())
+        browser.get(Path(str(resources.files("aria_trio.runtime.operations") / "dashboard.html")).as_uri())
         browser.find_element(By.ID, "api-key").send_keys(key)
         browser.find_element(By.ID, "port").send_keys(str(port))
         browser.find_element(By.ID, "connect").click()

@@ -26,6 +26,7 @@ from aria_trio.runtime.store import open_store
 from aria_trio.runtime.store import tasks as task_table
 from aria_trio.runtime.work.notifications import Notifications
 from aria_trio.runtime.work.uploads import Uploads
+from aria_trio.shared.lifecycle import StartupError
 from aria_trio.shared.sqlite import Store
 
 import bundles
@@ -308,7 +309,7 @@ async def test_http_idle_connections_time_out_and_connections_are_capped(nursery
     await nursery.start(http.run)
     idle = [await trio.open_tcp_stream("127.0.0.1", http.port) for _ in range(2)]
     with trio.fail_after(5):
-        while http._slots.value:  # both accepted and being served
+        while http.connections < 2:  # both accepted and being served
             await trio.sleep(0.01)
         extra = await trio.open_tcp_stream("127.0.0.1", http.port)
         assert await extra.receive_some(100) == b""  # over the cap: closed at once
@@ -319,6 +320,13 @@ async def test_http_idle_connections_time_out_and_connections_are_capped(nursery
             await stream.aclose()
         assert trio.current_time() - started < 2
     assert (await scrape(http.port)).status_code == 200
+
+
+async def test_a_port_in_use_is_a_startup_error(nursery):
+    http = MetricsServer(0, Metrics())
+    await nursery.start(http.run)
+    with pytest.raises(StartupError, match=f"cannot serve the metrics on 127.0.0.1:{http.port}"):
+        await MetricsServer(http.port, Metrics()).run()
 
 
 # -- the daemon, end to end ------------------------------------------------------------------------

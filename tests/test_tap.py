@@ -352,6 +352,8 @@ async def test_the_dashboard_is_served_on_the_same_port(env: Env) -> None:
     assert (await http(port, b"GET /etc/passwd HTTP/1.1\r\nHost: x\r\n\r\n"))[0] == 404
     assert (await http(port, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"))[0] == 405
     assert (await http(port, b"nonsense\r\n\r\n"))[0] == 400
+    big = b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"y" * tap_module.MAX_REQUEST + b"\r\n\r\n"
+    assert (await http(port, big))[0] == 431  # (the one HTTP front end's bound, as for /metrics)
     # a websocket upgrade elsewhere than /ws
     with pytest.raises(ConnectionRejected) as info:
         async with open_websocket_url(f"ws://127.0.0.1:{port}/other"):

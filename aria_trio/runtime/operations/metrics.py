@@ -9,26 +9,25 @@ Three kinds of numbers, each kept where it is cheapest:
   read at scrape time through the callbacks of `Live`, so the modules that own the state carry no
   metrics code and nothing can drift out of date.
 
-prometheus_client's own HTTP server runs in a thread nobody supervises; this one is a small
-HTTP/1.1 server (h11) under Trio: GET /metrics only, bounded request size, a timeout per request,
-a cap on connections, and the text rendered in a worker thread so the event loop stays free.
+prometheus_client's own HTTP server runs in a thread nobody supervises; this one is the
+operations' HTTP front end (operations/http.py: h11 under Trio, bounded) serving GET /metrics
+only, the text rendered in a worker thread so the event loop stays free.
 Each `Metrics` has its own registry, so servers (and tests) never share counters by accident.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TypeVar
 
-import h11
 import structlog
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+
+from aria_trio.runtime.operations.http import HttpServer, Response
 
 log = structlog.get_logger("aria.metrics")
 
@@ -233,15 +232,12 @@ class Metrics:
 
 # -- the HTTP endpoint -----------------------------------------------------------------------------
 
-RECEIVE_SIZE = 16 * 1024
 
-
-class MetricsServer:
-    """GET /metrics on `host:port` (port 0: any free one; `port` is the real one once started).
-
-    Bounds: a request's head and body at most `max_request_bytes` (431/413 beyond); each request
-    must arrive and be answered within `timeout` seconds, idle keep-alive included, or the
-    connection is closed; at most `max_connections` at once, further ones are closed at once."""
+class MetricsServer(HttpServer):
+    """GET /metrics on `host:port` (port 0: any free one; `port` is the real one once started),
+    through the operations' one HTTP front end (operations/http.py, whose bounds these are):
+    `max_connections` at once (more are closed at once), each request within `timeout` seconds,
+    keep-alive, at most `max_request_bytes` a request. Every scrape renders afresh."""
 
     def __init__(
         self,
@@ -254,131 +250,18 @@ class MetricsServer:
         timeout: float = 10.0,
         max_request_bytes: int = 8192,
     ) -> None:
-        self.port = port
         self.metrics = metrics
         self.live = live
-        self.host = host
-        self.timeout = timeout
-        self.max_request_bytes = max_request_bytes
-        self._slots = trio.Semaphore(max_connections)
+        super().__init__(
+            "metrics",
+            port,
+            {"/metrics": self._scrape},
+            not_found="not found; metrics are at /metrics\n",
+            host=host,
+            max_connections=max_connections,
+            timeout=timeout,
+            max_request_bytes=max_request_bytes,
+        )
 
-    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve until cancelled; started (with the port) once listening. A port that cannot be
-        bound fails here: the operator asked for it."""
-        async with trio.open_nursery() as nursery:
-            listeners = await nursery.start(
-                functools.partial(trio.serve_tcp, self._connection, self.port, host=self.host)
-            )
-            self.port = listeners[0].socket.getsockname()[1]
-            log.info("metrics serving", url=f"http://{self.host}:{self.port}/metrics")
-            task_status.started(self.port)
-
-    async def _connection(self, stream: trio.SocketStream) -> None:
-        # (serve_tcp closes the stream when this returns)
-        try:
-            self._slots.acquire_nowait()
-        except trio.WouldBlock:
-            log.debug("metrics: too many connections; closed one")
-            return
-        try:
-            conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_request_bytes)
-            while True:
-                with trio.move_on_after(self.timeout):
-                    if await self._exchange(stream, conn):
-                        continue
-                return
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the client went away
-        except Exception:  # never let one connection take the server (and the daemon) down
-            log.warning("metrics connection failed", exc_info=True)
-        finally:
-            self._slots.release()
-
-    async def _exchange(self, stream: trio.SocketStream, conn: h11.Connection) -> bool:
-        """One request and its response; whether the connection can take another."""
-        reader = _Reader(stream, conn, self.max_request_bytes)
-        try:
-            request = await reader.next_event()
-            if not isinstance(request, h11.Request):
-                return False  # closed (between requests: the usual end of a keep-alive connection)
-            while not isinstance(event := await reader.next_event(), h11.EndOfMessage):  # (a body: ignored)
-                if isinstance(event, h11.ConnectionClosed):
-                    return False
-        except _TooLarge as exc:
-            status, what = (431, b"request head too large\n") if exc.head else (413, b"request too large\n")
-            await _respond(stream, conn, status, what, close=True)
-            return False
-        except h11.RemoteProtocolError as exc:
-            if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                await _respond(stream, conn, exc.error_status_hint, b"bad request\n", close=True)
-            return False
-        head = request.method == b"HEAD"
-        path = request.target.split(b"?", 1)[0]
-        if path != b"/metrics":
-            await _respond(stream, conn, 404, b"not found; metrics are at /metrics\n", head=head)
-        elif request.method not in (b"GET", b"HEAD"):
-            await _respond(stream, conn, 405, b"GET or HEAD only\n", extra=[("allow", "GET, HEAD")])
-        else:
-            text = await self.metrics.render(self.live)
-            await _respond(stream, conn, 200, text, content_type=CONTENT_TYPE_PLAIN_0_0_4, head=head)
-        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
-            conn.start_next_cycle()
-            return True
-        return False
-
-
-class _TooLarge(Exception):
-    def __init__(self, *, head: bool) -> None:
-        self.head = head  # the head itself is too large (431), else the body (413)
-
-
-class _Reader:
-    """h11's events for one request, from at most `limit` bytes read (h11's own limit only
-    applies to a head that arrives in pieces)."""
-
-    def __init__(self, stream: trio.SocketStream, conn: h11.Connection, limit: int) -> None:
-        self.stream = stream
-        self.conn = conn
-        self.room = limit
-
-    async def next_event(self) -> object:
-        while (event := self.conn.next_event()) is h11.NEED_DATA:
-            data = await self.stream.receive_some(RECEIVE_SIZE)  # b"": the client closed
-            self.room -= len(data)
-            self.conn.receive_data(data)
-            if self.room < 0:
-                raise _TooLarge(head=self._head_too_large())
-        return event
-
-    def _head_too_large(self) -> bool:
-        """Over the limit: whether the head alone is (431) or only head and body together (413)."""
-        if self.conn.their_state is not h11.IDLE:
-            return False  # the head was taken within the limit already
-        with contextlib.suppress(h11.RemoteProtocolError):
-            self.conn.next_event()
-        state: object = self.conn.their_state  # (moved on by next_event, which mypy cannot see)
-        if state is not h11.SEND_BODY:
-            return True  # still no complete head (or a broken one)
-        unread, _ = self.conn.trailing_data  # (what follows the head)
-        return self.room + len(unread) < 0
-
-
-async def _respond(
-    stream: trio.SocketStream,
-    conn: h11.Connection,
-    status: int,
-    body: bytes,
-    *,
-    content_type: str = "text/plain; charset=utf-8",
-    head: bool = False,
-    close: bool = False,
-    extra: Iterable[tuple[str, str]] = (),
-) -> None:
-    headers = [("content-type", content_type), ("content-length", str(len(body))), *extra]
-    if close:
-        headers.append(("connection", "close"))
-    out = conn.send(h11.Response(status_code=status, headers=headers)) or b""
-    if not head:
-        out += conn.send(h11.Data(data=body)) or b""
-    out += conn.send(h11.EndOfMessage()) or b""
-    await stream.send_all(out)
+    async def _scrape(self) -> Response:
+        return Response(200, await self.metrics.render(self.live), content_type=CONTENT_TYPE_PLAIN_0_0_4)

@@ -1,9 +1,10 @@
 """The websocket notification tap and its dashboard page, on 127.0.0.1:<port>.
 
-One TCP port serves both: a plain `GET /` answers the dashboard (aria_trio/dashboard.html), and a
-websocket upgrade on `/ws` is a client of the tap. trio-websocket cannot answer a request that is
-not an upgrade (wsproto refuses it before any handler sees it), so the request head is read here
-with h11 and, for an upgrade, replayed into trio-websocket's server handshake.
+One TCP port serves both, through the operations' HTTP front end (operations/http.py): a plain
+`GET /` answers the dashboard (operations/dashboard.html), and a websocket upgrade on `/ws` is a
+client of the tap. trio-websocket cannot answer a request that is not an upgrade (wsproto refuses
+it before any handler sees it), so the front end reads the request head with h11 and, for an
+upgrade, hands the connection over with the head replayed into trio-websocket's handshake.
 
 The protocol (one JSON object per websocket text message; protobuf messages in the protobuf JSON
 mapping with proto field names, default values included, 64-bit integers as numbers):
@@ -27,8 +28,10 @@ still needs an API key). Anything else is 403 at the handshake, "null" included:
 page opened from disk sends, but also what any site's sandboxed iframe or data: page sends.
 
 Bounds, and what happens when one is hit:
-- connections: MAX_CONNECTIONS at once; more are answered 503 and closed.
-- the request head: MAX_HEAD bytes within HEAD_TIMEOUT seconds; else 400, or closed.
+- connections: MAX_CONNECTIONS at once (pages and clients); more are answered 503 and closed.
+- a request: MAX_REQUEST bytes within HEAD_TIMEOUT seconds (the front end's bounds: else 431, 413
+  or 400, or closed); one request per connection (`connection: close`). The websocket handshake
+  that follows: within HEAD_TIMEOUT, its answer within `send_timeout`; else closed.
 - authentication: the first message within `auth_timeout`; else closed with 1008.
 - client messages: MAX_CLIENT_MESSAGE bytes (else trio-websocket closes with 1009), INBOX of them
   queued, handled one at a time (while one is handled, the client's further messages wait).
@@ -52,7 +55,6 @@ from contextlib import aclosing
 from importlib import resources
 from typing import Any, cast
 
-import h11
 import structlog
 import trio
 from google.protobuf import json_format
@@ -60,17 +62,17 @@ from google.protobuf.message import Message
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, wrap_server_stream
 
 from aria_trio.proto.aria.v1 import notification_pb2
+from aria_trio.runtime.operations.http import HttpServer, Replay, Response
 from aria_trio.runtime.services import convert
 from aria_trio.runtime.work.notifications import KINDS, Notifications
 from aria_trio.runtime.work.tasks import OutputItem, Tasks
 from aria_trio.shared import errors, json_input
-from aria_trio.shared.lifecycle import StartupError
 
 log = structlog.get_logger("aria.tap")
 
 MAX_CONNECTIONS = 64
-MAX_HEAD = 16 * 1024  # bytes of an HTTP request head
-HEAD_TIMEOUT = 10.0  # seconds to send the request head (and finish the websocket handshake)
+MAX_REQUEST = 8 * 1024  # bytes of an HTTP request (a browser's handshake is well under 1 KiB)
+HEAD_TIMEOUT = 10.0  # seconds to send the request head (and again to finish the websocket handshake)
 MAX_CLIENT_MESSAGE = 16 * 1024  # bytes; commands are small
 INBOX = 4  # client messages trio-websocket queues before it stops reading that client's socket
 OUTBOX = 32  # messages waiting to be sent to one client
@@ -115,110 +117,79 @@ class Tap:
         send_timeout: float = SEND_TIMEOUT,
         heartbeat: float = HEARTBEAT,
     ) -> None:
-        self.port = port  # the real one once run() has started
-        self.host = host
         self.notifications = notifications
         self.tasks = tasks
         self.verify_key = verify_key
         self.auth_timeout = auth_timeout
         self.send_timeout = send_timeout
         self.heartbeat = heartbeat
-        self.connections = 0  # TCP connections open (page requests and websocket clients)
         self.clients = 0  # authenticated websocket clients
         self.dropped = 0  # clients dropped for not reading (a counter, for tests and metrics)
-        self._origins: set[str] = set()
         self._page = b""
+        self._http = HttpServer(
+            "tap",
+            port,
+            dict.fromkeys(("/", "/index.html", "/dashboard.html"), self._dashboard),
+            upgrades={WS_PATH: self._websocket},
+            not_found="not found: the dashboard is at /, the websocket at /ws\n",
+            host=host,
+            max_connections=MAX_CONNECTIONS,
+            timeout=HEAD_TIMEOUT,
+            max_request_bytes=MAX_REQUEST,
+            keep_alive=False,  # (a page is one request; a websocket client keeps its connection anyway)
+            busy_status=503,
+        )
+
+    @property
+    def port(self) -> int:
+        """The real one once run() has started."""
+        return self._http.port
+
+    @port.setter
+    def port(self, port: int) -> None:
+        self._http.port = port
+
+    @property
+    def host(self) -> str:
+        return self._http.host
+
+    @property
+    def connections(self) -> int:
+        """TCP connections open (page requests and websocket clients)."""
+        return self._http.connections
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Listen, report the port with task_status.started(port), serve until cancelled."""
+        """Listen, report the port with task_status.started(port), serve until cancelled; a port
+        that cannot be bound is a StartupError."""
         self._page = await trio.to_thread.run_sync(_read_page)
-        try:
-            listeners = await trio.open_tcp_listeners(self.port, host=self.host)
-        except OSError as exc:
-            raise StartupError(f"cannot serve the tap on {self.host}:{self.port}: {exc.strerror}") from None
-        self.port = listeners[0].socket.getsockname()[1]
-        hosts = {self.host, "127.0.0.1", "localhost"}
-        self._origins = {f"http://{h}:{self.port}" for h in hosts}
-        async with trio.open_nursery() as nursery:
-            await nursery.start(trio.serve_listeners, self._connection, listeners)
-            log.info("tap serving", url=f"http://{self.host}:{self.port}/", websocket=WS_PATH)
-            task_status.started(self.port)
+        await self._http.run(task_status=task_status)
 
-    # -- one TCP connection -------------------------------------------------------------------------
+    # -- the page -----------------------------------------------------------------------------------
 
-    async def _connection(self, stream: trio.SocketStream) -> None:
-        """A page request or a websocket client. Never raises: whatever goes wrong ends this
-        connection only (an exception here would end the whole tap)."""
-        try:
-            if self.connections >= MAX_CONNECTIONS:
-                with trio.move_on_after(CLOSE_TIMEOUT):
-                    await stream.send_all(_response(503, b"too many connections to the tap\n"))
-                return
-            self.connections += 1
-            try:
-                stream.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
-                await self._serve(stream)
-            finally:
-                self.connections -= 1
-        except Exception:
-            log.exception("tap connection failed")
-        finally:
-            await trio.aclose_forcefully(stream)
-
-    async def _serve(self, stream: trio.SocketStream) -> None:
-        parser = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
-        head = bytearray()
-        request: Any = None
-        with trio.move_on_after(HEAD_TIMEOUT):
-            try:
-                while (event := parser.next_event()) is h11.NEED_DATA:
-                    data = await stream.receive_some(MAX_HEAD)
-                    if not data:
-                        return  # the client hung up
-                    head += data
-                    parser.receive_data(data)
-                request = event
-            except h11.RemoteProtocolError:
-                request = None
-        if not isinstance(request, h11.Request):
-            with trio.move_on_after(CLOSE_TIMEOUT):
-                await stream.send_all(_response(400, b"bad request\n"))
-            return
-        headers = {name.lower(): value for name, value in request.headers}
-        if headers.get(b"upgrade", b"").lower() == b"websocket":
-            await self._websocket(stream, bytes(head))
-            return
-        with trio.move_on_after(self.send_timeout):
-            await stream.send_all(self._http(request))
-
-    def _http(self, request: h11.Request) -> bytes:
-        path = request.target.split(b"?", 1)[0]
-        if request.method not in (b"GET", b"HEAD"):
-            return _response(405, b"only GET\n", [(b"allow", b"GET, HEAD")])
-        if path not in (b"/", b"/index.html", b"/dashboard.html"):
-            return _response(404, b"not found: the dashboard is at /, the websocket at /ws\n")
-        port = str(self.port).encode()
+    async def _dashboard(self) -> Response:
+        port = str(self.port)
         csp = (
-            b"default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:; "
-            b"connect-src 'self' ws://127.0.0.1:" + port + b" ws://localhost:" + port + b"; "
-            b"base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:; "
+            f"connect-src 'self' ws://127.0.0.1:{port} ws://localhost:{port}; "
+            "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
         )
-        extra = [
-            (b"content-security-policy", csp),
-            (b"x-frame-options", b"DENY"),  # the page takes an API key: never inside another page
-            (b"referrer-policy", b"no-referrer"),
+        headers = [
+            ("content-security-policy", csp),
+            ("x-frame-options", "DENY"),  # the page takes an API key: never inside another page
+            ("referrer-policy", "no-referrer"),
         ]
-        body = self._page if request.method == b"GET" else b""
-        return _response(200, body, extra, content_type=b"text/html; charset=utf-8", length=len(self._page))
+        return Response(200, self._page, content_type="text/html; charset=utf-8", headers=headers)
 
     # -- a websocket client ---------------------------------------------------------------------------
 
-    async def _websocket(self, stream: trio.SocketStream, head: bytes) -> None:
+    async def _websocket(self, stream: Replay) -> None:
+        """A connection the front end handed over: an upgrade on /ws, its head to be read again."""
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         async with trio.open_nursery() as nursery:  # trio-websocket's reader task for this client
             request: WebSocketRequest | None = None
             with trio.move_on_after(HEAD_TIMEOUT):
                 request = await wrap_server_stream(
-                    nursery, _Replay(stream, head), message_queue_size=INBOX, max_message_size=MAX_CLIENT_MESSAGE
+                    nursery, stream, message_queue_size=INBOX, max_message_size=MAX_CLIENT_MESSAGE
                 )
             try:
                 if request is not None:  # (None: wsproto refused the handshake itself)
@@ -229,18 +200,14 @@ class Tap:
                 nursery.cancel_scope.cancel()
 
     async def _handshake(self, request: WebSocketRequest) -> WebSocketConnection | None:
-        """Accept, or answer 404 (another path) / 403 (a page of another origin)."""
+        """Accept, or answer 403 (a page of another origin). (Another path than /ws: the front end's 404.)"""
         origin = _header(request.headers, b"origin")
-        refusal = None
-        if request.path.split("?", 1)[0] != WS_PATH:
-            refusal = 404, b"the tap's websocket is at /ws\n"
-        elif origin is not None and origin not in self._origins:
-            log.warning("tap refused a page of another origin", origin=origin[:200])
-            refusal = 403, b"origin not allowed\n"
+        origins = {f"http://{h}:{self.port}" for h in (self.host, "127.0.0.1", "localhost")}
         with trio.move_on_after(self.send_timeout):
-            if refusal is not None:
+            if origin is not None and origin not in origins:
+                log.warning("tap refused a page of another origin", origin=origin[:200])
                 await request.reject(
-                    refusal[0], extra_headers=[(b"content-type", b"text/plain; charset=utf-8")], body=refusal[1]
+                    403, extra_headers=[(b"content-type", b"text/plain; charset=utf-8")], body=b"origin not allowed\n"
                 )
                 return None
             return await request.accept()
@@ -441,56 +408,11 @@ class _Session:
         await self.outbox.send(_dumps({"error": error}))
 
 
-class _Replay(trio.abc.Stream):
-    """A socket stream whose first bytes (the request head, already read) are read again."""
-
-    def __init__(self, stream: trio.SocketStream, head: bytes) -> None:
-        self.stream = stream
-        self._head = head
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if self._head:
-            await trio.lowlevel.checkpoint()
-            n = max_bytes or len(self._head)
-            data, self._head = self._head[:n], self._head[n:]
-            return data
-        return await self.stream.receive_some(max_bytes)
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.stream.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.stream.wait_send_all_might_not_block()
-
-    async def aclose(self) -> None:
-        await self.stream.aclose()
-
-
 # -- helpers ------------------------------------------------------------------------------------------
 
 
 def _read_page() -> bytes:
     return (resources.files("aria_trio.runtime.operations") / "dashboard.html").read_bytes()
-
-
-STATUS_TEXT = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
-
-
-def _response(
-    status: int,
-    body: bytes,
-    headers: list[tuple[bytes, bytes]] | None = None,
-    *,
-    content_type: bytes = b"text/plain; charset=utf-8",
-    length: int | None = None,
-) -> bytes:
-    """A whole HTTP/1.1 response; the connection closes after it (one request per connection)."""
-    size = str(len(body) if length is None else length).encode()
-    lines = [f"HTTP/1.1 {status} {STATUS_TEXT[status]}".encode(), b"content-type: " + content_type]
-    lines += [b"content-length: " + size]
-    lines += [b"cache-control: no-store", b"x-content-type-options: nosniff", b"connection: close"]
-    lines += [name + b": " + value for name, value in headers or ()]
-    return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
 
 def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
