@@ -3,6 +3,7 @@ timeouts, cancellation; and how a user's model configuration is resolved."""
 
 from __future__ import annotations
 
+import json
 import socket
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -291,6 +292,39 @@ async def test_reply_too_large(fake: FakeLLM, model: ChatModel) -> None:
     fake.reply_text("x" * (1024 * 1024 + 1), pieces=4)
     with pytest.raises(errors.Unavailable, match="too large"):
         await model.complete(config(fake), HELLO, [])
+
+
+async def test_sse_framing_comments_fields_crlf_and_split_lines(fake: FakeLLM, model: ChatModel) -> None:
+    first = json.dumps(chunk({"content": "Hi"}))
+    last = json.dumps(chunk({"content": " there"}, "stop"))
+    cut = last.index(", ") + 1  # between two members: the LF that joins the lines is whitespace
+    fake.push(
+        Stream(
+            [
+                b": keep-alive\r\n\r\n",  # a comment: no event
+                b"event: message\r\nid: 7\r\nretry: 100\r\n",  # fields we ignore
+                b"data: " + first[:10].encode(),  # a line split across chunks
+                first[10:].encode() + b"\r\n\r\n",
+                ("data: " + last[:cut] + "\ndata:" + last[cut:] + "\n\n").encode(),  # data lines join with LF
+            ]
+        )
+    )
+    deltas = Deltas()
+    assert await model.complete(config(fake), HELLO, [], deltas) == Reply("Hi there", [], "stop")
+    assert deltas.got == ["Hi", " there"]
+
+
+@pytest.mark.parametrize("shape", ["one line", "one event"])
+async def test_an_sse_line_or_event_over_the_bound_is_refused(fake: FakeLLM, model: ChatModel, shape: str) -> None:
+    mib = 1 << 20
+    if shape == "one line":  # no end of line: refused before it ends
+        events: list[dict[str, Any] | str | bytes] = [b"data: " + b"x" * mib] * 9
+    else:  # short lines, but no blank line to end the event
+        events = [b"data: " + b"x" * (mib - 1) + b"\n"] * 9
+    fake.push(Stream(events))
+    with pytest.raises(errors.Unavailable, match="too large"):
+        await model.complete(config(fake), HELLO, [])
+    assert len(fake.requests) == 1  # not retried
 
 
 async def test_one_log_line_with_usage(fake: FakeLLM, model: ChatModel, captured_logs: list[dict[str, Any]]) -> None:
