@@ -1,9 +1,11 @@
 """Nothing one caller does stops the daemon: the Quilt link past a stream cap, and a watcher that
-meets the unexpected."""
+meets the unexpected; the typed client gives the domain its own errors, and leaves no call behind."""
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ from aria_trio.proto.quilt.v1 import quilt_pb2 as q
 from aria_trio.rpc import Channel, Health, RpcError, Server, StatusCode
 from aria_trio.rpc.health import DESCRIPTOR as HEALTH
 from aria_trio.runtime.quilt_client import QuiltLink
+from aria_trio.shared import errors
 
 from aria_client import AriaClient
 from conftest import start_daemon
@@ -115,3 +118,80 @@ async def test_an_unexpected_error_in_a_watcher_fails_that_resource_only(nursery
         await trio.to_thread.run_sync(check)
     finally:
         await trio.to_thread.run_sync(d.stop)
+
+
+class FakeTasksAndBundles:
+    """A Quilt whose task output ends in NOT_FOUND ("gone") or never ends (noting its
+    cancellation), that knows no task, and that refuses every upload after its metadata."""
+
+    def __init__(self) -> None:
+        self.follow_cancelled = trio.Event()
+
+    async def TaskOutput(self, request: q.TaskOutputRequest, ctx: Any) -> AsyncIterator[q.OutputLine]:
+        for n in range(2):
+            yield q.OutputLine(offset=request.offset + n, text=f"line {n}")
+        if request.id == "gone":
+            raise errors.NotFound("no task 'gone'")
+        try:
+            await trio.sleep_forever()
+        finally:
+            self.follow_cancelled.set()
+
+    async def GetTask(self, request: q.TaskRef, ctx: Any) -> q.Task:
+        raise errors.NotFound(f"no task {request.id!r}", reason="TASK_NOT_FOUND")
+
+    async def UploadBundle(self, requests: AsyncIterator[q.UploadBundleRequest], ctx: Any) -> q.Bundle:
+        first = await anext(requests)
+        raise errors.InvalidArgument(f"{first.metadata.filename} is too large", fields={"size_bytes": "too large"})
+
+
+async def test_the_typed_client_gives_quilt_s_errors_as_the_domain_s_and_leaves_no_call_behind(nursery, sock_dir):
+    fake = FakeTasksAndBundles()
+    server = Server(error_domain="quilt.v1")
+    for name in ("Tasks", "Bundles"):
+        server.add_service(q.DESCRIPTOR.services_by_name[name], fake, authenticated=False)
+    path = sock_dir / "quilt.sock"
+    await nursery.start(server.serve, str(path))
+    link = QuiltLink(path, spawn=None, health=Health(), services=[])
+    await nursery.start(link.run)
+
+    with pytest.raises(errors.NotFound) as unary:
+        await link.get_task(q.TaskRef(id="t-1"))
+    assert unary.value.reason == "TASK_NOT_FOUND" and "t-1" in unary.value.message
+
+    seen: list[tuple[int, str]] = []
+    with pytest.raises(errors.NotFound):  # (a stream's error comes as the domain's too, after its lines)
+        async with link.task_output(q.TaskOutputRequest(id="gone", offset=5)) as lines:
+            async for line in lines:
+                seen.append((line.offset, line.text))
+    assert seen == [(5, "line 0"), (6, "line 1")]
+
+    # Leaving the block early ends the call in Quilt too; a cancellation stays a cancellation.
+    async with link.task_output(q.TaskOutputRequest(id="forever", follow=True)) as lines:
+        first = await lines.receive()
+        assert first is not None and first.text == "line 0"
+    with trio.fail_after(5):
+        await fake.follow_cancelled.wait()
+    fake.follow_cancelled = trio.Event()
+    with trio.move_on_after(0.3) as waited:
+        async with link.task_output(q.TaskOutputRequest(id="forever", follow=True)) as lines:
+            async for _ in lines:
+                pass
+    assert waited.cancelled_caught
+    with trio.fail_after(5):
+        await fake.follow_cancelled.wait()
+
+    # An upload Quilt refuses early: its refusal, at once, though the chunks had not all gone.
+    send, receive = trio.open_memory_channel[bytes](1)
+
+    async def feed() -> None:
+        with contextlib.suppress(trio.BrokenResourceError):
+            async with send:
+                for _ in range(10_000):
+                    await send.send(b"x" * 1024)
+
+    nursery.start_soon(feed)
+    with trio.fail_after(5), pytest.raises(errors.InvalidArgument) as refused:
+        async with receive:
+            await link.upload_bundle(q.BundleMetadata(filename="big.aria", size_bytes=10_240_000), receive)
+    assert refused.value.message == "big.aria is too large" and refused.value.fields == {"size_bytes": "too large"}

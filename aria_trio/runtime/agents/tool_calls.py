@@ -34,7 +34,6 @@ log = structlog.get_logger("aria.tool_calls")
 
 OUTPUT_CAP = 64 * 1024  # of each of stdout and stderr returned to the model; the rest is cut (and said)
 RESULT_CAP = 256 * 1024  # of a result's JSON given back to the model
-QC, QT, QB = "/quilt.v1.Containers/", "/quilt.v1.Tasks/", "/quilt.v1.Bundles/"
 
 
 @dataclass
@@ -109,11 +108,11 @@ class ToolCalls:
     async def _run_command(self, arguments: dict[str, Any]) -> Outcome:
         timeout = float(arguments.get("timeout_seconds") or self.tool_timeout)
         spec = q.ContainerSpec(name="run_command", labels={"aria.tool": "run_command"})
-        made = await self.quilt.unary(QC + "CreateContainer", q.CreateContainerRequest(spec=spec), q.Container)
+        made = await self.quilt.create_container(q.CreateContainerRequest(spec=spec))
         try:
-            await self.quilt.unary(QC + "StartContainer", q.ContainerRef(id=made.id), q.Container)
+            await self.quilt.start_container(q.ContainerRef(id=made.id))
             request = q.ExecRequest(container_id=made.id, command=arguments["command"], timeout_seconds=timeout)
-            done = await self.quilt.unary(QT + "Exec", request, q.ExecResult, timeout=timeout + 30)
+            done = await self.quilt.exec(request, timeout=timeout + 30)
         finally:
             with trio.CancelScope(shield=True):  # the sandbox never outlives the call
                 await self._remove(made.id)
@@ -149,7 +148,7 @@ class ToolCalls:
             arguments_json=json.dumps(arguments),
             timeout_seconds=self.tool_timeout,
         )
-        r = await self.quilt.unary(QB + "RunTool", request, q.RunToolResult, timeout=self.tool_timeout + 30)
+        r = await self.quilt.run_tool(request, timeout=self.tool_timeout + 30)
         exit_code = r.exit_code if r.HasField("exit_code") else None
         if r.timed_out:
             return Outcome(False, "null", f"timed out after {self.tool_timeout:g} s", exit_status=exit_code)
@@ -161,8 +160,7 @@ class ToolCalls:
 
     async def _remove(self, cid: str) -> None:
         try:
-            request = q.RemoveContainerRequest(id=cid, force=True)
-            await self.quilt.unary(QC + "RemoveContainer", request, q.RemoveContainerResponse, timeout=30)
+            await self.quilt.remove_container(q.RemoveContainerRequest(id=cid, force=True), timeout=30)
         except errors.AriaError as exc:
             log.warning("could not remove a run_command container", container=cid, error=exc.message)
 

@@ -2,24 +2,56 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import TypedDict, cast
 
 import sqlite_utils
 
 from aria_trio.runtime.kinds import TaskStatus
 
 
-def insert(db: sqlite_utils.Database, row: dict[str, Any]) -> None:
-    db.table("containers").insert(row)
+class ContainerRow(TypedDict):
+    """A row of `containers`: times in microseconds, status an aria.v1.TaskStatus (TaskStatus)."""
+
+    id: str
+    user_id: str
+    session_id: str | None
+    name: str
+    image_path: str
+    environment_json: str  # a JSON object of strings
+    command_json: str  # a JSON array of strings
+    persistent: int  # 0 or 1
+    status: int
+    exit_code: int | None
+    quilt_container_id: str
+    created_at: int
+    updated_at: int
+    message: str  # how it ended, in Quilt's words
 
 
-def update(db: sqlite_utils.Database, container_id: str, fields: dict[str, Any]) -> None:
-    db.table("containers").update(container_id, fields)
+class ContainerChange(TypedDict):
+    """What a status change sets."""
+
+    status: int
+    exit_code: int | None
+    message: str
+    updated_at: int
 
 
-def get(db: sqlite_utils.Database, user_id: str, container_id: str) -> dict[str, Any] | None:
-    rows = list(db.query("SELECT * FROM containers WHERE id = ? AND user_id = ?", [container_id, user_id]))
-    return rows[0] if rows else None
+def _rows(db: sqlite_utils.Database, sql: str, params: Sequence[str | int]) -> Iterator[ContainerRow]:
+    return cast(Iterator[ContainerRow], db.query(sql, params))
+
+
+def insert(db: sqlite_utils.Database, row: ContainerRow) -> None:
+    db.table("containers").insert(dict(row))
+
+
+def update(db: sqlite_utils.Database, container_id: str, fields: ContainerChange) -> None:
+    db.table("containers").update(container_id, dict(fields))
+
+
+def get(db: sqlite_utils.Database, user_id: str, container_id: str) -> ContainerRow | None:
+    return next(_rows(db, "SELECT * FROM containers WHERE id = ? AND user_id = ?", [container_id, user_id]), None)
 
 
 def status(db: sqlite_utils.Database, container_id: str) -> int | None:
@@ -31,11 +63,12 @@ def delete(db: sqlite_utils.Database, container_id: str) -> None:
     db.execute("DELETE FROM containers WHERE id = ?", [container_id])
 
 
-def of_user(db: sqlite_utils.Database, user_id: str, session_id: str | None) -> list[dict[str, Any]]:
+def of_user(db: sqlite_utils.Database, user_id: str, session_id: str | None) -> list[ContainerRow]:
     if session_id is None:
-        return list(db.query("SELECT * FROM containers WHERE user_id = ? ORDER BY created_at, id", [user_id]))
+        return list(_rows(db, "SELECT * FROM containers WHERE user_id = ? ORDER BY created_at, id", [user_id]))
     return list(
-        db.query(
+        _rows(
+            db,
             "SELECT * FROM containers WHERE user_id = ? AND session_id = ? ORDER BY created_at, id",
             [user_id, session_id],
         )
@@ -46,8 +79,8 @@ def ids(db: sqlite_utils.Database) -> set[str]:
     return {row[0] for row in db.execute("SELECT id FROM containers").fetchall()}
 
 
-def running(db: sqlite_utils.Database) -> list[dict[str, Any]]:
-    return list(db.query("SELECT * FROM containers WHERE status IN (1, 2)"))
+def running(db: sqlite_utils.Database) -> list[ContainerRow]:
+    return list(_rows(db, "SELECT * FROM containers WHERE status IN (1, 2)", []))
 
 
 def running_count(db: sqlite_utils.Database, user: str) -> int:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import TypedDict, cast
 
 import sqlite_utils
 
@@ -16,22 +16,63 @@ PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, TIMEOUT = TaskStatus
 UNFINISHED = (PENDING, RUNNING)
 STDOUT, STDERR, PROGRESS = OutputStream
 
+OutputRow = tuple[int, int, str, float | None, int]  # seq, stream (an OutputStream), line, percent, at
 
-def insert(db: sqlite_utils.Database, row: dict[str, Any], message: str) -> None:
+
+class TaskRow(TypedDict):
+    """A row of `tasks`: times in microseconds, status an aria.v1.TaskStatus (TaskStatus)."""
+
+    id: str
+    user_id: str
+    session_id: str
+    container_id: str  # a container:exec task's container (Quilt's id); "" for container:run
+    parent_task_id: str | None
+    type: str  # "container:run" or "container:exec:<container id>"
+    command_json: str  # a JSON array of strings
+    environment_json: str  # a JSON object of strings
+    timeout_seconds: int
+    status: int
+    created_at: int
+    started_at: int | None
+    completed_at: int | None
+    exit_code: int | None
+    error_message: str | None
+    progress_percent: float
+    current_operation: str
+    quilt_task_id: str | None  # container:exec: its task in Quilt, once started
+    quilt_container_id: str | None  # container:run: its throw-away container, once made
+    output_offset: int  # Quilt's output lines already stored
+
+
+class TaskChange(TypedDict, total=False):
+    """What a watcher changes in a task's row (its types are TaskRow's: mypy compares them)."""
+
+    status: int
+    started_at: int | None
+    completed_at: int | None
+    exit_code: int | None
+    error_message: str | None
+    progress_percent: float
+    current_operation: str
+    quilt_task_id: str | None
+    quilt_container_id: str | None
+
+
+def insert(db: sqlite_utils.Database, row: TaskRow, message: str) -> None:
     with transaction(db):
-        db.table("tasks").insert(row)
+        db.table("tasks").insert(dict(row))
         _history(db, row["id"], row["status"], message)
 
 
-def set_status(db: sqlite_utils.Database, task_id: str, status: int, message: str, fields: dict[str, Any]) -> None:
+def set_status(db: sqlite_utils.Database, task_id: str, status: int, message: str, fields: TaskChange) -> None:
     """A status transition, recorded with its history line, atomically."""
     with transaction(db):
-        db.table("tasks").update(task_id, {"status": status, **fields})
+        db.table("tasks").update(task_id, {**fields, "status": status})
         _history(db, task_id, status, message)
 
 
-def update(db: sqlite_utils.Database, task_id: str, fields: dict[str, Any]) -> None:
-    db.table("tasks").update(task_id, fields)
+def update(db: sqlite_utils.Database, task_id: str, fields: TaskChange) -> None:
+    db.table("tasks").update(task_id, dict(fields))
 
 
 def _history(db: sqlite_utils.Database, task_id: str, status: int, message: str) -> None:
@@ -42,13 +83,16 @@ def _history(db: sqlite_utils.Database, task_id: str, status: int, message: str)
     )
 
 
-def get(db: sqlite_utils.Database, user_id: str, task_id: str) -> dict[str, Any] | None:
-    rows = list(db.query("SELECT * FROM tasks WHERE id = ? AND user_id = ?", [task_id, user_id]))
-    return rows[0] if rows else None
+def _rows(db: sqlite_utils.Database, sql: str, params: Sequence[str | int]) -> Iterator[TaskRow]:
+    return cast(Iterator[TaskRow], db.query(sql, params))
 
 
-def unfinished(db: sqlite_utils.Database) -> list[dict[str, Any]]:
-    return list(db.query("SELECT * FROM tasks WHERE status IN (1, 2) ORDER BY created_at"))
+def get(db: sqlite_utils.Database, user_id: str, task_id: str) -> TaskRow | None:
+    return next(_rows(db, "SELECT * FROM tasks WHERE id = ? AND user_id = ?", [task_id, user_id]), None)
+
+
+def unfinished(db: sqlite_utils.Database) -> list[TaskRow]:
+    return list(_rows(db, "SELECT * FROM tasks WHERE status IN (1, 2) ORDER BY created_at", []))
 
 
 def page(
@@ -58,10 +102,10 @@ def page(
     statuses: Sequence[int],
     limit: int,
     after: tuple[int, str] | None,
-) -> list[dict[str, Any]]:
+) -> list[TaskRow]:
     """Newest first; keyset on (created_at, id); the filters are in SQL."""
     sql = ["SELECT * FROM tasks WHERE user_id = ?"]
-    params: list[Any] = [user_id]
+    params: list[str | int] = [user_id]
     if session_id is not None:
         sql.append("AND session_id = ?")
         params.append(session_id)
@@ -73,12 +117,10 @@ def page(
         params.extend(after)
     sql.append("ORDER BY created_at DESC, id DESC LIMIT ?")
     params.append(limit)
-    return bounded(db.query(" ".join(sql), params), limit, PAGE_BYTES, row_bytes)
+    return bounded(_rows(db, " ".join(sql), params), limit, PAGE_BYTES, row_bytes)
 
 
-def append_output(
-    db: sqlite_utils.Database, task_id: str, items: Sequence[tuple[int, int, str, float | None, int]], offset: int
-) -> None:
+def append_output(db: sqlite_utils.Database, task_id: str, items: Sequence[OutputRow], offset: int) -> None:
     """Output items (seq, stream, line, percent, at) and how far into quilt's output they reach."""
     with transaction(db):
         db.conn.executemany(
@@ -88,15 +130,14 @@ def append_output(
         db.execute("UPDATE tasks SET output_offset = ? WHERE id = ?", [offset, task_id])
 
 
-def output_after(
-    db: sqlite_utils.Database, task_id: str, seq: int, limit: int
-) -> list[tuple[int, int, str, float | None, int]]:
+def output_after(db: sqlite_utils.Database, task_id: str, seq: int, limit: int) -> list[OutputRow]:
     """Lines after `seq`: at most `limit`, and no more once they hold REPLAY_BYTES of text."""
     cursor = db.execute(
         "SELECT seq, stream, line, percent, at FROM task_output WHERE task_id = ? AND seq > ? ORDER BY seq LIMIT ?",
         [task_id, seq, limit],
     )
-    return bounded((tuple(r) for r in cursor), limit, REPLAY_BYTES, lambda r: len(r[2]))
+    found: Iterator[OutputRow] = (tuple(r) for r in cursor)
+    return bounded(found, limit, REPLAY_BYTES, lambda r: len(r[2]))
 
 
 def last_output_seq(db: sqlite_utils.Database, task_id: str) -> int:

@@ -10,33 +10,34 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
 
+import sqlite_utils
 import structlog
 import trio
 
 from aria_trio.proto.aria.v1 import aria_pb2
 from aria_trio.proto.aria.v1 import notification_pb2 as npb
 from aria_trio.proto.quilt.v1 import quilt_pb2 as q
-from aria_trio.rpc import RpcError
 from aria_trio.runtime.access.quotas import Quotas, exceeded
+from aria_trio.runtime.kinds import TaskStatus
 from aria_trio.runtime.quilt_client import QuiltLink
 from aria_trio.runtime.store import containers as table
+from aria_trio.runtime.store.containers import ContainerChange
+from aria_trio.runtime.store.containers import ContainerRow as ContainerRow  # (the services' too: re-exported)
 from aria_trio.runtime.work.notifications import Notifications
 from aria_trio.shared import errors
 from aria_trio.shared.sqlite import Store, background, now_us
 
 log = structlog.get_logger("aria.containers")
 
-PENDING, RUNNING, COMPLETED, FAILED, CANCELLED = 1, 2, 3, 4, 5
-QC = "/quilt.v1.Containers/"
+PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, _ = TaskStatus  # (a container never times out)
 MAX_NAME = 128
 START_TIMEOUT = 10.0  # seconds for Quilt to start a container (it takes tens of milliseconds)
 STOP_TIMEOUT = 60.0  # seconds for Quilt to stop one (its grace, 10 s by default, then kills)
 
 
-def status_of(c: q.Container) -> int:
+def status_of(c: q.Container) -> TaskStatus:
     if c.state == q.CONTAINER_CREATED:
         return PENDING
     if c.state == q.CONTAINER_RUNNING:
@@ -59,7 +60,7 @@ class Containers:
         self._locks: dict[str, trio.Lock] = {}
         self._nursery: trio.Nursery | None = None
 
-    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Watch running containers until cancelled, starting with those recorded as pending or
         running (a previous runtime may have been stopped between Quilt's answer and its record)."""
         async with trio.open_nursery() as nursery:
@@ -69,7 +70,7 @@ class Containers:
             task_status.started()
             await trio.sleep_forever()
 
-    async def owned(self, user: str, container_id: str) -> dict[str, Any]:
+    async def owned(self, user: str, container_id: str) -> ContainerRow:
         row = await self.store.run(table.get, user, container_id)
         if row is None:
             raise errors.NotFound(f"no container {container_id!r}", reason="CONTAINER_NOT_FOUND")
@@ -93,7 +94,7 @@ class Containers:
         session_id: str | None,
         command: list[str],
         limits: q.Limits | None = None,
-    ) -> dict[str, Any]:
+    ) -> ContainerRow:
         if len(name) > MAX_NAME:
             raise errors.InvalidArgument(f"name is longer than {MAX_NAME} characters", fields={"name": "too long"})
         spec = q.ContainerSpec(
@@ -107,8 +108,8 @@ class Containers:
         # Shielded, the create and its record together: a caller who gives up in between would
         # otherwise leave a container in Quilt that nobody knows of (until the next start).
         with trio.CancelScope(shield=True):
-            created = await self.quilt.unary(QC + "CreateContainer", q.CreateContainerRequest(spec=spec), q.Container)
-            row = {
+            created = await self.quilt.create_container(q.CreateContainerRequest(spec=spec))
+            row: ContainerRow = {
                 "id": created.id,
                 "user_id": user,
                 "session_id": session_id,
@@ -118,6 +119,7 @@ class Containers:
                 "command_json": _json(command),
                 "persistent": int(persistent),
                 "status": PENDING,
+                "exit_code": None,
                 "quilt_container_id": created.id,
                 "created_at": now_us(),
                 "updated_at": now_us(),
@@ -126,7 +128,7 @@ class Containers:
             await self._announce(row, "created", functools.partial(table.insert, row=row))
         return row
 
-    async def start(self, user: str, container_id: str) -> dict[str, Any]:
+    async def start(self, user: str, container_id: str) -> ContainerRow:
         row = await self.owned(user, container_id)
         async with self._lock(container_id), self._lock(f"user:{user}"):
             if self.quotas is not None and row["status"] != RUNNING:
@@ -137,27 +139,21 @@ class Containers:
             # caller (a client that gave up in between left a running container nobody watched).
             # A start is local work: START_TIMEOUT bounds the wait this shield can cause.
             with trio.CancelScope(shield=True):
-                started = await self.quilt.unary(
-                    QC + "StartContainer", q.ContainerRef(id=row["quilt_container_id"]), q.Container, START_TIMEOUT
-                )
+                started = await self.quilt.start_container(q.ContainerRef(id=row["quilt_container_id"]), START_TIMEOUT)
                 await self._record(row, started, "started")
                 if row["status"] == RUNNING:
                     assert self._nursery is not None
                     self._nursery.start_soon(self._watch, row)
         return row
 
-    async def stop(self, user: str, container_id: str) -> dict[str, Any]:
+    async def stop(self, user: str, container_id: str) -> ContainerRow:
         row = await self.owned(user, container_id)
         async with self._lock(container_id):
             # Once Quilt is asked, the stop is seen through and recorded whatever becomes of the
             # caller (a client that left made Quilt's stop stop half-way); STOP_TIMEOUT bounds it.
             with trio.CancelScope(shield=True):
-                stopped = await self.quilt.unary(
-                    QC + "StopContainer",
-                    q.StopContainerRequest(id=row["quilt_container_id"]),
-                    q.Container,
-                    timeout=STOP_TIMEOUT,
-                )
+                stop = q.StopContainerRequest(id=row["quilt_container_id"])
+                stopped = await self.quilt.stop_container(stop, timeout=STOP_TIMEOUT)
                 await self._record(row, stopped)
         return row
 
@@ -165,12 +161,8 @@ class Containers:
         row = await self.owned(user, container_id)
         async with self._lock(container_id):
             try:
-                await self.quilt.unary(
-                    QC + "RemoveContainer",
-                    q.RemoveContainerRequest(id=row["quilt_container_id"], force=force),
-                    q.RemoveContainerResponse,
-                    timeout=None,
-                )
+                remove = q.RemoveContainerRequest(id=row["quilt_container_id"], force=force)
+                await self.quilt.remove_container(remove, timeout=None)
             except errors.NotFound:
                 pass  # quilt lost it already (its data was reset): forget it here too
             if row["status"] in (PENDING, RUNNING):  # it ends here: say so (nothing else will), together
@@ -180,13 +172,11 @@ class Containers:
                 await self.store.run(table.delete, container_id)
         log.info("container removed", container=container_id, user=user)
 
-    async def get(self, user: str, container_id: str) -> dict[str, Any]:
+    async def get(self, user: str, container_id: str) -> ContainerRow:
         """The container, its status refreshed from Quilt."""
         row = await self.owned(user, container_id)
         try:
-            current = await self.quilt.unary(
-                QC + "GetContainer", q.ContainerRef(id=row["quilt_container_id"]), q.Container
-            )
+            current = await self.quilt.get_container(q.ContainerRef(id=row["quilt_container_id"]))
         except errors.Unavailable:
             return row  # what we last knew
         except errors.NotFound:
@@ -195,7 +185,7 @@ class Containers:
             await self._record(row, current)
         return row
 
-    async def list(self, user: str, session_id: str | None) -> list[dict[str, Any]]:
+    async def list(self, user: str, session_id: str | None) -> list[ContainerRow]:
         return await self.store.run(table.of_user, user, session_id)
 
     async def logs(
@@ -206,12 +196,11 @@ class Containers:
         if since_ns is not None:
             request.since.FromNanoseconds(since_ns)
         try:
-            async with self.quilt.call(QC + "ContainerLogs", q.OutputLine) as call:
-                await call.send(request, end=True)
-                async for line in call:
+            async with self.quilt.container_logs(request) as lines:
+                async for line in lines:
                     if line.stream != q.SYSTEM:
                         yield line
-        except RpcError as exc:
+        except errors.AriaError as exc:
             raise errors.Unavailable(f"lost the container service while reading logs: {exc.message}") from None
 
     async def end_session(self, user: str, session_id: str) -> None:
@@ -225,7 +214,7 @@ class Containers:
     def _lock(self, container_id: str) -> trio.Lock:
         return self._locks.setdefault(container_id, trio.Lock())
 
-    async def _record(self, row: dict[str, Any], current: q.Container, message: str = "") -> None:
+    async def _record(self, row: ContainerRow, current: q.Container, message: str = "") -> None:
         """Store Quilt's view if the status changed, and announce it (once: callers hold the
         container's lock, and the stored status, not `row`'s copy, is what is compared)."""
         status = status_of(current)
@@ -234,19 +223,27 @@ class Containers:
         if stored is None or status == stored:
             row["status"] = status
             return
-        row.update(status=status, exit_code=exit_code, message=current.message or message, updated_at=now_us())
-        fields = {k: row[k] for k in ("status", "exit_code", "message", "updated_at")}
+        fields: ContainerChange = {
+            "status": status,
+            "exit_code": exit_code,
+            "message": current.message or message,
+            "updated_at": now_us(),
+        }
+        row["status"], row["exit_code"] = fields["status"], fields["exit_code"]
+        row["message"], row["updated_at"] = fields["message"], fields["updated_at"]
         # the change and its event together (a runtime killed between the two left either an
         # unannounced change, or, announced again after a restart, a duplicate)
         await self._announce(
             row, row["message"], functools.partial(table.update, container_id=row["id"], fields=fields)
         )
 
-    async def _announce(self, row: dict[str, Any], message: str, change: Any = None) -> None:
+    async def _announce(
+        self, row: ContainerRow, message: str, change: Callable[[sqlite_utils.Database], object]
+    ) -> None:
         event = npb.ContainerStatusEvent(
             container_id=row["id"], new_status=aria_pb2.TaskStatus.Name(row["status"]), status_message=message
         )
-        if row.get("exit_code") is not None:
+        if row["exit_code"] is not None:
             event.exit_code = row["exit_code"]
         name = aria_pb2.TaskStatus.Name(row["status"]).lower()
         await self.notifications.publish(
@@ -259,7 +256,7 @@ class Containers:
             change=change,
         )
 
-    async def _watch(self, row: dict[str, Any]) -> None:
+    async def _watch(self, row: ContainerRow) -> None:
         """Wait in Quilt for the end of a running container; record how it ended. An unexpected
         error is logged and the container recorded FAILED: nothing here reaches the nursery."""
         background()  # a full disk makes its writes wait for space, not fail (store/db.py)
@@ -274,12 +271,12 @@ class Containers:
             except Exception:
                 log.exception("could not record a container's failure", container=row["id"])
 
-    async def _wait_for_end(self, row: dict[str, Any]) -> None:
+    async def _wait_for_end(self, row: ContainerRow) -> None:
         quilt_id = row["quilt_container_id"]
         while row["status"] == PENDING:  # (at start) a start the last runtime asked for may have been made
             try:
                 await self.quilt.up.wait()
-                current = await self.quilt.unary(QC + "GetContainer", q.ContainerRef(id=quilt_id), q.Container)
+                current = await self.quilt.get_container(q.ContainerRef(id=quilt_id))
             except errors.Unavailable:
                 await trio.sleep(0.5)
                 continue
@@ -291,9 +288,7 @@ class Containers:
         while row["status"] == RUNNING:
             try:
                 await self.quilt.up.wait()
-                ended = await self.quilt.unary(
-                    QC + "WaitContainer", q.ContainerRef(id=quilt_id), q.Container, timeout=None
-                )
+                ended = await self.quilt.wait_container(q.ContainerRef(id=quilt_id))
             except errors.Unavailable:
                 await trio.sleep(0.5)  # quilt is restarting: ask again once it is back
                 continue
@@ -303,5 +298,5 @@ class Containers:
                 await self._record(row, ended)
 
 
-def _json(value: Any) -> str:
+def _json(value: dict[str, str] | list[str]) -> str:
     return json.dumps(value, sort_keys=True)

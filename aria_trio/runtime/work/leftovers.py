@@ -15,7 +15,6 @@ made before that connection.
 from __future__ import annotations
 
 import contextlib
-from typing import Any
 
 import structlog
 import trio
@@ -30,8 +29,6 @@ from aria_trio.shared.sqlite import Store
 
 log = structlog.get_logger("aria.leftovers")
 
-QC = "/quilt.v1.Containers/"
-QB = "/quilt.v1.Bundles/"
 RETRY_S = 60.0  # a sweep that could not look (quilt down or failing) is tried again after this
 
 
@@ -49,7 +46,9 @@ def _orphaned(c: q.Container, unfinished_tasks: set[str], recorded: set[str]) ->
     return None
 
 
-async def remove_leftovers(quilt: QuiltLink, store: Store, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+async def remove_leftovers(
+    quilt: QuiltLink, store: Store, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
     """Sweep once before the runtime serves, then again at each new connection to Quilt (a
     restarted Quilt keeps what its predecessor had stored, and a create or upload whose answer
     the crash swallowed is in it): only what existed before that connection, so that no call
@@ -67,17 +66,14 @@ async def _sweep(quilt: QuiltLink, store: Store, before_us: int | None) -> bool:
     """Remove what nobody owns (made before `before_us`, if given), saying each in the log;
     False if it could not look (tried again later)."""
     try:
-        listed = await quilt.unary(
-            QC + "ListContainers", q.ListContainersRequest(), q.ListContainersResponse, timeout=30
-        )
+        listed = await quilt.list_containers(q.ListContainersRequest(), timeout=30)
         unfinished = {row["id"] for row in await store.run(tasks_table.unfinished)}
         recorded = await store.run(containers_table.ids)
         for c in listed.containers:
             why = _orphaned(c, unfinished, recorded)
             if why is not None and (before_us is None or c.created_at.ToMicroseconds() < before_us):
                 with contextlib.suppress(errors.NotFound):  # (its watcher removed it meanwhile)
-                    request = q.RemoveContainerRequest(id=c.id, force=True)
-                    await quilt.unary(QC + "RemoveContainer", request, q.RemoveContainerResponse)
+                    await quilt.remove_container(q.RemoveContainerRequest(id=c.id, force=True))
                 log.info("removed what a previous runtime left in quilt", container=c.id, what=why)
         await _remove_unregistered_bundles(quilt, store, before_us)
     except errors.AriaError as exc:
@@ -89,18 +85,13 @@ async def _sweep(quilt: QuiltLink, store: Store, before_us: int | None) -> bool:
 async def _remove_unregistered_bundles(quilt: QuiltLink, store: Store, before_us: int | None) -> None:
     token = ""
     while True:
-        page = await quilt.unary(
-            QB + "ListBundles",
-            q.ListBundlesRequest(page_size=1000, page_token=token),
-            q.ListBundlesResponse,
-            timeout=30,
-        )
+        page = await quilt.list_bundles(q.ListBundlesRequest(page_size=1000, page_token=token), timeout=30)
         for b in page.bundles:
             if "aria.user" not in b.labels or (before_us is not None and b.created_at.ToMicroseconds() >= before_us):
                 continue
             if not await store.run(registry_table.blake3_in_use, b.blake3):
                 with contextlib.suppress(errors.NotFound):
-                    await quilt.unary(QB + "DeleteBundle", q.BundleRef(id=b.id), q.DeleteBundleResponse)
+                    await quilt.delete_bundle(q.BundleRef(id=b.id))
                 log.info("removed what a previous runtime left in quilt", bundle=b.id, what="a bundle never registered")
         token = page.next_page_token
         if not token:

@@ -10,17 +10,20 @@ makes "store, then offer" and "subscribe" atomic to each other, so live order is
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from typing import Any
 
+import sqlite_utils
 import trio
+from google.protobuf.message import Message
 
 from aria_trio.proto.aria.v1 import notification_pb2 as pb
 from aria_trio.runtime.store import notifications as table
+from aria_trio.shared.json_input import JSON
 from aria_trio.shared.sqlite import Store
 
 BUFFER = 256  # live events waiting per subscriber; beyond that it catches up from the store
@@ -57,12 +60,12 @@ class Notifications:
         self,
         user: str,
         kind: str,
-        event: Any,
+        event: Message,
         *,
         title: str = "",
         message: str = "",
-        metadata: Mapping[str, Any] | None = None,
-        change: Callable[[Any], object] | None = None,
+        metadata: Mapping[str, JSON] | None = None,
+        change: Callable[[sqlite_utils.Database], object] | None = None,
     ) -> pb.Notification:
         """Store and deliver one event; `event` is the payload message for `kind`; `change` (a
         store function of the db) is what the event tells of, stored in the same transaction."""
@@ -94,27 +97,32 @@ class Notifications:
             now = await self.store.run(table.last_sequence, user)
             self._subscribers[user].add(sub)
         try:
-            yield self._events(user, sub, now if after_sequence is None else min(after_sequence, now), now)
+            # (closed on leaving, so that its replay and its wait end now, not when collected)
+            async with contextlib.aclosing(
+                self._events(user, sub, now if after_sequence is None else min(after_sequence, now), now)
+            ) as events:
+                yield events
         finally:
             self._subscribers[user].discard(sub)
             if not self._subscribers[user]:
                 del self._subscribers[user]
 
-    async def _events(self, user: str, sub: _Subscriber, last: int, now: int) -> AsyncIterator[pb.Notification]:
+    async def _events(self, user: str, sub: _Subscriber, last: int, now: int) -> AsyncGenerator[pb.Notification, None]:
         kinds = list(sub.kinds)
         while True:
             if sub.behind or last < now:
                 sub.behind = False
-                async for n in self._replay(user, kinds, last):
-                    last = n.sequence
-                    yield n
+                async with contextlib.aclosing(self._replay(user, kinds, last)) as replay:
+                    async for n in replay:
+                        last = n.sequence
+                        yield n
                 now = last
             n = await sub.receive.receive()
             if n.sequence > last:  # (else: already replayed from the store)
                 last = now = n.sequence
                 yield n
 
-    async def _replay(self, user: str, kinds: list[str], after: int) -> AsyncIterator[pb.Notification]:
+    async def _replay(self, user: str, kinds: list[str], after: int) -> AsyncGenerator[pb.Notification, None]:
         while True:
             payloads = await self.store.run(table.after, user, after, kinds, REPLAY_BATCH)
             for payload in payloads:

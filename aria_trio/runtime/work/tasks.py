@@ -17,30 +17,31 @@ import json
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Literal, cast
 
+import sqlite_utils
 import structlog
 import trio
 
 from aria_trio.proto.aria.v1 import aria_pb2
 from aria_trio.proto.aria.v1 import notification_pb2 as npb
 from aria_trio.proto.quilt.v1 import quilt_pb2 as q
-from aria_trio.rpc import RpcError
 from aria_trio.runtime.access.pagination import PageTokens, page_size
 from aria_trio.runtime.access.quotas import Quotas, exceeded
-from aria_trio.runtime.quilt_client import QuiltLink
+from aria_trio.runtime.kinds import UNFINISHED, OutputStream, TaskStatus
+from aria_trio.runtime.quilt_client import QuiltLink, Replies
 from aria_trio.runtime.store import tasks as table
+from aria_trio.runtime.store.tasks import OutputRow, TaskChange
+from aria_trio.runtime.store.tasks import TaskRow as TaskRow  # (the services' too: re-exported)
 from aria_trio.runtime.work.notifications import Notifications
 from aria_trio.shared import errors, json_input
 from aria_trio.shared.sqlite import Store, background, now_us
 
 log = structlog.get_logger("aria.tasks")
 
-PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, TIMEOUT = 1, 2, 3, 4, 5, 6
-FINISHED = {COMPLETED, FAILED, CANCELLED, TIMEOUT}
-NAMES = {1: "pending", 2: "running", 3: "completed", 4: "failed", 5: "cancelled", 6: "timeout"}
+PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, TIMEOUT = TaskStatus
 PROGRESS = re.compile(r"::progress\s+(-?\d+(?:\.\d+)?)\s*(.*)")
 MAX_ARGV = 4096  # arguments
 MAX_COMMAND_BYTES = 256 * 1024
@@ -51,7 +52,6 @@ CANCEL_GRACE = 1.0  # seconds a cancelled task's processes get after SIGTERM (th
 CANCEL_WAIT = 5.0  # seconds CancelTask waits for the task's end, to answer what became of it
 REPLAY_BATCH = 1000
 
-QC, QT = "/quilt.v1.Containers/", "/quilt.v1.Tasks/"
 QUILT_TASK_STATES = {
     q.TASK_COMPLETED: COMPLETED,
     q.TASK_FAILED: FAILED,
@@ -118,7 +118,7 @@ class Launch:
 @dataclass
 class OutputItem:
     seq: int
-    stream: int  # 1 stdout, 2 stderr, 3 progress
+    stream: int  # an OutputStream
     line: str
     percent: float | None
     at_us: int
@@ -127,7 +127,7 @@ class OutputItem:
 class _Running:
     """What the runtime holds for a task while its watcher runs."""
 
-    def __init__(self, row: dict[str, Any]) -> None:
+    def __init__(self, row: TaskRow) -> None:
         self.row = row
         self.scope = trio.CancelScope()  # the current phase's: cancelled by CancelTask
         self.cancel_requested = False
@@ -167,7 +167,7 @@ class Tasks:
         self.running: dict[str, _Running] = {}
         self._nursery: trio.Nursery | None = None
 
-    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Watch tasks until cancelled; first pick up those a previous run left unfinished."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
@@ -178,7 +178,7 @@ class Tasks:
 
     # -- launching --------------------------------------------------------------------------------
 
-    async def launch(self, user: str, launch: Launch, owned_container: Any) -> str:
+    async def launch(self, user: str, launch: Launch, owned_container: Callable[[str, str], Awaitable[str]]) -> str:
         """`owned_container(user, id)` returns Quilt's id of the caller's container (NOT_FOUND else)."""
         self.quilt.channel()  # UNAVAILABLE at once while quilt is down (not a task doomed to fail)
         check_environment(launch.environment)
@@ -198,7 +198,7 @@ class Tasks:
             )
         if self.quotas is not None:  # (launches still on their way count too: no await before the +1)
             mine = self._launching.get(user, 0) + sum(
-                1 for r in self.running.values() if r.row["user_id"] == user and r.row["status"] not in FINISHED
+                1 for r in self.running.values() if r.row["user_id"] == user and r.row["status"] in UNFINISHED
             )
             if mine >= self.quotas.running_tasks:
                 raise exceeded("max_running_tasks", self.quotas.running_tasks, "tasks pending or running")
@@ -213,7 +213,7 @@ class Tasks:
     async def _launch(self, user: str, launch: Launch, kind: str, target: str) -> str:
         if launch.parent_task_id and await self.store.run(table.get, user, launch.parent_task_id) is None:
             raise errors.NotFound(f"no task {launch.parent_task_id!r}", fields={"parent_task_id": "not found"})
-        row = {
+        row: TaskRow = {
             "id": "t-" + secrets.token_hex(8),
             "user_id": user,
             "session_id": launch.session_id,
@@ -225,17 +225,24 @@ class Tasks:
             "timeout_seconds": launch.timeout_seconds or self.timeouts.default,
             "status": PENDING,
             "created_at": now_us(),
+            "started_at": None,
+            "completed_at": None,
+            "exit_code": None,
+            "error_message": None,
             "progress_percent": 0.0,
             "current_operation": "",
+            "quilt_task_id": None,
+            "quilt_container_id": None,
+            "output_offset": 0,
         }
         # A stored task always gets its watcher, whatever becomes of the caller: a launch whose
         # client gave up between the two left the task PENDING until the next restart.
         with trio.CancelScope(shield=True):
             await self._event(row, PENDING, "launched", functools.partial(table.insert, row=row, message="launched"))
             self._watch(row, resume=False)
-        return str(row["id"])
+        return row["id"]
 
-    def _watch(self, row: dict[str, Any], *, resume: bool) -> None:
+    def _watch(self, row: TaskRow, *, resume: bool) -> None:
         assert self._nursery is not None
         running = _Running(row)
         self.running[row["id"]] = running
@@ -243,7 +250,7 @@ class Tasks:
 
     # -- reading ----------------------------------------------------------------------------------
 
-    async def get(self, user: str, task_id: str) -> dict[str, Any]:
+    async def get(self, user: str, task_id: str) -> TaskRow:
         running = self.running.get(task_id)
         if running is not None and running.row["user_id"] == user:
             return running.row
@@ -254,7 +261,7 @@ class Tasks:
 
     async def page(
         self, user: str, session_id: str | None, statuses: list[int], size: int, token: str
-    ) -> tuple[list[dict[str, Any]], str]:
+    ) -> tuple[list[TaskRow], str]:
         limit = page_size(size)
         filter_key = json.dumps([user, session_id, sorted(set(statuses))])
         after = self.tokens.read(token, filter_key) if token else None
@@ -286,7 +293,7 @@ class Tasks:
         while its end is still under way); False if it had ended, or ended by itself first."""
         row = await self.get(user, task_id)
         running = self.running.get(task_id)
-        if row["status"] in FINISHED or running is None:
+        if row["status"] not in UNFINISHED or running is None:
             return False
         running.cancel_requested = True
         running.scope.cancel()
@@ -336,16 +343,12 @@ class Tasks:
 
     async def _watch_run(self, running: _Running, resume: bool) -> None:
         row = running.row
-        cid: str | None = row.get("quilt_container_id")
+        cid = row["quilt_container_id"]
         if resume and not cid:  # a runtime stopped in the middle of the launch: did Quilt get it?
-            listed = await self.quilt.unary(
-                QC + "ListContainers",
-                q.ListContainersRequest(labels={"aria.task": row["id"]}),
-                q.ListContainersResponse,
-            )
+            listed = await self.quilt.list_containers(q.ListContainersRequest(labels={"aria.task": row["id"]}))
             if listed.containers:
-                cid = str(listed.containers[0].id)
-                await self._update(running, quilt_container_id=cid)
+                cid = listed.containers[0].id
+                await self._update(running, {"quilt_container_id": cid})
                 log.info("adopted the container of a task whose launch was cut short", task=row["id"], container=cid)
             else:
                 log.info("launching a task stored by a runtime that stopped before launching it", task=row["id"])
@@ -354,7 +357,7 @@ class Tasks:
         current = await self._quilt_container(cid)
         if current is not None and current.state == q.CONTAINER_CREATED:
             with trio.CancelScope(shield=True):  # (a start is local work of tens of milliseconds)
-                current = await self.quilt.unary(QC + "StartContainer", q.ContainerRef(id=cid), q.Container)
+                current = await self.quilt.start_container(q.ContainerRef(id=cid))
             if current.state == q.CONTAINER_FAILED:
                 await self._finish(running, FAILED, current.message)
                 await self._remove(cid)
@@ -363,20 +366,19 @@ class Tasks:
             await self._finish(running, FAILED, "lost: quilt no longer knows its container")
             return
         if row["status"] == PENDING:
-            await self._transition(running, RUNNING, "started", started_at=_time(current, "started_at"))
-        started_at = (row.get("started_at") or now_us()) / 1e6
+            await self._transition(running, RUNNING, "started", {"started_at": _time(current, "started_at")})
+        started_at = (row["started_at"] or now_us()) / 1e6
         deadline = started_at + row["timeout_seconds"] if row["timeout_seconds"] else None
         with trio.move_on_after(_remaining(deadline)) as timeout, running.phase():
-            await self._follow(running, QC + "ContainerLogs", q.ContainerLogsRequest(id=cid, follow=True))
+            await self._follow(running, q.ContainerLogsRequest(id=cid, follow=True))
         timed_out = timeout.cancelled_caught
         try:
             if running.cancel_requested or timed_out:
                 try:
-                    stop = q.StopContainerRequest(id=cid, grace_seconds=CANCEL_GRACE)
-                    await self.quilt.unary(QC + "StopContainer", stop, q.Container)
+                    await self.quilt.stop_container(q.StopContainerRequest(id=cid, grace_seconds=CANCEL_GRACE))
                 except errors.FailedPrecondition:
                     pass  # it ended by itself meanwhile: its end says how
-            await self._follow(running, QC + "ContainerLogs", q.ContainerLogsRequest(id=cid))  # what is left
+            await self._follow(running, q.ContainerLogsRequest(id=cid))  # what is left
             end = await self._quilt_container(cid)
             # What really happened: CANCELLED or TIMEOUT only if the stop ended it (Quilt says
             # STOPPED only then); a task that finished by itself first is what it was.
@@ -397,50 +399,53 @@ class Tasks:
 
     async def _create_container(self, running: _Running) -> str:
         with trio.CancelScope(shield=True):  # so that we always know the container we made
-            spec = q.ContainerSpec(name=running.row["id"], **_what_to_run(running.row))
-            created = await self.quilt.unary(QC + "CreateContainer", q.CreateContainerRequest(spec=spec), q.Container)
-            await self._update(running, quilt_container_id=created.id)
-        return str(created.id)
+            command, env, labels = _what_to_run(running.row)
+            spec = q.ContainerSpec(name=running.row["id"], command=command, env=env, labels=labels)
+            created = await self.quilt.create_container(q.CreateContainerRequest(spec=spec))
+            await self._update(running, {"quilt_container_id": created.id})
+        return created.id
 
     async def _watch_exec(self, running: _Running, resume: bool) -> None:
         row = running.row
-        tid: str | None = row.get("quilt_task_id")
+        tid = row["quilt_task_id"]
         quilt_task: q.Task | None = None  # (its times, when we have them)
         if resume and not tid:  # a runtime stopped in the middle of the launch: did Quilt get it?
             try:
-                listed = await self.quilt.unary(
-                    QT + "ListTasks", q.ListTasksRequest(container_id=row["container_id"]), q.ListTasksResponse
-                )
+                listed = await self.quilt.list_tasks(q.ListTasksRequest(container_id=row["container_id"]))
             except errors.NotFound:
                 listed = q.ListTasksResponse()  # (its container is gone: the exec below says so)
             for t in listed.tasks:
                 if t.labels.get("aria.task") == row["id"]:
-                    tid, quilt_task = str(t.id), t
-                    await self._update(running, quilt_task_id=tid)
+                    tid, quilt_task = t.id, t
+                    await self._update(running, {"quilt_task_id": tid})
                     log.info("adopted the exec of a task whose launch was cut short", task=row["id"], quilt_task=tid)
                     break
             else:
                 log.info("launching a task stored by a runtime that stopped before launching it", task=row["id"])
         if not tid:
             with trio.CancelScope(shield=True):  # so that we always know the task we started
+                command, env, labels = _what_to_run(row)
                 request = q.ExecRequest(
-                    container_id=row["container_id"], timeout_seconds=row["timeout_seconds"], **_what_to_run(row)
+                    container_id=row["container_id"],
+                    timeout_seconds=row["timeout_seconds"],
+                    command=command,
+                    env=env,
+                    labels=labels,
                 )
-                quilt_task = await self.quilt.unary(QT + "ExecAsync", request, q.Task)
+                quilt_task = await self.quilt.exec_async(request)
                 tid = quilt_task.id
-                await self._update(running, quilt_task_id=tid)
-        assert tid is not None
+                await self._update(running, {"quilt_task_id": tid})
         if row["status"] == PENDING:
-            await self._transition(running, RUNNING, "started", started_at=_time(quilt_task, "started_at"))
+            await self._transition(running, RUNNING, "started", {"started_at": _time(quilt_task, "started_at")})
         with running.phase():
-            await self._follow(running, QT + "TaskOutput", q.TaskOutputRequest(id=tid, follow=True))
+            await self._follow(running, q.TaskOutputRequest(id=tid, follow=True))
         if running.cancel_requested:
-            await self.quilt.unary(QT + "CancelTask", q.TaskRef(id=tid), q.CancelTaskResponse)
+            await self.quilt.cancel_task(q.TaskRef(id=tid))
         # What is left (always: a follow cut short by a cancel, or by the task's end just as it
         # was cancelled, may not have read the last lines)
-        await self._follow(running, QT + "TaskOutput", q.TaskOutputRequest(id=tid))
+        await self._follow(running, q.TaskOutputRequest(id=tid))
         try:
-            end = await self.quilt.unary(QT + "GetTask", q.TaskRef(id=tid), q.Task)
+            end = await self.quilt.get_task(q.TaskRef(id=tid))
         except errors.NotFound:
             await self._finish(running, FAILED, "lost: quilt no longer knows it")
             return
@@ -453,27 +458,27 @@ class Tasks:
 
     async def _quilt_container(self, cid: str) -> q.Container | None:
         try:
-            return await self.quilt.unary(QC + "GetContainer", q.ContainerRef(id=cid), q.Container)
+            return await self.quilt.get_container(q.ContainerRef(id=cid))
         except errors.NotFound:
             return None
 
     async def _remove(self, cid: str) -> None:
         try:
-            await self.quilt.unary(
-                QC + "RemoveContainer", q.RemoveContainerRequest(id=cid, force=True), q.RemoveContainerResponse
-            )
+            await self.quilt.remove_container(q.RemoveContainerRequest(id=cid, force=True))
         except errors.AriaError as exc:
             log.warning("could not remove a task's container", container=cid, error=exc.message)
 
-    async def _follow(self, running: _Running, path: str, request: Any) -> None:
+    async def _follow(self, running: _Running, request: q.ContainerLogsRequest | q.TaskOutputRequest) -> None:
         """Quilt's output lines from where the store is, into the store, until the stream ends."""
-        request.offset = running.row.get("output_offset") or 0
-        batch: list[tuple[int, int, str, float | None, int]] = []
-        offset = request.offset
+        request.offset = offset = running.row["output_offset"] or 0
+        batch: list[OutputRow] = []
+        if isinstance(request, q.ContainerLogsRequest):
+            stream = self.quilt.container_logs(request)
+        else:
+            stream = self.quilt.task_output(request)
         try:
-            async with self.quilt.call(path, q.OutputLine) as call:
-                await call.send(request, end=True)
-                async for line in _batched(call):
+            async with stream as lines:
+                async for line in _batched(lines):
                     if line is None:  # the stream paused: store what came
                         await self._store_output(running, batch, offset)
                         batch = []
@@ -483,107 +488,124 @@ class Tasks:
                     if len(batch) >= OUTPUT_BATCH:
                         await self._store_output(running, batch, offset)
                         batch = []
-        except RpcError as exc:
-            if exc.code.name != "NOT_FOUND":
-                raise errors.Unavailable(
-                    f"lost the connection to quilt while following the task: {exc.message}"
-                ) from None
         finally:
             if batch:
                 with trio.CancelScope(shield=True):
                     await self._store_output(running, batch, offset)
 
-    def _item(self, running: _Running, line: q.OutputLine) -> tuple[int, int, str, float | None, int]:
+    def _item(self, running: _Running, line: q.OutputLine) -> OutputRow:
         running.seq += 1
         at = line.timestamp.ToMicroseconds()
         if line.stream == q.STDOUT and (m := PROGRESS.fullmatch(line.text)):
             percent = max(0.0, min(100.0, float(m.group(1))))
             running.row["progress_percent"], running.row["current_operation"] = percent, m.group(2)
-            return (running.seq, table.PROGRESS, m.group(2), percent, at)
-        return (running.seq, table.STDERR if line.stream == q.STDERR else table.STDOUT, line.text, None, at)
+            return (running.seq, OutputStream.PROGRESS, m.group(2), percent, at)
+        stream = OutputStream.STDERR if line.stream == q.STDERR else OutputStream.STDOUT
+        return (running.seq, stream, line.text, None, at)
 
-    async def _store_output(self, running: _Running, batch: list[Any], offset: int) -> None:
+    async def _store_output(self, running: _Running, batch: list[OutputRow], offset: int) -> None:
         if not batch:
             return
-        await self.store.run(table.append_output, running.row["id"], batch, offset)
-        running.row["output_offset"] = offset
-        if any(item[1] == table.PROGRESS for item in batch):
-            fields = {k: running.row[k] for k in ("progress_percent", "current_operation")}
-            await self.store.run(table.update, running.row["id"], fields)
+        row = running.row
+        await self.store.run(table.append_output, row["id"], batch, offset)
+        row["output_offset"] = offset
+        if any(item[1] == OutputStream.PROGRESS for item in batch):
+            progress: TaskChange = {
+                "progress_percent": row["progress_percent"],
+                "current_operation": row["current_operation"],
+            }
+            await self.store.run(table.update, row["id"], progress)
         running.notify()
 
     # -- transitions ------------------------------------------------------------------------------
 
-    async def _update(self, running: _Running, **fields: Any) -> None:
+    async def _update(self, running: _Running, fields: TaskChange) -> None:
         await self.store.run(table.update, running.row["id"], fields)
-        running.row.update(fields)
+        _apply(running.row, fields)
 
-    async def _transition(self, running: _Running, status: int, message: str, **fields: Any) -> None:
+    async def _transition(self, running: _Running, status: TaskStatus, message: str, fields: TaskChange) -> None:
         with trio.CancelScope(shield=True):  # a transition is recorded whole (with its event), or not at all
-            after = {**running.row, "status": status, **fields}
+            after: TaskRow = {**running.row, **fields, "status": status}
             change = functools.partial(
                 table.set_status, task_id=running.row["id"], status=status, message=message, fields=fields
             )
             await self._event(after, status, message, change)
-            running.row.update(status=status, **fields)
-        log.info("task status", task=running.row["id"], status=NAMES[status], message=message)
+            _apply(running.row, {**fields, "status": status})
+        log.info("task status", task=running.row["id"], status=status.name.lower(), message=message)
 
-    async def _finish(self, running: _Running, status: int, message: str, end: Any = None) -> None:
-        if running.row["status"] in FINISHED:
+    async def _finish(
+        self, running: _Running, status: TaskStatus, message: str, end: q.Container | q.Task | None = None
+    ) -> None:
+        if running.row["status"] not in UNFINISHED:
             return
         # (when it ended, as Quilt saw it: a runtime that was down then records it later)
-        fields: dict[str, Any] = {"completed_at": max(_time(end, "finished_at"), running.row.get("started_at") or 0)}
+        fields: TaskChange = {"completed_at": max(_time(end, "finished_at"), running.row["started_at"] or 0)}
         if end is not None and end.HasField("exit_code"):
             fields["exit_code"] = end.exit_code
         if status == COMPLETED:
             fields["progress_percent"] = 100.0
         if status != COMPLETED:
             fields["error_message"] = message
-        await self._transition(running, status, message, **fields)
+        await self._transition(running, status, message, fields)
 
-    async def _event(self, row: Mapping[str, Any], status: int, message: str, change: Any = None) -> None:
+    async def _event(
+        self, row: TaskRow, status: TaskStatus, message: str, change: Callable[[sqlite_utils.Database], object]
+    ) -> None:
         event = npb.TaskStatusEvent(
             task_id=row["id"], new_status=aria_pb2.TaskStatus.Name(status), status_message=message
         )
-        if row.get("exit_code") is not None:
+        if row["exit_code"] is not None:
             event.exit_code = row["exit_code"]
+        name = status.name.lower()
         await self.notifications.publish(
             row["user_id"],
             "task_status",
             event,
-            title=f"Task {row['id']} {NAMES[status]}",
+            title=f"Task {row['id']} {name}",
             message=message,
-            metadata={"task_id": row["id"], "status": NAMES[status], "exit_code": row.get("exit_code")},
+            metadata={"task_id": row["id"], "status": name, "exit_code": row["exit_code"]},
             change=change,
         )
 
 
-def _what_to_run(row: Mapping[str, Any]) -> dict[str, Any]:
+def _apply(row: TaskRow, fields: TaskChange) -> None:
+    """`fields` into the row the watcher holds (the cast: TaskChange holds TaskRow's fields, with
+    their types, none required, which mypy cannot say of a TypedDict's update)."""
+    row.update(cast("TaskRow", fields))
+
+
+def _what_to_run(row: TaskRow) -> tuple[list[str], dict[str, str], dict[str, str]]:
     """A task's argv, environment and labels, as Quilt's requests take them."""
-    return {
-        "command": json.loads(row["command_json"]),
-        "env": json.loads(row["environment_json"]),
-        "labels": {"aria.user": row["user_id"], "aria.task": row["id"]},
-    }
+    command: list[str] = json.loads(row["command_json"])
+    env: dict[str, str] = json.loads(row["environment_json"])
+    return command, env, {"aria.user": row["user_id"], "aria.task": row["id"]}
 
 
-def _time(message: Any, name: str) -> int:
+def _time(message: q.Container | q.Task | None, name: Literal["started_at", "finished_at"]) -> int:
     """A Quilt message's timestamp `name` in microseconds; now if it has none (or no message)."""
     if message is None or not message.HasField(name):
         return now_us()
-    return int(getattr(message, name).ToMicroseconds())
+    return getattr(message, name).ToMicroseconds()  # type: ignore[no-any-return]
 
 
 def _remaining(deadline: float | None) -> float:
     return float("inf") if deadline is None else max(0.0, deadline - time.time())
 
 
-async def _batched(call: Any) -> AsyncIterator[Any]:
-    """The call's messages, with a None whenever no further message is waiting (time to store)."""
+async def _batched(lines: Replies[q.OutputLine]) -> AsyncIterator[q.OutputLine | None]:
+    """The stream's lines, with a None whenever no further line is waiting (time to store). It
+    ends early once Quilt no longer knows what it follows; any other failure is a lost stream
+    (the watcher picks the task up again once Quilt is back). Only the stream's own errors are
+    changed here: the store's, raised where the lines are stored, stay what they are."""
     while True:
-        message = await call.receive()
-        if message is None:
+        try:
+            line = await lines.receive()
+        except errors.NotFound:
             return
-        yield message
-        if not call.waiting:
+        except errors.AriaError as exc:
+            raise errors.Unavailable(f"lost the connection to quilt while following the task: {exc.message}") from None
+        if line is None:
+            return
+        yield line
+        if not lines.waiting:
             yield None

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator
-from typing import Any
 
 import structlog
 import trio
@@ -22,9 +21,8 @@ import trio
 from aria_trio.proto.aria.v1 import bundle_pb2 as pb
 from aria_trio.proto.aria.v1 import notification_pb2 as npb
 from aria_trio.proto.quilt.v1 import quilt_pb2 as q
-from aria_trio.rpc import RpcError
 from aria_trio.runtime.agents.registry import Registry
-from aria_trio.runtime.quilt_client import QuiltLink, as_domain_error
+from aria_trio.runtime.quilt_client import QuiltLink
 from aria_trio.runtime.work.notifications import Notifications
 from aria_trio.shared import errors
 
@@ -35,7 +33,6 @@ PROGRESS_STEP = 5.0  # percent between progress events ...
 PROGRESS_EVERY = 0.25  # ... or seconds, whichever comes first
 MAX_NAME = 255
 SHA256 = re.compile(r"[0-9a-fA-F]{64}")
-QB = "/quilt.v1.Bundles/"
 
 
 def check_metadata(m: pb.BundleMetadata) -> None:
@@ -127,25 +124,31 @@ class Uploads:
     async def _forward(
         self, user: str, meta: pb.BundleMetadata, requests: AsyncIterator[pb.UploadBundleRequest], progress: _Progress
     ) -> q.Bundle:
-        """Three tasks: the client's chunks into the channel, the channel to Quilt, and Quilt's
-        answer, which may come early (a refusal: then the others stop at once) or at the end."""
+        """Two tasks: the client's chunks into the channel, and the channel to Quilt, whose
+        answer may come early (a refusal: then the reading stops at once) or at the end."""
         head = q.BundleMetadata(
             filename=meta.name, size_bytes=meta.total_size_bytes, sha256=meta.sha256_checksum.lower()
         )
         head.labels["aria.user"] = user
         answer: list[q.Bundle] = []
+        refused: list[errors.AriaError] = []  # how Quilt's side failed (its refusal, or no Quilt)
+        send, receive = trio.open_memory_channel[bytes](FORWARD_AHEAD)
+
+        async def to_quilt() -> None:
+            try:
+                async with receive:
+                    answer.append(await self.quilt.upload_bundle(head, receive, progress.advanced))
+            except errors.AriaError as exc:
+                refused.append(exc)
+                raise
+
         try:
-            async with self.quilt.call(QB + "UploadBundle", q.Bundle) as call:
-                await call.send(q.UploadBundleRequest(metadata=head))
-                send, receive = trio.open_memory_channel[bytes](FORWARD_AHEAD)
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(_send_chunks, call, receive, progress)
-                    nursery.start_soon(_answer, call, answer)
-                    await self._read_chunks(requests, send, meta.total_size_bytes)
-            return answer[0]
-        except (RpcError, BaseExceptionGroup) as exc:
-            inner = _first_reason(exc)
-            raise as_domain_error(inner) if isinstance(inner, RpcError) else inner from None
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(to_quilt)
+                await self._read_chunks(requests, send, meta.total_size_bytes)
+        except BaseExceptionGroup as exc:
+            raise (refused[0] if refused else _first_reason(exc)) from None
+        return answer[0]
 
     async def _read_chunks(
         self, requests: AsyncIterator[pb.UploadBundleRequest], send: trio.MemorySendChannel[bytes], total: int
@@ -183,16 +186,16 @@ class Uploads:
             return await self.registry.register(user, bundle)
         except errors.AriaError:
             if not await self.registry.in_use(bundle.blake3):
-                await self.quilt.unary(QB + "DeleteBundle", q.BundleRef(id=bundle.id), q.DeleteBundleResponse)
+                await self.quilt.delete_bundle(q.BundleRef(id=bundle.id))
             raise
 
 
 def _first_reason(exc: BaseException) -> BaseException:
-    """What to tell the client when the tasks failed (two may fail at once): Quilt's refusal,
-    else our own finding, else whatever it was."""
+    """What to tell the client when the tasks failed and Quilt refused nothing: our own
+    finding, else whatever it was."""
     inner = errors.single(exc)
     if isinstance(inner, BaseExceptionGroup):
-        found = inner.subgroup(RpcError) or inner.subgroup(errors.AriaError)
+        found = inner.subgroup(errors.AriaError)
         if found is not None:
             return errors.single(found.exceptions[0])
     return inner
@@ -200,15 +203,3 @@ def _first_reason(exc: BaseException) -> BaseException:
 
 def _size_error(message: str) -> errors.InvalidArgument:
     return errors.InvalidArgument(message, reason="SIZE_MISMATCH", fields={"metadata.total_size_bytes": "mismatch"})
-
-
-async def _answer(call: Any, answer: list[q.Bundle]) -> None:
-    answer.append(await call.single())
-
-
-async def _send_chunks(call: Any, chunks: trio.MemoryReceiveChannel[bytes], progress: _Progress) -> None:
-    async with chunks:
-        async for chunk in chunks:
-            await call.send(q.UploadBundleRequest(chunk=chunk))  # waits for Quilt's flow-control credit
-            await progress.advanced(len(chunk))
-    await call.done_writing()

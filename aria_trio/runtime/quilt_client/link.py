@@ -18,25 +18,22 @@ import os
 import secrets
 import socket
 import sys
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
 
 import structlog
 import trio
 
 from aria_trio.proto.quilt.v1 import quilt_pb2 as q
 from aria_trio.rpc import Channel, Health, RpcError, StatusCode
-from aria_trio.rpc.client import ClientCall
 from aria_trio.rpc.health import NOT_SERVING, SERVING
+from aria_trio.runtime.quilt_client.calls import QuiltCalls
 from aria_trio.shared import errors
 from aria_trio.shared.lifecycle import StartupError
 from aria_trio.shared.sqlite import now_us
 
 log = structlog.get_logger("aria.quilt_link")
 
-R = TypeVar("R")
 BACKOFF_FIRST, BACKOFF_MAX = 0.25, 30.0
 HEALTHY_S = 2.0  # a link up this long was a Quilt that served: its end is no crash loop
 READY_TIMEOUT = 30.0
@@ -86,7 +83,9 @@ class WrongQuilt(Exception):
     """The Quilt on our socket belongs to another data folder: never used (nor replaced)."""
 
 
-class QuiltLink:
+class QuiltLink(QuiltCalls):
+    """Quilt kept up and connected, and its calls (calls.py) on the connections it holds."""
+
     def __init__(
         self,
         socket: Path,
@@ -119,7 +118,7 @@ class QuiltLink:
 
     # -- keeping it up ----------------------------------------------------------------------------
 
-    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Keep the link (and the child) up until cancelled; started once first connected (or,
         after READY_TIMEOUT, regardless: calls then fail with UNAVAILABLE until it is up)."""
         self._report(False)
@@ -261,7 +260,7 @@ class QuiltLink:
         self._changed.set()
         self._changed = trio.Event()
 
-    # -- calls ------------------------------------------------------------------------------------
+    # -- connections for the calls ----------------------------------------------------------------
 
     def channel(self) -> Channel:
         """The first connection (UNAVAILABLE while there is none): for a check that Quilt is up."""
@@ -288,7 +287,7 @@ class QuiltLink:
                 log.warning("cannot open another connection to quilt", error=exc.message)
                 return best  # (its queue)
 
-    async def _hold_extra(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async def _hold_extra(self, *, task_status: trio.TaskStatus[Channel] = trio.TASK_STATUS_IGNORED) -> None:
         async with Channel.connect(str(self.socket)) as channel:
             self._extra.append(channel)
             log.info("another connection to quilt", connections=1 + len(self._extra))
@@ -298,43 +297,8 @@ class QuiltLink:
             finally:
                 self._extra.remove(channel)
 
-    @asynccontextmanager
-    async def call(self, path: str, reply: type[R], *, timeout: float | None = None) -> AsyncIterator[ClientCall[R]]:
-        """A streaming call on a connection with room for it (raw: its RpcErrors are the caller's)."""
-        channel = await self._pick()
-        async with channel.call(path, reply, timeout=timeout) as call:
-            yield call
 
-    async def unary(self, path: str, request: Any, reply: type[R], timeout: float | None = 60) -> R:
-        """One call; Quilt's errors come back as domain errors with Quilt's own message."""
-        try:
-            channel = await self._pick()
-            return await channel.unary(path, request, reply, timeout=timeout)
-        except RpcError as exc:
-            raise as_domain_error(exc) from None
-
-
-def as_domain_error(exc: RpcError) -> errors.AriaError:
-    cls = {
-        StatusCode.NOT_FOUND: errors.NotFound,
-        StatusCode.INVALID_ARGUMENT: errors.InvalidArgument,
-        StatusCode.FAILED_PRECONDITION: errors.FailedPrecondition,
-        StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhausted,
-        StatusCode.DEADLINE_EXCEEDED: errors.DeadlineExceeded,
-        StatusCode.UNAVAILABLE: errors.Unavailable,
-    }.get(exc.code)
-    if cls is None:
-        log.error("quilt call failed", code=exc.code.name, message=exc.message)
-        return errors.Unavailable("the container service (quilt) failed; see the runtime's log")
-    info = exc.error_info()
-    fields = exc.bad_fields()
-    if cls is errors.InvalidArgument and not fields:
-        fields = {"request": "refused by the container service"}
-    metadata = {k: v for k, v in info.metadata.items() if k != "request_id"} if info is not None else {}
-    return cls(exc.message, reason=info.reason if info is not None else None, fields=fields, metadata=metadata)
-
-
-async def _cancel_when(wait: Any, scope: trio.CancelScope) -> None:
+async def _cancel_when(wait: Callable[[], Awaitable[object]], scope: trio.CancelScope) -> None:
     """Cancel `scope` once `wait()` returns or fails (the connection closed, the attachment ended)."""
     try:
         await wait()
