@@ -13,8 +13,18 @@ import click
 import trio
 
 from aria_trio import __version__
+from aria_trio.cli.output import error_line
 from aria_trio.rpc import Channel, RpcError
-from aria_trio.shared.config import QUILT_SETTINGS, RUNTIME_SETTINGS, ConfigError, Setting, default_config_path, resolve
+from aria_trio.shared.config import (
+    QUILT_SETTINGS,
+    RUNTIME_SETTINGS,
+    ConfigError,
+    Setting,
+    SettingsT,
+    Table,
+    default_config_path,
+    resolve,
+)
 
 T = TypeVar("T")
 
@@ -30,11 +40,11 @@ class Context:
 
     @property
     def socket(self) -> str:
-        return self._socket or str(_configured(RUNTIME_SETTINGS, None)["socket"])
+        return self._socket or str(_configured(RUNTIME_SETTINGS, None).socket)
 
     @property
     def quilt_socket(self) -> str:
-        return self.quilt_socket_flag or str(_configured(QUILT_SETTINGS, "quilt")["socket"])
+        return self.quilt_socket_flag or str(_configured(QUILT_SETTINGS, "quilt").socket)
 
     def run(self, fn: Callable[[Channel], Awaitable[T]], socket: str | None = None) -> T:
         """Connect (to the runtime, or `socket`), run fn(channel), and turn an RPC error into a
@@ -47,10 +57,7 @@ class Context:
         try:
             return trio.run(main)
         except RpcError as exc:
-            info = exc.error_info()
-            request_id = info.metadata.get("request_id") if info is not None else None
-            where = f", request id {request_id}" if request_id else ""
-            click.echo(f"error: {exc.message} ({exc.code.name}{where})", err=True)
+            click.echo(error_line(exc), err=True)
             sys.exit(1)
 
     def output(self, value: Any, text: str | None = None) -> None:
@@ -60,7 +67,7 @@ class Context:
             click.echo(text)
 
 
-def _configured(declared: tuple[Setting, ...], section: str | None) -> dict[str, Any]:
+def _configured(declared: Table[SettingsT], section: str | None) -> SettingsT:
     try:
         return resolve(declared, {}, config_path=default_config_path(), section=section)
     except ConfigError as exc:
@@ -117,11 +124,11 @@ CONFIG_OPTION = click.option(
 
 def run_daemon(
     name: str,
-    declared: tuple[Setting, ...],
+    declared: Table[SettingsT],
     flags: dict[str, Any],
     config_path: Path | None,
     section: str | None,
-    serve_fn: Callable[[dict[str, Any]], Awaitable[None]],
+    serve_fn: Callable[[SettingsT], Awaitable[None]],
 ) -> None:
     """Resolve the settings, set up logging, run `serve_fn` under trio; startup errors exit 1."""
     from aria_trio.shared import errors, logs
@@ -131,7 +138,7 @@ def run_daemon(
         settings = resolve(declared, flags, config_path=config_path or default_config_path(), section=section)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
-    logs.setup(settings["log_level"], settings["log_format"])
+    logs.setup(settings.log_level, settings.log_format)
     os.umask(0o077)  # databases hold API keys and bundles: every file made is this user's alone
     try:
         trio.run(serve_fn, settings)
@@ -170,4 +177,16 @@ def serve(ctx: click.Context, /, config_path: Path | None, **flags: Any) -> None
     run_daemon("aria serve", RUNTIME_SETTINGS, flags, config_path, None, serve_daemon)
 
 
-from aria_trio.cli import auth, client, quilt, runtime, session  # noqa: E402,F401  (they register their verbs)
+from aria_trio.cli import (  # noqa: E402,F401  (they register their verbs)
+    auth,
+    bundle,
+    chat,
+    container,
+    events,
+    health,
+    prefs,
+    quilt,
+    registry,
+    session,
+    task,
+)

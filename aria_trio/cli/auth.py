@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from aria_trio.cli import Context, main
-from aria_trio.cli.runtime import _call, _show, _show_list, _table, _when
+from aria_trio.cli.output import call, pages, show, show_list, table, when
 from aria_trio.proto.aria.v1 import auth_pb2 as pb
 from aria_trio.rpc import Channel
 
@@ -24,15 +24,15 @@ def auth() -> None:
 def create_key(obj: Context, user: str, name: str) -> None:
     """Make a key and print it once (it is not kept: only its hash is). Send it as the metadata
     `authorization: Bearer <key>`."""
-    made = _call(obj, AUTH + "CreateApiKey", pb.CreateApiKeyRequest(user_id=user, name=name), pb.CreatedApiKey)
-    _show(obj, made, f"{made.secret}\n(key {made.key.id} for {made.key.user_id}; it is shown only this once)")
+    made = call(obj, AUTH + "CreateApiKey", pb.CreateApiKeyRequest(user_id=user, name=name), pb.CreatedApiKey)
+    show(obj, made, f"{made.secret}\n(key {made.key.id} for {made.key.user_id}; it is shown only this once)")
 
 
 def _key_rows(keys: list[pb.ApiKey]) -> list[tuple[str, str, str, str, str]]:
     def state(k: pb.ApiKey) -> str:
-        return "revoked " + _when(k.revoked_at) if k.HasField("revoked_at") else "active"
+        return "revoked " + when(k.revoked_at) if k.HasField("revoked_at") else "active"
 
-    return [(k.id, k.user_id, k.name or "-", _when(k.last_used_at), state(k)) for k in keys]
+    return [(k.id, k.user_id, k.name or "-", when(k.last_used_at), state(k)) for k in keys]
 
 
 @auth.command("list-keys")
@@ -40,8 +40,8 @@ def _key_rows(keys: list[pb.ApiKey]) -> list[tuple[str, str, str, str, str]]:
 @click.pass_obj
 def list_keys(obj: Context, user: str) -> None:
     """List API keys (never their secrets)."""
-    keys = list(_call(obj, AUTH + "ListApiKeys", pb.ListApiKeysRequest(user_id=user), pb.ListApiKeysResponse).keys)
-    _show_list(obj, keys, _table(("ID", "USER", "NAME", "LAST USED", "STATE"), _key_rows(keys), "(no keys)"))
+    keys = list(call(obj, AUTH + "ListApiKeys", pb.ListApiKeysRequest(user_id=user), pb.ListApiKeysResponse).keys)
+    show_list(obj, keys, table(("ID", "USER", "NAME", "LAST USED", "STATE"), _key_rows(keys), "(no keys)"))
 
 
 @auth.command("revoke-key")
@@ -49,8 +49,8 @@ def list_keys(obj: Context, user: str) -> None:
 @click.pass_obj
 def revoke_key(obj: Context, key_id: str) -> None:
     """Revoke a key: calls with it are refused from now on."""
-    key = _call(obj, AUTH + "RevokeApiKey", pb.RevokeApiKeyRequest(key_id=key_id), pb.ApiKey)
-    _show(obj, key, f"revoked {key.id} (of {key.user_id})")
+    key = call(obj, AUTH + "RevokeApiKey", pb.RevokeApiKeyRequest(key_id=key_id), pb.ApiKey)
+    show(obj, key, f"revoked {key.id} (of {key.user_id})")
 
 
 @main.command()
@@ -61,19 +61,12 @@ def revoke_key(obj: Context, key_id: str) -> None:
 def audit(obj: Context, actor: str, limit: int, every: bool) -> None:
     """Who created, cancelled, removed, uploaded, or changed preferences or keys, newest first."""
 
-    async def pages(channel: Channel) -> list[pb.AuditEvent]:
-        events: list[pb.AuditEvent] = []
-        token = ""
-        while True:
-            request = pb.ListAuditEventsRequest(page_size=limit, page_token=token, actor=actor)
-            reply = await channel.unary(
-                AUTH + "ListAuditEvents", request, pb.ListAuditEventsResponse, timeout=obj.timeout
-            )
-            events += reply.events
-            token = reply.next_page_token
-            if not (every and token):
-                return events
+    async def listing(channel: Channel) -> list[pb.AuditEvent]:
+        request = pb.ListAuditEventsRequest(page_size=limit, actor=actor)
+        path, reply = AUTH + "ListAuditEvents", pb.ListAuditEventsResponse
+        events, _ = await pages(obj, channel, path, request, reply, lambda page: page.events, every)
+        return events
 
-    events = obj.run(pages)
-    rows = [(_when(e.at), e.actor, e.action, f"{e.resource_type} {e.resource_id}", e.request_id) for e in events]
-    _show_list(obj, events, _table(("WHEN", "ACTOR", "ACTION", "RESOURCE", "REQUEST ID"), rows, "(nothing yet)"))
+    events = obj.run(listing)
+    rows = [(when(e.at), e.actor, e.action, f"{e.resource_type} {e.resource_id}", e.request_id) for e in events]
+    show_list(obj, events, table(("WHEN", "ACTOR", "ACTION", "RESOURCE", "REQUEST ID"), rows, "(nothing yet)"))

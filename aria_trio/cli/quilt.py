@@ -5,15 +5,16 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 import trio
-from google.protobuf import json_format
+from google.protobuf.message import Message
 
 from aria_trio.cli import CONFIG_OPTION, Context, main, run_daemon, settings_options
+from aria_trio.cli.output import as_dict, call, pages, parse_env, show
 from aria_trio.proto.quilt.v1 import quilt_pb2 as pb
 from aria_trio.rpc import Channel
 from aria_trio.shared.config import QUILT_SETTINGS
@@ -22,6 +23,8 @@ C, T, B, S = "/quilt.v1.Containers/", "/quilt.v1.Tasks/", "/quilt.v1.Bundles/", 
 CHUNK = 1024 * 1024
 STATE = {v: k.removeprefix("CONTAINER_").lower() for k, v in pb.ContainerState.items()}
 TASK_STATE = {v: k.removeprefix("TASK_").lower() for k, v in pb.TaskState.items()}
+
+M = TypeVar("M", bound=Message)
 
 
 @main.group()
@@ -56,31 +59,15 @@ def quilt_serve(obj: Context, /, config_path: Path | None, **flags: Any) -> None
     run_daemon("aria quilt serve", QUILT_SETTINGS, flags, config_path, "quilt", serve_quilt)
 
 
-def _call(obj: Context, path: str, request: Any, reply: Any) -> Any:
-    async def call(channel: Channel) -> Any:
-        return await channel.unary(path, request, reply, timeout=obj.timeout)
-
-    return obj.run(call, obj.quilt_socket)
-
-
-def _show(obj: Context, message: Any, text: str) -> None:
-    obj.output(json_format.MessageToDict(message, preserving_proto_field_name=True), text)
+def _call(obj: Context, path: str, request: Message, reply: type[M]) -> M:
+    """One unary call to quilt, under the group's --timeout."""
+    return call(obj, path, request, reply, obj.quilt_socket)
 
 
 def _container_line(c: pb.Container) -> str:
     command = " ".join(c.spec.command) or "(idle)"
     ending = f"  {c.message}" if c.message else ""
     return f"{c.id}  {STATE[c.state]:<8} {c.spec.name or '-':<12} {command}{ending}"
-
-
-def _env(pairs: tuple[str, ...]) -> dict[str, str]:
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--env")
-        out[key] = value
-    return out
 
 
 @quilt.command("create")
@@ -115,7 +102,7 @@ def create(
         name=name,
         image=image,
         command=list(command),
-        env=_env(env),
+        env=parse_env(env),
         workdir=workdir,
         network=network,
         limits=pb.Limits(memory_bytes=memory, pids=pids),
@@ -123,7 +110,7 @@ def create(
     c = _call(obj, C + "CreateContainer", pb.CreateContainerRequest(spec=spec), pb.Container)
     if start_now:
         c = _call(obj, C + "StartContainer", pb.ContainerRef(id=c.id), pb.Container)
-    _show(obj, c, c.id)
+    show(obj, c, c.id)
 
 
 @quilt.command("start")
@@ -132,7 +119,7 @@ def create(
 def start(obj: Context, container_id: str) -> None:
     """Start a created container."""
     c = _call(obj, C + "StartContainer", pb.ContainerRef(id=container_id), pb.Container)
-    _show(obj, c, _container_line(c))
+    show(obj, c, _container_line(c))
 
 
 @quilt.command("stop")
@@ -142,7 +129,7 @@ def start(obj: Context, container_id: str) -> None:
 def stop(obj: Context, container_id: str, grace: float) -> None:
     """Stop a running container: SIGTERM, then SIGKILL after the grace period."""
     c = _call(obj, C + "StopContainer", pb.StopContainerRequest(id=container_id, grace_seconds=grace), pb.Container)
-    _show(obj, c, _container_line(c))
+    show(obj, c, _container_line(c))
 
 
 @quilt.command("rm")
@@ -164,7 +151,7 @@ def ps(obj: Context, show_all: bool) -> None:
     """List containers (the running ones, or --all)."""
     states = [] if show_all else [pb.CONTAINER_RUNNING]
     found = _call(obj, C + "ListContainers", pb.ListContainersRequest(states=states), pb.ListContainersResponse)
-    _show(obj, found, "\n".join(_container_line(c) for c in found.containers) or "(none)")
+    show(obj, found, "\n".join(_container_line(c) for c in found.containers) or "(none)")
 
 
 @quilt.command("inspect")
@@ -173,18 +160,15 @@ def ps(obj: Context, show_all: bool) -> None:
 def inspect_(obj: Context, container_id: str) -> None:
     """Show everything about a container."""
     c = _call(obj, C + "GetContainer", pb.ContainerRef(id=container_id), pb.Container)
-    obj.output(json_format.MessageToDict(c, preserving_proto_field_name=True))
+    obj.output(as_dict(c))
 
 
-def _print_lines(lines: AsyncIterator[pb.OutputLine], as_json: bool) -> Any:
-    async def show() -> None:
-        async for line in lines:
-            if as_json:
-                print(json.dumps(json_format.MessageToDict(line, preserving_proto_field_name=True)), flush=True)
-            else:
-                print(line.text, file=sys.stderr if line.stream == pb.STDERR else sys.stdout, flush=True)
-
-    return show()
+async def _print_lines(lines: AsyncIterable[pb.OutputLine], as_json: bool) -> None:
+    async for line in lines:
+        if as_json:
+            print(json.dumps(as_dict(line)), flush=True)
+        else:
+            print(line.text, file=sys.stderr if line.stream == pb.STDERR else sys.stdout, flush=True)
 
 
 @quilt.command("logs")
@@ -195,9 +179,9 @@ def logs(obj: Context, container_id: str, follow: bool) -> None:
     """Print the output of a container's main process."""
 
     async def stream(channel: Channel) -> None:
-        async with channel.call(C + "ContainerLogs", pb.OutputLine) as call:
-            await call.send(pb.ContainerLogsRequest(id=container_id, follow=follow), end=True)
-            await _print_lines(call, obj.as_json)
+        async with channel.call(C + "ContainerLogs", pb.OutputLine) as lines:
+            await lines.send(pb.ContainerLogsRequest(id=container_id, follow=follow), end=True)
+            await _print_lines(lines, obj.as_json)
 
     obj.run(stream, obj.quilt_socket)
 
@@ -214,11 +198,11 @@ def exec_(
 ) -> None:
     """Run COMMAND in a running container; its output is printed, its exit code returned."""
     request = pb.ExecRequest(
-        container_id=container_id, command=list(command), env=_env(env), timeout_seconds=task_timeout
+        container_id=container_id, command=list(command), env=parse_env(env), timeout_seconds=task_timeout
     )
     if detach:
         task = _call(obj, T + "ExecAsync", request, pb.Task)
-        _show(obj, task, task.id)
+        show(obj, task, task.id)
         return
 
     async def run(channel: Channel) -> pb.ExecResult:
@@ -226,7 +210,7 @@ def exec_(
 
     result = obj.run(run, obj.quilt_socket)
     if obj.as_json:
-        _show(obj, result, "")
+        show(obj, result, "")
     else:
         sys.stdout.write(result.stdout)
         sys.stderr.write(result.stderr)
@@ -241,7 +225,7 @@ def exec_(
 def task(obj: Context, task_id: str) -> None:
     """Show a task's status."""
     t = _call(obj, T + "GetTask", pb.TaskRef(id=task_id), pb.Task)
-    _show(obj, t, f"{t.id}  {TASK_STATE[t.state]}  {t.message}")
+    show(obj, t, f"{t.id}  {TASK_STATE[t.state]}  {t.message}")
 
 
 @quilt.command("task-logs")
@@ -253,9 +237,9 @@ def task_logs(obj: Context, task_id: str, follow: bool, offset: int) -> None:
     """Print a task's output."""
 
     async def stream(channel: Channel) -> None:
-        async with channel.call(T + "TaskOutput", pb.OutputLine) as call:
-            await call.send(pb.TaskOutputRequest(id=task_id, offset=offset, follow=follow), end=True)
-            await _print_lines(call, obj.as_json)
+        async with channel.call(T + "TaskOutput", pb.OutputLine) as lines:
+            await lines.send(pb.TaskOutputRequest(id=task_id, offset=offset, follow=follow), end=True)
+            await _print_lines(lines, obj.as_json)
 
     obj.run(stream, obj.quilt_socket)
 
@@ -266,7 +250,7 @@ def task_logs(obj: Context, task_id: str, follow: bool, offset: int) -> None:
 def cancel(obj: Context, task_id: str) -> None:
     """Kill a task (a no-op when it has ended)."""
     r = _call(obj, T + "CancelTask", pb.TaskRef(id=task_id), pb.CancelTaskResponse)
-    _show(obj, r, f"{task_id}  {TASK_STATE[r.task.state]}" + ("" if r.cancelled else " (had already ended)"))
+    show(obj, r, f"{task_id}  {TASK_STATE[r.task.state]}" + ("" if r.cancelled else " (had already ended)"))
 
 
 @quilt.command("metrics")
@@ -274,7 +258,7 @@ def cancel(obj: Context, task_id: str) -> None:
 def metrics(obj: Context) -> None:
     """Show quilt's counters and the machine's load."""
     m = _call(obj, S + "GetSystemMetrics", pb.GetSystemMetricsRequest(), pb.SystemMetrics)
-    obj.output(json_format.MessageToDict(m, preserving_proto_field_name=True))
+    obj.output(as_dict(m))
 
 
 @quilt.group()
@@ -311,7 +295,7 @@ def bundle_upload(obj: Context, path: Path) -> None:
         return await channel.stream_unary(B + "UploadBundle", chunks(), pb.Bundle)
 
     b = obj.run(upload, obj.quilt_socket)
-    _show(obj, b, f"{b.id}  {b.name} {b.version}  {len(b.tools)} tools, {len(b.agents)} agents")
+    show(obj, b, f"{b.id}  {b.name} {b.version}  {len(b.tools)} tools, {len(b.agents)} agents")
 
 
 @bundle.command("list")
@@ -320,18 +304,12 @@ def bundle_list(obj: Context) -> None:
     """List the stored bundles, newest first."""
 
     async def everything(channel: Channel) -> list[pb.Bundle]:
-        found: list[pb.Bundle] = []
-        token = ""
-        while True:
-            page = await channel.unary(
-                B + "ListBundles", pb.ListBundlesRequest(page_token=token), pb.ListBundlesResponse, timeout=obj.timeout
-            )
-            found.extend(page.bundles)
-            if not (token := page.next_page_token):
-                return found
+        request, reply = pb.ListBundlesRequest(), pb.ListBundlesResponse
+        found, _ = await pages(obj, channel, B + "ListBundles", request, reply, lambda page: page.bundles, True)
+        return found
 
     bundles = obj.run(everything, obj.quilt_socket)
-    rows = [json_format.MessageToDict(b, preserving_proto_field_name=True) for b in bundles]
+    rows = [as_dict(b) for b in bundles]
     obj.output(
         rows,
         "\n".join(f"{b.id[:16]}  {b.name:<20} {b.version:<8} {b.size_bytes:>10}  {b.filename}" for b in bundles)
@@ -361,6 +339,6 @@ def bundle_run_tool(obj: Context, bundle_id: str, tool: str, arguments: str) -> 
         pb.RunToolRequest(bundle_id=bundle_id, tool_name=tool, arguments_json=arguments),
         pb.RunToolResult,
     )
-    _show(obj, r, r.result_json if r.ok else f"error: {r.error}")
+    show(obj, r, r.result_json if r.ok else f"error: {r.error}")
     if not r.ok:
         sys.exit(1)

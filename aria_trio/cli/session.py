@@ -1,45 +1,28 @@
-"""Client verbs for conversations: `aria session new|list|show|end|history` and `aria chat`.
-
-`aria chat SESSION` reads lines from stdin (a `> ` prompt on a terminal; piped input works too),
-runs each as a turn (ExecuteTurn) and shows its events as they arrive: the assistant's text,
-`→ tool(arguments)` for each call (with a spinner on a terminal while it runs), `✓`/`✗` with the
-result or the error, then the final answer. A turn's error is printed and the prompt goes on; the
-exit status is 1 if any turn failed. Ctrl-C during a turn cancels it; at the prompt it leaves.
-"""
+"""`aria session ...`: start, list, show and end sessions (conversations with an agent); read
+their history."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import sys
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
 import click
-import trio
 
 from aria_trio.cli import Context, main
-from aria_trio.cli.runtime import _call, _each, _env_text, _fields, _printer, _show, _show_list, _table, _when
+from aria_trio.cli.output import call, env_text, fields, pages, show, show_list, table, when
 from aria_trio.proto.aria.v1 import aria_pb2
 from aria_trio.proto.aria.v1 import session_pb2 as pb
-from aria_trio.rpc import Channel, RpcError
+from aria_trio.rpc import Channel
 
 SESSIONS = "/aria.v1.SessionService/"
 PAGE = 500  # messages asked for per ListMessages page
 SHORT = 200  # characters of a tool's arguments or result shown on one line
-SPIN = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
-SPIN_INTERVAL = 0.08
-BUSY_RETRY_S = 3.0  # how long a turn waits for the server to finish cancelling the previous one
-QUIT = "/quit"
 ROLES = {aria_pb2.SYSTEM: "system", aria_pb2.USER: "you", aria_pb2.ASSISTANT: "assistant", aria_pb2.TOOL: "tool"}
 
 
 # -- text -----------------------------------------------------------------------------------------
 
 
-def _short(text: str, limit: int = SHORT) -> str:
+def short(text: str, limit: int = SHORT) -> str:
     """One line of at most `limit` characters."""
     line = " ".join(text.split("\n"))
     return line if len(line) <= limit else line[: limit - 1] + "…"
@@ -48,19 +31,14 @@ def _short(text: str, limit: int = SHORT) -> str:
 def _arguments(parameters_json: str) -> str:
     """A call's arguments as compact JSON on one line (as written, if they are not JSON)."""
     try:
-        return _short(json.dumps(json.loads(parameters_json or "{}"), ensure_ascii=False))
+        return short(json.dumps(json.loads(parameters_json or "{}"), ensure_ascii=False))
     except ValueError:
-        return _short(parameters_json)
+        return short(parameters_json)
 
 
-def _call_line(call: pb.ToolCall) -> str:
-    return f"→ {call.tool_name}({_arguments(call.parameters_json)})"
-
-
-def _result_line(result: pb.ToolResult) -> str:
-    if result.success:
-        return f"✓ {result.tool_name}: {_short(result.result_json)}"
-    return f"✗ {result.tool_name}: {_short(result.error_message or 'failed')}"
+def call_line(tool_call: pb.ToolCall) -> str:
+    """`→ tool(arguments)`: a tool call the assistant made."""
+    return f"→ {tool_call.tool_name}({_arguments(tool_call.parameters_json)})"
 
 
 def _transcript(messages: list[pb.Message]) -> str:
@@ -68,36 +46,24 @@ def _transcript(messages: list[pb.Message]) -> str:
     lines: list[str] = []
     for m in messages:
         if m.role == aria_pb2.TOOL:
-            lines.append(f"← {m.tool_name or 'tool'}: {_short(m.content)}")
+            lines.append(f"← {m.tool_name or 'tool'}: {short(m.content)}")
             continue
         if m.content or m.role != aria_pb2.ASSISTANT:
             lines.append(f"{ROLES.get(m.role, 'unknown')}: {m.content}")
-        lines.extend(_call_line(c) for c in m.tool_calls)
+        lines.extend(call_line(c) for c in m.tool_calls)
     return "\n".join(lines) or "(no messages)"
 
 
 def _session_text(s: pb.Session) -> str:
-    return _fields(
+    return fields(
         [
             ("id", s.id),
             ("status", s.status),
             ("agent", s.agent_id),
-            ("created", _when(s.created_at)),
-            ("context", _env_text(s.context_data.items())),
+            ("created", when(s.created_at)),
+            ("context", env_text(s.context_data.items())),
         ]
     )
-
-
-def _error_line(exc: RpcError) -> str:
-    """As `aria` reports any failed call: `error: MESSAGE (CODE, request id ID)`."""
-    info = exc.error_info()
-    request_id = info.metadata.get("request_id", "") if info is not None else ""
-    return f"error: {exc.message} ({exc.code.name}{f', request id {request_id}' if request_id else ''})"
-
-
-def _reason(exc: RpcError) -> str:
-    info = exc.error_info()
-    return info.reason if info is not None else ""
 
 
 # -- sessions -------------------------------------------------------------------------------------
@@ -129,21 +95,8 @@ def session_new(obj: Context, agent_id: str, context: dict[str, str]) -> None:
     Example: aria chat "$(aria session new --agent Calculator)"
     """
     request = pb.CreateSessionRequest(agent_id=agent_id, context_data=context)
-    s = _call(obj, SESSIONS + "CreateSession", request, pb.Session)
-    _show(obj, s, s.id)
-
-
-async def _pages(
-    obj: Context, channel: Channel, method: str, request: Any, reply: type[Any], items_field: str, every_page: bool
-) -> tuple[list[Any], str]:
-    """A listing's items (those of its first page, or of every page) and the next page's token."""
-    items: list[Any] = []
-    while True:
-        page = await channel.unary(SESSIONS + method, request, reply, timeout=obj.timeout)
-        items.extend(getattr(page, items_field))
-        request.page_token = page.next_page_token
-        if not (every_page and page.next_page_token):
-            return items, page.next_page_token
+    s = call(obj, SESSIONS + "CreateSession", request, pb.Session)
+    show(obj, s, s.id)
 
 
 @session.command("list")
@@ -155,9 +108,13 @@ def session_list(obj: Context, limit: int, page_token: str, every_page: bool) ->
     """List your sessions, newest first."""
     request = pb.ListSessionsRequest(page_size=limit, page_token=page_token)
     reply = pb.ListSessionsResponse
-    found, more = obj.run(lambda ch: _pages(obj, ch, "ListSessions", request, reply, "sessions", every_page))
-    rows = ((s.id, s.status, _when(s.created_at), s.agent_id, _env_text(s.context_data.items())) for s in found)
-    _show_list(obj, found, _table(("ID", "STATUS", "CREATED", "AGENT", "CONTEXT"), rows, "(no sessions)"))
+
+    async def listing(channel: Channel) -> tuple[list[pb.Session], str]:
+        return await pages(obj, channel, SESSIONS + "ListSessions", request, reply, lambda p: p.sessions, every_page)
+
+    found, more = obj.run(listing)
+    rows = ((s.id, s.status, when(s.created_at), s.agent_id, env_text(s.context_data.items())) for s in found)
+    show_list(obj, found, table(("ID", "STATUS", "CREATED", "AGENT", "CONTEXT"), rows, "(no sessions)"))
     if more:
         click.echo(f"(more: --all, or --page-token {more})", err=True)
 
@@ -167,8 +124,8 @@ def session_list(obj: Context, limit: int, page_token: str, every_page: bool) ->
 @click.pass_obj
 def session_show(obj: Context, session_id: str) -> None:
     """Show a session: its status, agent, creation time and context."""
-    s = _call(obj, SESSIONS + "GetSession", pb.GetSessionRequest(session_id=session_id), pb.Session)
-    _show(obj, s, _session_text(s))
+    s = call(obj, SESSIONS + "GetSession", pb.GetSessionRequest(session_id=session_id), pb.Session)
+    show(obj, s, _session_text(s))
 
 
 @session.command("end")
@@ -179,8 +136,8 @@ def session_end(obj: Context, session_id: str) -> None:
 
     Ending an ended session changes nothing.
     """
-    s = _call(obj, SESSIONS + "EndSession", pb.EndSessionRequest(session_id=session_id), pb.Session)
-    _show(obj, s, f"ended {s.id} ({s.status})")
+    s = call(obj, SESSIONS + "EndSession", pb.EndSessionRequest(session_id=session_id), pb.Session)
+    show(obj, s, f"ended {s.id} ({s.status})")
 
 
 @session.command("history")
@@ -194,224 +151,10 @@ def session_history(obj: Context, session_id: str, page_size: int) -> None:
     `← tool: result` for its result (with --json: every message in full).
     """
     request = pb.ListMessagesRequest(session_id=session_id, page_size=page_size)
-    found, _ = obj.run(lambda ch: _pages(obj, ch, "ListMessages", request, pb.ListMessagesResponse, "messages", True))
-    _show_list(obj, found, _transcript(found))
+    reply = pb.ListMessagesResponse
 
+    async def listing(channel: Channel) -> tuple[list[pb.Message], str]:
+        return await pages(obj, channel, SESSIONS + "ListMessages", request, reply, lambda p: p.messages, True)
 
-# -- chat -----------------------------------------------------------------------------------------
-
-
-class _Spinner:
-    """`⠋ add…` rewritten in place on stderr while tool calls run (only when `shown`: a terminal)."""
-
-    def __init__(self, shown: bool) -> None:
-        self.shown = shown
-        self.pending: dict[str, str] = {}  # call id -> tool name
-        self.frame = 0
-        self.drawn = False
-
-    def start(self, call: pb.ToolCall) -> None:
-        self.pending[call.call_id or call.tool_name] = call.tool_name
-        self.draw()
-
-    def stop(self, result: pb.ToolResult) -> None:
-        self.pending.pop(result.call_id or result.tool_name, None)
-
-    def draw(self) -> None:
-        if self.shown and self.pending:
-            names = ", ".join(dict.fromkeys(self.pending.values()))
-            click.echo(f"\r{SPIN[self.frame % len(SPIN)]} {names}…\x1b[K", err=True, nl=False)
-            self.drawn = True
-
-    def clear(self) -> None:
-        if self.drawn:
-            click.echo("\r\x1b[K", err=True, nl=False)
-            self.drawn = False
-
-    async def run(self) -> None:
-        while True:
-            await trio.sleep(SPIN_INTERVAL)
-            self.frame += 1
-            self.draw()
-
-
-@dataclass
-class _TurnView:
-    """Shows one turn's events as they arrive."""
-
-    spinner: _Spinner
-    last_text: str = ""  # the assistant's last text, not to print it again as the final answer
-
-    def say(self, line: str) -> None:
-        self.spinner.clear()
-        click.echo(line)
-        self.spinner.draw()
-
-    def render(self, out: pb.TurnOutput) -> None:
-        kind = out.WhichOneof("event")
-        if kind == "message":
-            if out.message.role == aria_pb2.ASSISTANT and out.message.content:
-                self.last_text = out.message.content
-                self.say(out.message.content)
-        elif kind == "tool_call":
-            self.say(_call_line(out.tool_call))
-            self.spinner.start(out.tool_call)
-        elif kind == "tool_result":
-            self.spinner.stop(out.tool_result)
-            self.say(_result_line(out.tool_result))
-        elif kind == "final_response":
-            self.spinner.pending.clear()
-            if out.final_response != self.last_text:
-                self.say(out.final_response)
-
-
-class _Chat:
-    """A chat on one channel: turns, one at a time, each cancellable by Ctrl-C."""
-
-    def __init__(self, obj: Context, channel: Channel, session_id: str) -> None:
-        self.obj = obj
-        self.channel = channel
-        self.session_id = session_id
-        self.failed = False
-        self.interrupted = False  # the last turn was cut short by Ctrl-C
-        self.running: trio.CancelScope | None = None  # the turn that Ctrl-C cancels, until its answer is in
-        self.leave: trio.CancelScope | None = None  # what Ctrl-C cancels otherwise: the whole chat
-
-    async def watch_interrupts(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        with trio.open_signal_receiver(signal.SIGINT) as signals:
-            task_status.started()
-            async for _ in signals:
-                scope = self.running or self.leave
-                if scope is not None:
-                    scope.cancel()
-
-    async def turn(self, text: str) -> None:
-        """Run one turn, showing its events; an error is printed (and remembered for the exit status)."""
-        spinner = _Spinner(shown=sys.stderr.isatty() and not self.obj.as_json)
-        view = _TurnView(spinner)
-        show: Callable[[pb.TurnOutput], None] = _printer(self.obj, view.render)
-
-        def render(out: pb.TurnOutput) -> None:
-            show(out)
-            if out.WhichOneof("event") == "final_response":
-                self.running = None  # answered: a Ctrl-C from now on is one at the prompt
-
-        request = pb.ExecuteTurnRequest(session_id=self.session_id, input=text)
-        retry_until = trio.current_time() + BUSY_RETRY_S if self.interrupted else 0.0
-        self.interrupted = False
-        with trio.CancelScope() as scope:
-            self.running = scope
-            try:
-                async with trio.open_nursery() as nursery:
-                    if spinner.shown:
-                        nursery.start_soon(spinner.run)
-                    try:
-                        await self._stream(request, render, retry_until)
-                    except RpcError as exc:
-                        spinner.clear()
-                        click.echo(_error_line(exc), err=True)
-                        self.failed = True
-                    nursery.cancel_scope.cancel()
-            finally:
-                spinner.clear()
-                self.running = None
-        if scope.cancelled_caught:
-            self.interrupted = True
-            click.echo("(turn cancelled)", err=True)
-
-    async def prompt(self, s: pb.Session) -> None:
-        """A turn a line of stdin, until its end, /quit, or Ctrl-C at the prompt."""
-        interactive = sys.stdin.isatty()
-        if interactive:
-            click.echo(f"session {s.id} with agent {s.agent_id or 'default'}; Ctrl-D or {QUIT} leaves", err=True)
-        lines = _Lines()
-        with trio.CancelScope() as waiting:
-            self.leave = waiting
-            while True:
-                line = await lines.next("> " if interactive else "")
-                if line is None or line.strip() == QUIT:
-                    break
-                if line.strip():
-                    await self.turn(line)
-        if waiting.cancelled_caught and interactive:
-            click.echo("", err=True)  # Ctrl-C at the prompt: the shell's prompt on a line of its own
-
-    async def _stream(
-        self, request: pb.ExecuteTurnRequest, render: Callable[[pb.TurnOutput], None], retry_until: float
-    ) -> None:
-        """ExecuteTurn, its events to `render`; refused while the session still runs a turn (one just
-        cancelled, that the server is still ending), it tries again until `retry_until`."""
-        while True:
-            try:
-                await _each(self.channel, SESSIONS + "ExecuteTurn", request, pb.TurnOutput, render)
-                return
-            except RpcError as exc:
-                if _reason(exc) != "TURN_RUNNING" or trio.current_time() > retry_until:
-                    raise
-            await trio.sleep(0.05)
-
-
-class _Lines:
-    """Lines of stdin, read in a worker thread that Ctrl-C may abandon. It reads the file descriptor
-    itself (os.read), not sys.stdin: a thread left blocked holding sys.stdin's lock would make the
-    interpreter abort at exit."""
-
-    def __init__(self) -> None:
-        self.buffer = b""
-        self.ended = False
-
-    async def next(self, prompt: str) -> str | None:
-        """The next line without its newline; None at the end of input."""
-        if prompt:
-            click.echo(prompt, err=True, nl=False)
-        while b"\n" not in self.buffer and not self.ended:
-            data = await trio.to_thread.run_sync(os.read, 0, 65536, abandon_on_cancel=True)
-            self.buffer += data
-            self.ended = not data
-        if not self.buffer:
-            return None
-        line, _, self.buffer = self.buffer.partition(b"\n")
-        return line.decode(errors="replace").rstrip("\r")
-
-
-@main.command()
-@click.argument("session_id")
-@click.option("--message", "-m", "message", default=None, metavar="TEXT", help="Run this one turn, then exit.")
-@click.pass_obj
-def chat(obj: Context, session_id: str, message: str | None) -> None:
-    """Talk with a session's agent: each line of input is a turn.
-
-    Shows the assistant's text, each tool call (`→ tool(arguments)`), its result (`✓`) or error
-    (`✗`), then the final answer. Without a configured model (`aria prefs set llm.model ...`),
-    `/<tool> <json object>` runs one of the agent's tools directly. Ctrl-D or /quit leaves;
-    Ctrl-C cancels the running turn, or leaves at the prompt. Exit status 1 if any turn failed.
-
-    \b
-    Examples:
-      aria chat S
-      aria chat S -m '/run_command {"command": ["echo", "hi"]}'
-      printf 'hello\\nthanks\\n' | aria chat S
-    """
-    outcome: list[_Chat] = []
-
-    async def talk(channel: Channel) -> None:
-        get = pb.GetSessionRequest(session_id=session_id)
-        s = await channel.unary(SESSIONS + "GetSession", get, pb.Session, timeout=obj.timeout)
-        state = _Chat(obj, channel, session_id)
-        outcome.append(state)
-        async with trio.open_nursery() as nursery:
-            state.leave = nursery.cancel_scope
-            await nursery.start(state.watch_interrupts)
-            if message is not None:
-                await state.turn(message)
-            else:
-                await state.prompt(s)
-            nursery.cancel_scope.cancel()
-
-    try:
-        obj.run(talk)
-    except KeyboardInterrupt:  # before the handler was in place
-        sys.exit(130)
-    if message is not None and outcome and outcome[0].interrupted:
-        sys.exit(130)
-    sys.exit(1 if outcome and outcome[0].failed else 0)
+    found, _ = obj.run(listing)
+    show_list(obj, found, _transcript(found))

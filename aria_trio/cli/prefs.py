@@ -1,43 +1,22 @@
-"""Client verbs: `aria health`, `aria prefs ...`."""
+"""`aria prefs ...`: read and change your preferences (the model your agents use, ...)."""
 
 from __future__ import annotations
 
 import json
 import sys
-from typing import Any
+from typing import TypeAlias
 
 import click
 from google.protobuf import json_format, struct_pb2
-from grpc_health.v1 import health_pb2
 
 from aria_trio.cli import Context, main
+from aria_trio.cli.output import call
 from aria_trio.proto.aria.v1 import user_preference_pb2 as prefs_pb
 from aria_trio.rpc import Channel
 
 PREFS = "/aria.v1.UserPreferenceService/"
 
-
-@main.command()
-@click.pass_obj
-def health(obj: Context) -> None:
-    """Ask the runtime whether it is serving (exit 0 if so, 1 if not)."""
-
-    async def ask(channel: Channel) -> health_pb2.HealthListResponse:
-        return await channel.unary(
-            "/grpc.health.v1.Health/List",
-            health_pb2.HealthListRequest(),
-            health_pb2.HealthListResponse,
-            timeout=obj.timeout,
-        )
-
-    answer = obj.run(ask)
-    statuses = {
-        name: health_pb2.HealthCheckResponse.ServingStatus.Name(s.status) for name, s in answer.statuses.items()
-    }
-    overall = statuses.get("", "UNKNOWN")
-    text = "\n".join([overall] + [f"  {name}: {status}" for name, status in sorted(statuses.items()) if name])
-    obj.output({"status": overall, "services": {k: v for k, v in statuses.items() if k}}, text)
-    sys.exit(0 if overall == "SERVING" else 1)
+JSON: TypeAlias = "str | int | float | bool | list[JSON] | dict[str, JSON] | None"
 
 
 @main.group()
@@ -45,11 +24,12 @@ def prefs() -> None:
     """Read and change your preferences (llm.model, llm.temperature, llm.base_url, ...)."""
 
 
-def _as_dict(message: prefs_pb.UserPreferences) -> dict[str, Any]:
-    return json_format.MessageToDict(message.preferences)
+def _values(message: prefs_pb.UserPreferences) -> dict[str, JSON]:
+    """The preferences as JSON values; a whole number as an int (a Struct holds only floats)."""
+    return {k: _number_or_value(v) for k, v in json_format.MessageToDict(message.preferences).items()}
 
 
-def _number_or_value(value: Any) -> Any:
+def _number_or_value(value: JSON) -> JSON:
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
@@ -59,15 +39,8 @@ def _number_or_value(value: Any) -> Any:
 def prefs_get(obj: Context, key: str | None) -> None:
     """Print all preferences, or the value of KEY."""
 
-    async def get(channel: Channel) -> prefs_pb.UserPreferences:
-        return await channel.unary(
-            PREFS + "GetUserPreferences",
-            prefs_pb.GetUserPreferencesRequest(),
-            prefs_pb.UserPreferences,
-            timeout=obj.timeout,
-        )
-
-    values = {k: _number_or_value(v) for k, v in _as_dict(obj.run(get)).items()}
+    request = prefs_pb.GetUserPreferencesRequest()
+    values = _values(call(obj, PREFS + "GetUserPreferences", request, prefs_pb.UserPreferences))
     if key is None:
         obj.output(
             values, "\n".join(f"{k} = {json.dumps(v)}" for k, v in sorted(values.items())) or "(no preferences set)"
@@ -80,7 +53,7 @@ def prefs_get(obj: Context, key: str | None) -> None:
         sys.exit(1)
 
 
-def _update(obj: Context, updates: dict[str, Any]) -> None:
+def _update(obj: Context, updates: dict[str, JSON]) -> None:
     async def update(channel: Channel) -> prefs_pb.UserPreferences:
         struct = struct_pb2.Struct()
         struct.update(updates)
@@ -91,7 +64,7 @@ def _update(obj: Context, updates: dict[str, Any]) -> None:
             timeout=obj.timeout,
         )
 
-    values = {k: _number_or_value(v) for k, v in _as_dict(obj.run(update)).items()}
+    values = _values(obj.run(update))
     key = next(iter(updates))
     if key in values:
         obj.output(values, f"{key} = {json.dumps(values[key])}")
@@ -113,7 +86,7 @@ def prefs_set(obj: Context, key: str, value: str, as_string: bool) -> None:
       aria prefs set llm.temperature 0.2
       aria prefs set llm.base_url http://127.0.0.1:11434/v1
     """
-    parsed: Any = value
+    parsed: JSON = value
     if not as_string:
         try:
             parsed = json.loads(value)
