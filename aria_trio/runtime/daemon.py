@@ -6,7 +6,6 @@ import functools
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import trio
 
@@ -44,6 +43,7 @@ from aria_trio.runtime.work.leftovers import remove_leftovers
 from aria_trio.runtime.work.notifications import Notifications
 from aria_trio.runtime.work.tasks import Tasks, TaskTimeouts
 from aria_trio.runtime.work.uploads import Uploads
+from aria_trio.shared.config import RuntimeSettings
 from aria_trio.shared.lifecycle import claim, serve_until_signal
 from aria_trio.shared.sqlite import Store
 
@@ -52,9 +52,9 @@ NEED_QUILT = ("TaskService", "ContainerService", "BundleService")
 PAGE_TOKEN_KEY = "page-token.key"
 
 
-async def serve(settings: dict[str, Any]) -> None:
-    data_dir: Path = settings["data_dir"]
-    lock_fd = await trio.to_thread.run_sync(claim, settings["socket"], data_dir)
+async def serve(settings: RuntimeSettings) -> None:
+    data_dir = settings.data_dir
+    lock_fd = await trio.to_thread.run_sync(claim, settings.socket, data_dir)
     try:
         store = await open_store(data_dir / "runtime.db")
         try:
@@ -72,27 +72,27 @@ async def _stopping(store: Store, grace: float) -> None:
     await trio.lowlevel.checkpoint()
 
 
-def quilt_link(settings: dict[str, Any], health: Health) -> QuiltLink:
+def quilt_link(settings: RuntimeSettings, health: Health) -> QuiltLink:
     """The link to a Quilt of our own (a child, under the data dir) or to the one configured."""
     needs = [f"aria.v1.{name}" for name in NEED_QUILT]
-    if settings["quilt_socket"]:
-        return QuiltLink(Path(settings["quilt_socket"]).expanduser(), spawn=None, health=health, services=needs)
-    data_dir: Path = settings["data_dir"]
+    if settings.quilt_socket:
+        return QuiltLink(Path(settings.quilt_socket).expanduser(), spawn=None, health=health, services=needs)
+    data_dir = settings.data_dir
     socket = data_dir / "quilt.sock"
     command = quilt_command(
         socket,
         data_dir / "quilt",
-        settings["quilt_sandbox"],
-        settings["log_level"],
-        settings["log_format"],
-        images_dir=settings["images_dir"],
-        hide=(data_dir, Path(settings["socket"])),
-        orphan_grace=settings["quilt_orphan_grace"],
+        settings.quilt_sandbox,
+        settings.log_level,
+        settings.log_format,
+        images_dir=settings.images_dir,
+        hide=(data_dir, Path(settings.socket)),
+        orphan_grace=settings.quilt_orphan_grace,
     )
     return QuiltLink(socket, spawn=command, health=health, services=needs, data_dir=data_dir / "quilt")
 
 
-async def _run(settings: dict[str, Any], store: Store) -> None:
+async def _run(settings: RuntimeSettings, store: Store) -> None:
     model = ChatModel()  # one HTTP client for every model call (connections reused)
     try:
         await _serve(settings, store, model)
@@ -101,15 +101,15 @@ async def _run(settings: dict[str, Any], store: Store) -> None:
             await model.aclose()
 
 
-async def _serve(settings: dict[str, Any], store: Store, model: ChatModel) -> None:
+async def _serve(settings: RuntimeSettings, store: Store, model: ChatModel) -> None:
     keys = ApiKeys(store)
     audit = Audit(store)
     metrics = Metrics()
     quotas = Quotas(settings)
     server = Server(
-        max_message_length=settings["max_message_bytes"],
-        max_concurrent_streams=settings["max_concurrent_streams"],
-        max_connections=settings["max_connections"],
+        max_message_length=settings.max_message_bytes,
+        max_concurrent_streams=settings.max_concurrent_streams,
+        max_connections=settings.max_connections,
         authenticate=PeerIdentity(keys.verify),
         metrics=metrics.rpc,
         admission=quotas,
@@ -118,7 +118,7 @@ async def _serve(settings: dict[str, Any], store: Store, model: ChatModel) -> No
     server.add_service(HEALTH, health, authenticated=False)
     quilt = quilt_link(settings, health)
     notifications = Notifications(store)
-    tokens = PageTokens(await trio.to_thread.run_sync(load_key, settings["data_dir"] / PAGE_TOKEN_KEY))
+    tokens = PageTokens(await trio.to_thread.run_sync(load_key, settings.data_dir / PAGE_TOKEN_KEY))
     registry = Registry(store)
     sessions = Sessions(store, registry, tokens)
     containers = Containers(store, quilt, notifications, quotas)
@@ -128,7 +128,7 @@ async def _serve(settings: dict[str, Any], store: Store, model: ChatModel) -> No
         notifications,
         tokens,
         quotas,
-        TaskTimeouts(settings["task_timeout"], settings["max_task_timeout"]),
+        TaskTimeouts(settings.task_timeout, settings.max_task_timeout),
     )
     preferences = Preferences(store)
     turns = Turns(
@@ -136,7 +136,7 @@ async def _serve(settings: dict[str, Any], store: Store, model: ChatModel) -> No
         sessions,
         registry,
         preferences,
-        ToolCalls(store, quilt, tasks, settings["tool_timeout"]),
+        ToolCalls(store, quilt, tasks, settings.tool_timeout),
         model,
         quotas=quotas,
     )
@@ -164,20 +164,20 @@ async def _serve(settings: dict[str, Any], store: Store, model: ChatModel) -> No
         containers.run,
         tasks.run,
     ]
-    if settings["tap_port"]:
-        background.append(Tap(settings["tap_port"], notifications, tasks, keys.verify).run)
-    if settings["metrics_port"]:
+    if settings.tap_port:
+        background.append(Tap(settings.tap_port, notifications, tasks, keys.verify).run)
+    if settings.metrics_port:
         live = live_metrics(store, notifications, quilt, uploads)
-        background.append(MetricsServer(settings["metrics_port"], metrics, live).run)
+        background.append(MetricsServer(settings.metrics_port, metrics, live).run)
     await serve_until_signal(
         server,
         health,
-        str(settings["socket"]),
-        settings["grace"],
+        str(settings.socket),
+        settings.grace,
         background=background,
         on_stop=functools.partial(_stopping, store),
-        socket_mode=settings["socket_mode"],
-        socket_group=settings["socket_group"],
+        socket_mode=settings.socket_mode,
+        socket_group=settings.socket_group,
         database=str(store.path),
         quilt=str(quilt.socket),
     )

@@ -11,9 +11,10 @@ import os
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Generic, Protocol, TypeVar, cast
 
 MiB = 1024 * 1024
+T = TypeVar("T")
 
 
 def aria_home() -> Path:
@@ -23,8 +24,8 @@ def aria_home() -> Path:
 @dataclasses.dataclass(frozen=True)
 class Setting:
     name: str  # config.toml key and --flag (underscores become dashes)
-    type: Callable[[str], Any]
-    default: Callable[[], Any]
+    type: Callable[[str], object]
+    default: Callable[[], object]
     env: str
     help: str
     choices: Sequence[str] = ()
@@ -32,6 +33,52 @@ class Setting:
     @property
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
+
+
+def setting(parse: Callable[[str], T], default: Callable[[], T], env: str, help: str, choices: Sequence[str] = ()) -> T:
+    """A field of a settings class, declared once: the field is the setting (its name is the
+    field's), and mypy checks that the parser and the default give the field's type."""
+    declared = Setting("", parse, default, env, help, choices)
+    return cast(T, dataclasses.field(metadata={SETTING: declared}))
+
+
+SETTING = "aria.setting"  # the key of a field's Setting in its metadata
+
+
+class DaemonSettings(Protocol):
+    """What every daemon's settings are: a dataclass of settings (the CLI's part of them: where,
+    and how to log)."""
+
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[object]]]
+
+    @property
+    def socket(self) -> Path: ...
+    @property
+    def log_level(self) -> str: ...
+    @property
+    def log_format(self) -> str: ...
+
+
+SettingsT = TypeVar("SettingsT", bound=DaemonSettings)
+_Settings_co = TypeVar("_Settings_co", bound=DaemonSettings, covariant=True)
+
+
+class Table(tuple[Setting, ...], Generic[_Settings_co]):
+    """The settings of one daemon in their order (the CLI makes a flag of each), and the frozen
+    dataclass `resolve` makes of them: the table is read off that class's fields, so the two are
+    one declaration."""
+
+    kind: type[_Settings_co]
+
+    def __new__(cls, kind: type[_Settings_co]) -> Table[_Settings_co]:
+        declared = []
+        for f in dataclasses.fields(kind):
+            if SETTING not in f.metadata:
+                raise TypeError(f"{kind.__name__}.{f.name} is not declared with setting()")
+            declared.append(dataclasses.replace(f.metadata[SETTING], name=f.name))
+        table = super().__new__(cls, declared)
+        table.kind = kind
+        return table
 
 
 class ConfigError(Exception):
@@ -93,321 +140,261 @@ def _cpus(text: str) -> float:
     return value
 
 
-def _logging(prefix: str) -> tuple[Setting, Setting]:
-    return (
-        Setting("log_level", str, lambda: "info", f"{prefix}_LOG_LEVEL", "Least severe log level written.", LEVELS),
-        Setting(
-            "log_format",
-            str,
-            lambda: "auto",
-            f"{prefix}_LOG_FORMAT",
-            "json (one object a line), console, or auto (console on a terminal).",
-            ("auto", "json", "console"),
-        ),
+def _log_level(prefix: str) -> str:
+    return setting(str, lambda: "info", f"{prefix}_LOG_LEVEL", "Least severe log level written.", LEVELS)
+
+
+def _log_format(prefix: str) -> str:
+    return setting(
+        str,
+        lambda: "auto",
+        f"{prefix}_LOG_FORMAT",
+        "json (one object a line), console, or auto (console on a terminal).",
+        ("auto", "json", "console"),
     )
 
 
 LEVELS = ("debug", "info", "warning", "error")
 
-RUNTIME_SETTINGS: tuple[Setting, ...] = (
-    Setting(
-        "socket",
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeSettings:
+    """`aria serve`: the runtime daemon."""
+
+    socket: Path = setting(
         _path,
         lambda: aria_home() / "runtime.sock",
         "ARIA_RUNTIME_SOCK",
         "Unix socket to serve on (mode 0600, folder 0700).",
-    ),
-    Setting("data_dir", _path, aria_home, "ARIA_DATA_DIR", "Folder of the runtime's database (runtime.db)."),
-    Setting("grace", _positive_float, lambda: 10.0, "ARIA_GRACE", "Seconds in-flight calls get to finish at shutdown."),
-    *_logging("ARIA"),
-    Setting(
-        "max_message_bytes",
-        _positive_int,
-        lambda: 4 * MiB,
-        "ARIA_MAX_MESSAGE_BYTES",
-        "Largest gRPC message taken or sent.",
-    ),
-    Setting(
-        "max_concurrent_streams",
-        _positive_int,
-        lambda: 128,
-        "ARIA_MAX_CONCURRENT_STREAMS",
-        "Calls one connection may have open at once.",
-    ),
-    Setting(
-        "max_connections",
+    )
+    data_dir: Path = setting(_path, aria_home, "ARIA_DATA_DIR", "Folder of the runtime's database (runtime.db).")
+    grace: float = setting(
+        _positive_float, lambda: 10.0, "ARIA_GRACE", "Seconds in-flight calls get to finish at shutdown."
+    )
+    log_level: str = _log_level("ARIA")
+    log_format: str = _log_format("ARIA")
+    max_message_bytes: int = setting(
+        _positive_int, lambda: 4 * MiB, "ARIA_MAX_MESSAGE_BYTES", "Largest gRPC message taken or sent."
+    )
+    max_concurrent_streams: int = setting(
+        _positive_int, lambda: 128, "ARIA_MAX_CONCURRENT_STREAMS", "Calls one connection may have open at once."
+    )
+    max_connections: int = setting(
         _positive_int,
         lambda: 256,
         "ARIA_MAX_CONNECTIONS",
         "Client connections served at once; more wait to be accepted.",
-    ),
-    Setting(
-        "quilt_socket",
+    )
+    quilt_socket: str = setting(
         str,
         lambda: "",
         "ARIA_QUILT_SOCKET",
         "Socket of a Quilt already running; empty: run `aria quilt serve` as a child (its socket"
         " <data dir>/quilt.sock, its data in <data dir>/quilt/).",
-    ),
-    Setting(
-        "socket_mode",
+    )
+    socket_mode: int = setting(
         _mode,
         lambda: 0o600,
         "ARIA_SOCKET_MODE",
         "Permissions of the socket, in octal (e.g. 660 with --socket-group: that group may connect too).",
-    ),
-    Setting(
-        "socket_group",
-        str,
-        lambda: "",
-        "ARIA_SOCKET_GROUP",
-        "Group that owns the socket and its folder (empty: the daemon's own).",
-    ),
-    Setting(
-        "tap_port",
+    )
+    socket_group: str = setting(
+        str, lambda: "", "ARIA_SOCKET_GROUP", "Group that owns the socket and its folder (empty: the daemon's own)."
+    )
+    tap_port: int = setting(
         _port,
         lambda: 0,
         "ARIA_TAP_PORT",
         "Port on 127.0.0.1 of the websocket notification tap and its dashboard (0: off).",
-    ),
-    Setting(
-        "metrics_port",
-        _port,
-        lambda: 0,
-        "ARIA_METRICS_PORT",
-        "Port on 127.0.0.1 serving Prometheus metrics at /metrics (0: off).",
-    ),
-    Setting(
-        "tool_timeout",
+    )
+    metrics_port: int = setting(
+        _port, lambda: 0, "ARIA_METRICS_PORT", "Port on 127.0.0.1 serving Prometheus metrics at /metrics (0: off)."
+    )
+    tool_timeout: float = setting(
         _positive_float,
         lambda: 60.0,
         "ARIA_TOOL_TIMEOUT",
         "Seconds an agent's tool call may run (bundle tools and run_command).",
-    ),
-    Setting(
-        "images_dir",
+    )
+    images_dir: Path | None = setting(
         _optional_path,
         lambda: None,
         "ARIA_IMAGES_DIR",
         "Folder of the images containers may use by name (rootfs folders or tar archives; given to the"
         " child Quilt); empty: only the host view.",
-    ),
-    Setting(
-        "task_timeout",
+    )
+    task_timeout: int = setting(
         _positive_int,
         lambda: 3600,
         "ARIA_TASK_TIMEOUT",
         "Seconds a task may run when it asks for no timeout (timeout_seconds 0 is this, never no limit).",
-    ),
-    Setting(
-        "max_task_timeout",
-        _positive_int,
-        lambda: 7 * 24 * 3600,
-        "ARIA_MAX_TASK_TIMEOUT",
-        "The longest timeout a task may ask for.",
-    ),
-    # Per-user quotas (aria_trio/quotas.py): past one, RESOURCE_EXHAUSTED naming the setting.
-    Setting(
-        "max_running_containers",
-        _positive_int,
-        lambda: 16,
-        "ARIA_MAX_RUNNING_CONTAINERS",
-        "Containers one user may have running at once.",
-    ),
-    Setting(
-        "max_running_tasks",
-        _positive_int,
-        lambda: 32,
-        "ARIA_MAX_RUNNING_TASKS",
-        "Tasks one user may have pending or running at once.",
-    ),
-    Setting(
-        "max_streams",
+    )
+    max_task_timeout: int = setting(
+        _positive_int, lambda: 7 * 24 * 3600, "ARIA_MAX_TASK_TIMEOUT", "The longest timeout a task may ask for."
+    )
+    # Per-user quotas (runtime/access/quotas.py): past one, RESOURCE_EXHAUSTED naming the setting.
+    max_running_containers: int = setting(
+        _positive_int, lambda: 16, "ARIA_MAX_RUNNING_CONTAINERS", "Containers one user may have running at once."
+    )
+    max_running_tasks: int = setting(
+        _positive_int, lambda: 32, "ARIA_MAX_RUNNING_TASKS", "Tasks one user may have pending or running at once."
+    )
+    max_streams: int = setting(
         _positive_int,
         lambda: 64,
         "ARIA_MAX_STREAMS",
         "Streaming calls (follows, subscriptions, turns, uploads) one user may have open at once.",
-    ),
-    Setting(
-        "max_connections_per_user",
+    )
+    max_connections_per_user: int = setting(
         _positive_int,
         lambda: 32,
         "ARIA_MAX_CONNECTIONS_PER_USER",
         "Connections one local user may have open at once (past it, each call on a new one is refused).",
-    ),
-    Setting("max_turns", _positive_int, lambda: 4, "ARIA_MAX_TURNS", "Turns one user may have running at once."),
-    Setting(
-        "tool_calls_at_once",
+    )
+    max_turns: int = setting(_positive_int, lambda: 4, "ARIA_MAX_TURNS", "Turns one user may have running at once.")
+    tool_calls_at_once: int = setting(
         _positive_int,
         lambda: 8,
         "ARIA_TOOL_CALLS_AT_ONCE",
         "Tool calls of one model reply run at once; the rest wait their turn.",
-    ),
-    Setting(
-        "max_tool_calls_per_reply",
+    )
+    max_tool_calls_per_reply: int = setting(
         _positive_int,
         lambda: 32,
         "ARIA_MAX_TOOL_CALLS_PER_REPLY",
         "Tool calls of one model reply that run; any more get a failed result without running.",
-    ),
-    Setting(
-        "quilt_orphan_grace",
+    )
+    quilt_orphan_grace: float = setting(
         _positive_float,
         lambda: 600.0,
         "ARIA_QUILT_ORPHAN_GRACE",
         "Seconds the child Quilt keeps the work running when this runtime is gone (a restart adopts it).",
-    ),
-    Setting(
-        "quilt_sandbox",
+    )
+    quilt_sandbox: str = setting(
         str,
         lambda: "bubblewrap",
         "ARIA_QUILT_SANDBOX",
         "The child Quilt's sandbox: bubblewrap, or none (NO isolation; only when asked).",
         ("bubblewrap", "none"),
-    ),
-)
+    )
 
 
-QUILT_SETTINGS: tuple[Setting, ...] = (
-    Setting(
-        "socket",
-        _path,
-        lambda: aria_home() / "quilt.sock",
-        "QUILT_SOCK",
-        "Unix socket to serve on (mode 0600, folder 0700).",
-    ),
-    Setting(
-        "data_dir",
+RUNTIME_SETTINGS = Table(RuntimeSettings)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuiltSettings:
+    """`aria quilt serve`: the container daemon (config.toml's [quilt] table)."""
+
+    socket: Path = setting(
+        _path, lambda: aria_home() / "quilt.sock", "QUILT_SOCK", "Unix socket to serve on (mode 0600, folder 0700)."
+    )
+    data_dir: Path = setting(
         _path,
         lambda: aria_home() / "quilt",
         "QUILT_DATA_DIR",
         "Folder of quilt's database, containers, output and bundles.",
-    ),
-    Setting(
-        "sandbox",
+    )
+    sandbox: str = setting(
         str,
         lambda: "bubblewrap",
         "QUILT_SANDBOX",
         "bubblewrap, or none: NO isolation at all (only when asked).",
         ("bubblewrap", "none"),
-    ),
-    Setting(
-        "grace", _positive_float, lambda: 10.0, "QUILT_GRACE", "Seconds in-flight calls get to finish at shutdown."
-    ),
-    Setting(
-        "stop_grace",
-        _positive_float,
-        lambda: 10.0,
-        "QUILT_STOP_GRACE",
-        "Seconds between SIGTERM and SIGKILL when a container stops.",
-    ),
-    Setting(
-        "memory_bytes",
-        _positive_int,
-        lambda: 512 * MiB,
-        "QUILT_MEMORY_BYTES",
-        "Default memory limit of a container or tool run.",
-    ),
-    Setting("pids", _positive_int, lambda: 256, "QUILT_PIDS", "Default limit on the processes of a container."),
-    Setting("cpus", _cpus, lambda: 1.0, "QUILT_CPUS", "Default CPU time a container may use, in CPUs."),
-    Setting(
-        "disk_bytes",
+    )
+    grace: float = setting(
+        _positive_float, lambda: 10.0, "QUILT_GRACE", "Seconds in-flight calls get to finish at shutdown."
+    )
+    stop_grace: float = setting(
+        _positive_float, lambda: 10.0, "QUILT_STOP_GRACE", "Seconds between SIGTERM and SIGKILL when a container stops."
+    )
+    memory_bytes: int = setting(
+        _positive_int, lambda: 512 * MiB, "QUILT_MEMORY_BYTES", "Default memory limit of a container or tool run."
+    )
+    pids: int = setting(_positive_int, lambda: 256, "QUILT_PIDS", "Default limit on the processes of a container.")
+    cpus: float = setting(_cpus, lambda: 1.0, "QUILT_CPUS", "Default CPU time a container may use, in CPUs.")
+    disk_bytes: int = setting(
         _positive_int,
         lambda: 1024 * MiB,
         "QUILT_DISK_BYTES",
         "Default size of a container's disk (its workspace and /tmp together; enforced when Quilt runs as root).",
-    ),
-    Setting(
-        "max_memory_bytes",
-        _positive_int,
-        lambda: 8 * 1024 * MiB,
-        "QUILT_MAX_MEMORY_BYTES",
-        "Most memory a container may ask for.",
-    ),
-    Setting("max_pids", _positive_int, lambda: 4096, "QUILT_MAX_PIDS", "Most processes a container may ask for."),
-    Setting(
-        "max_cpus",
+    )
+    max_memory_bytes: int = setting(
+        _positive_int, lambda: 8 * 1024 * MiB, "QUILT_MAX_MEMORY_BYTES", "Most memory a container may ask for."
+    )
+    max_pids: int = setting(_positive_int, lambda: 4096, "QUILT_MAX_PIDS", "Most processes a container may ask for.")
+    max_cpus: float = setting(
         _cpus,
         lambda: float(os.cpu_count() or 1),
         "QUILT_MAX_CPUS",
         "Most CPUs a container may ask for (default: this machine's count).",
-    ),
-    Setting(
-        "max_disk_bytes",
-        _positive_int,
-        lambda: 64 * 1024 * MiB,
-        "QUILT_MAX_DISK_BYTES",
-        "Largest disk a container may ask for.",
-    ),
-    Setting(
-        "exec_timeout",
+    )
+    max_disk_bytes: int = setting(
+        _positive_int, lambda: 64 * 1024 * MiB, "QUILT_MAX_DISK_BYTES", "Largest disk a container may ask for."
+    )
+    exec_timeout: float = setting(
         _positive_float,
         lambda: 3600.0,
         "QUILT_EXEC_TIMEOUT",
         "Seconds a command run in a container may take when it asks for no timeout (0 is this, never no limit).",
-    ),
-    Setting(
-        "images_dir",
+    )
+    images_dir: Path | None = setting(
         _optional_path,
         lambda: None,
         "QUILT_IMAGES_DIR",
         "Folder of the images containers may use, by name (rootfs folders or tar archives); empty: only host.",
-    ),
-    Setting(
-        "max_image_bytes",
+    )
+    max_image_bytes: int = setting(
         _positive_int,
         lambda: 4 * 1024 * MiB,
         "QUILT_MAX_IMAGE_BYTES",
         "Largest image archive unpacked (bytes written).",
-    ),
-    Setting(
-        "max_image_cache_bytes",
+    )
+    max_image_cache_bytes: int = setting(
         _positive_int,
         lambda: 16 * 1024 * MiB,
         "QUILT_MAX_IMAGE_CACHE_BYTES",
         "Unpacked images kept; past this, the least recently used unused ones go.",
-    ),
-    Setting(
-        "orphan_grace",
+    )
+    orphan_grace: float = setting(
         _positive_float,
         lambda: 600.0,
         "QUILT_ORPHAN_GRACE",
         "Started for a runtime: seconds its work goes on with no runtime attached (then it stops and exits).",
-    ),
-    Setting(
-        "sandbox_uid",
+    )
+    sandbox_uid: int = setting(
         _uid,
         lambda: 200000,
         "QUILT_SANDBOX_UID",
         "When Quilt runs as root: the unprivileged uid (and gid) its sandboxes run as; a uid of no one else's.",
-    ),
-    Setting(
-        "hide",
+    )
+    hide: tuple[Path, ...] = setting(
         _paths,
         lambda: (),
         "QUILT_HIDE",
         "More paths no sandbox may see, ':'-separated (Quilt's own socket and data folder always are).",
-    ),
-    Setting(
-        "max_output_bytes",
-        _positive_int,
-        lambda: 64 * MiB,
-        "QUILT_MAX_OUTPUT_BYTES",
-        "Output kept per task and per container.",
-    ),
-    Setting("max_bundle_bytes", _positive_int, lambda: 512 * MiB, "QUILT_MAX_BUNDLE_BYTES", "Largest bundle accepted."),
-    Setting(
-        "tool_timeout", _positive_float, lambda: 60.0, "QUILT_TOOL_TIMEOUT", "Default seconds a tool run may take."
-    ),
-    *_logging("QUILT"),
-)
+    )
+    max_output_bytes: int = setting(
+        _positive_int, lambda: 64 * MiB, "QUILT_MAX_OUTPUT_BYTES", "Output kept per task and per container."
+    )
+    max_bundle_bytes: int = setting(
+        _positive_int, lambda: 512 * MiB, "QUILT_MAX_BUNDLE_BYTES", "Largest bundle accepted."
+    )
+    tool_timeout: float = setting(
+        _positive_float, lambda: 60.0, "QUILT_TOOL_TIMEOUT", "Default seconds a tool run may take."
+    )
+    log_level: str = _log_level("QUILT")
+    log_format: str = _log_format("QUILT")
+
+
+QUILT_SETTINGS = Table(QuiltSettings)
 
 
 def default_config_path() -> Path:
     return Path(os.environ["ARIA_CONFIG"]) if os.environ.get("ARIA_CONFIG") else aria_home() / "config.toml"
 
 
-def load_file(path: Path, section: str | None = None) -> dict[str, Any]:
+def load_file(path: Path, section: str | None = None) -> dict[str, object]:
     """The settings of config.toml: top-level keys, or the keys of [section] when given."""
     try:
         with open(path, "rb") as f:
@@ -425,13 +412,13 @@ def load_file(path: Path, section: str | None = None) -> dict[str, Any]:
 
 
 def resolve(
-    settings: Sequence[Setting],
-    flags: Mapping[str, Any],
+    settings: Table[SettingsT],
+    flags: Mapping[str, object],
     *,
     config_path: Path,
     section: str | None = None,
     environ: Mapping[str, str] | None = None,
-) -> dict[str, Any]:
+) -> SettingsT:
     """One value per setting: a flag if given, else the environment, else the file, else the default."""
     environ = os.environ if environ is None else environ
     file_values = load_file(config_path, section)
@@ -442,7 +429,7 @@ def resolve(
             f"{config_path}: unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
             f"(known: {', '.join(sorted(known))})"
         )
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {}  # (each value of its field's type: setting() checked its parser)
     for s in settings:
         if flags.get(s.name) is not None:
             raw, origin = flags[s.name], s.flag
@@ -460,4 +447,4 @@ def resolve(
         if s.choices and value not in s.choices:
             raise ConfigError(f"{origin}: {raw!r} is not one of {', '.join(s.choices)}")
         out[s.name] = value
-    return out
+    return settings.kind(**out)

@@ -9,7 +9,10 @@ malformed JSON, so every caller's existing "not valid JSON" answer covers them.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, TypeAlias
+
+# A JSON value, as json.loads gives it (for values that are JSON, not for anything shaped like it).
+JSON: TypeAlias = dict[str, "JSON"] | list["JSON"] | str | int | float | bool | None
 
 MAX_DEPTH = 100  # arrays and objects within each other; deeper is refused
 

@@ -17,7 +17,7 @@ import contextlib
 import contextvars
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -25,7 +25,7 @@ import sqlite_utils
 import structlog
 import trio
 
-from aria_trio.shared import errors
+from aria_trio.shared import errors, retry
 
 log = structlog.get_logger("aria.store")
 
@@ -65,7 +65,7 @@ def bounded(rows: Iterable[T], limit: int, max_bytes: int, size: Callable[[T], i
     return out
 
 
-def fits(rows: list[dict[str, Any]], limit: int, max_bytes: int = PAGE_BYTES) -> int:
+def fits(rows: Sequence[Mapping[str, Any]], limit: int, max_bytes: int = PAGE_BYTES) -> int:
     """How many of `rows` (from `bounded`) a page keeps: up to `limit`, within `max_bytes`, at
     least one. Rows past it mean there is a next page."""
     keep, total = 0, 0
@@ -156,7 +156,7 @@ class Store:
         """fn(db, *args) in a worker thread, one at a time; cancellation waits for it to finish
         (a half-run SQLite call cannot be abandoned), so keep store functions short. A full disk:
         see the module's docstring."""
-        wait = FULL_RETRY_FIRST
+        backoff = retry.Backoff(FULL_RETRY_FIRST, FULL_RETRY_MAX)
         while True:
             try:
                 return await trio.to_thread.run_sync(lambda: fn(self.db, *args, **kwargs), limiter=self._limiter)
@@ -166,9 +166,10 @@ class Store:
                 if not _BACKGROUND.get() or self.stopping:
                     log.warning("disk full: a write was refused", database=str(self.path), error=str(exc))
                     raise errors.disk_full() from None
-                log.warning("disk full: a background write waits for space", database=str(self.path), retry_in_s=wait)
-            await trio.sleep(wait)
-            wait = min(wait * 2, FULL_RETRY_MAX)
+                log.warning(
+                    "disk full: a background write waits for space", database=str(self.path), retry_in_s=backoff.delay
+                )
+            await backoff.wait()
 
     async def close(self) -> None:
         await self.run(lambda db: db.conn.close())

@@ -13,11 +13,11 @@ import hashlib
 import pwd
 import re
 import secrets
-from typing import Any
 
 import trio
 
 from aria_trio.runtime.store import auth as table
+from aria_trio.runtime.store.auth import ApiKeyRow as ApiKeyRow  # (the services' too: re-exported)
 from aria_trio.shared import errors
 from aria_trio.shared.sqlite import Store, now_us
 
@@ -43,20 +43,22 @@ class ApiKeys:
     def __init__(self, store: Store) -> None:
         self.store = store
 
-    async def create(self, user: str, name: str) -> tuple[dict[str, Any], str]:
+    async def create(self, user: str, name: str) -> tuple[ApiKeyRow, str]:
         """A new key for `user` (an existing Unix user): its row, and its secret (shown once)."""
         if len(name) > MAX_NAME:
             raise errors.InvalidArgument(f"name is longer than {MAX_NAME} characters", fields={"name": "too long"})
         if not await trio.to_thread.run_sync(user_exists, user):
             raise errors.NotFound(f"no user {user!r} on this machine", reason="USER_NOT_FOUND")
         secret = PREFIX + secrets.token_urlsafe(32)
-        row = {
-            "id": "k-" + secrets.token_hex(6),
-            "user_id": user,
-            "name": name,
-            "key_hash": _hash(secret),
-            "created_at": now_us(),
-        }
+        row = ApiKeyRow(
+            id="k-" + secrets.token_hex(6),
+            user_id=user,
+            name=name,
+            key_hash=_hash(secret),
+            created_at=now_us(),
+            last_used_at=None,
+            revoked_at=None,
+        )
         await self.store.run(table.insert_key, row)
         return row, secret
 
@@ -71,16 +73,16 @@ class ApiKeys:
             return None
         if (row["last_used_at"] or 0) < now_us() - USED_RESOLUTION_US:  # (not a write per call)
             await self.store.run(table.set_key, row["id"], {"last_used_at": now_us()})
-        return str(row["user_id"])
+        return row["user_id"]
 
-    async def list(self, user: str | None) -> list[dict[str, Any]]:
+    async def list(self, user: str | None) -> list[ApiKeyRow]:
         return await self.store.run(table.keys, user)
 
-    async def revoke(self, actor: str, admin: bool, key_id: str) -> dict[str, Any]:
+    async def revoke(self, actor: str, admin: bool, key_id: str) -> ApiKeyRow:
         row = await self.store.run(table.key, key_id)
         if row is None or (row["user_id"] != actor and not admin):
             raise errors.NotFound(f"no API key {key_id!r}", reason="KEY_NOT_FOUND")
         if row["revoked_at"] is None:
-            row["revoked_at"] = now_us()
-            await self.store.run(table.set_key, key_id, {"revoked_at": row["revoked_at"]})
+            revoked_at = row["revoked_at"] = now_us()
+            await self.store.run(table.set_key, key_id, {"revoked_at": revoked_at})
         return row

@@ -12,8 +12,9 @@ import hashlib
 import hmac
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from aria_trio.shared import errors
 from aria_trio.shared.sqlite import PAGE_BYTES, fits
@@ -21,6 +22,8 @@ from aria_trio.shared.sqlite import PAGE_BYTES, fits
 DEFAULT_PAGE = 50
 KEY_BYTES = 32
 MAX_PAGE = 1000
+
+Row = TypeVar("Row", bound=Mapping[str, Any])  # a store row (a TypedDict of its module)
 
 
 def page_size(requested: int) -> int:
@@ -74,11 +77,11 @@ class PageTokens:
     def cut(
         self,
         filter_key: str,
-        rows: list[dict[str, Any]],
+        rows: list[Row],
         limit: int,
         key: tuple[str, str] = ("created_at", "id"),
         max_bytes: int = PAGE_BYTES,
-    ) -> tuple[list[dict[str, Any]], str]:
+    ) -> tuple[list[Row], str]:
         """Rows fetched as `limit + 1` (one more tells whether there is a next page), or fewer when
         they went past `max_bytes` (store.db.bounded): the page (never empty when there are rows,
         whatever their size), and the token of the next one ("" when this is the last)."""

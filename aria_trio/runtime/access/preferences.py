@@ -12,12 +12,13 @@ import math
 import urllib.parse
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from typing import Any
 
 import trio
 
 from aria_trio.runtime.store import preferences as table
+from aria_trio.runtime.store.preferences import Document
 from aria_trio.shared import errors
+from aria_trio.shared.json_input import JSON
 from aria_trio.shared.sqlite import Store
 
 MAX_BYTES = 64 * 1024  # the whole document of one user, as JSON
@@ -26,24 +27,24 @@ MAX_SYSTEM_PROMPT = 32 * 1024
 CACHE_USERS = 1024  # most recently used users kept in memory; others are read from the store
 
 
-def _string(key: str, value: Any) -> str | None:
+def _string(key: str, value: JSON) -> str | None:
     return None if isinstance(value, str) else f"{key} must be a string"
 
 
-def _temperature(key: str, value: Any) -> str | None:
+def _temperature(key: str, value: JSON) -> str | None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         return f"{key} must be a number"
     return None if 0 <= value <= 2 else f"{key} must be between 0 and 2"
 
 
-def _system_prompt(key: str, value: Any) -> str | None:
+def _system_prompt(key: str, value: JSON) -> str | None:
     if not isinstance(value, str):
         return f"{key} must be a string"
     size = len(value.encode())
     return None if size <= MAX_SYSTEM_PROMPT else f"{key} is {size} bytes; at most {MAX_SYSTEM_PROMPT} are allowed"
 
 
-def _url(key: str, value: Any) -> str | None:
+def _url(key: str, value: JSON) -> str | None:
     if not isinstance(value, str):
         return f"{key} must be a string"
     try:
@@ -55,7 +56,7 @@ def _url(key: str, value: Any) -> str | None:
     return None if ok else f"{key} must be an http:// or https:// URL"
 
 
-KNOWN: dict[str, Callable[[str, Any], str | None]] = {
+KNOWN: dict[str, Callable[[str, JSON], str | None]] = {
     "llm.model": _string,
     "llm.temperature": _temperature,
     "llm.system_prompt": _system_prompt,
@@ -65,7 +66,7 @@ KNOWN: dict[str, Callable[[str, Any], str | None]] = {
 SECRET = {"llm.api_key"}
 
 
-def _check(key: str, value: Any) -> str | None:
+def _check(key: str, value: JSON) -> str | None:
     if not key or len(key) > MAX_KEY_LENGTH:
         return f"keys must be 1 to {MAX_KEY_LENGTH} characters long"
     if value is None:
@@ -84,7 +85,7 @@ def mask(value: str) -> str:
     return "****" + value[-4:] if len(value) >= 12 else "****"
 
 
-def masked(prefs: Mapping[str, Any]) -> dict[str, Any]:
+def masked(prefs: Mapping[str, JSON]) -> Document:
     """What a client is shown: secrets masked."""
     return {k: mask(v) if k in SECRET and isinstance(v, str) else v for k, v in prefs.items()}
 
@@ -92,10 +93,10 @@ def masked(prefs: Mapping[str, Any]) -> dict[str, Any]:
 class Preferences:
     def __init__(self, store: Store) -> None:
         self.store = store
-        self._cache: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._cache: OrderedDict[str, Document] = OrderedDict()
         self._write_lock = trio.Lock()  # read-modify-write of one document at a time
 
-    async def get(self, user: str) -> dict[str, Any]:
+    async def get(self, user: str) -> Document:
         """The user's preferences as stored (secrets in clear: for the runtime's own use)."""
         prefs = self._cache.get(user)
         if prefs is None:
@@ -105,7 +106,7 @@ class Preferences:
             self._cache.move_to_end(user)
         return prefs
 
-    async def update(self, user: str, updates: Mapping[str, Any]) -> dict[str, Any]:
+    async def update(self, user: str, updates: Mapping[str, JSON]) -> Document:
         problems = {k: p for k, v in updates.items() if (p := _check(k, v)) is not None}
         if problems:
             key = sorted(problems)[0]
@@ -130,7 +131,7 @@ class Preferences:
             self._remember(user, prefs)
         return prefs
 
-    def _remember(self, user: str, prefs: dict[str, Any]) -> None:
+    def _remember(self, user: str, prefs: Document) -> None:
         self._cache[user] = prefs
         self._cache.move_to_end(user)
         while len(self._cache) > CACHE_USERS:

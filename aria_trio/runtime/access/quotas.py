@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
 
 from aria_trio.rpc.context import CallContext, PeerCred
 from aria_trio.shared import errors
+from aria_trio.shared.config import RuntimeSettings
 
 
 def exceeded(quota: str, limit: int, what: str) -> errors.ResourceExhausted:
@@ -56,14 +56,14 @@ class PerUser:
 class Quotas:
     """The runtime's quotas; also the RPC server's admission of connections and streams."""
 
-    def __init__(self, settings: dict[str, Any]) -> None:
-        self.running_containers = settings["max_running_containers"]
-        self.running_tasks = settings["max_running_tasks"]
-        self.tool_calls_at_once = settings["tool_calls_at_once"]
-        self.tool_calls_per_reply = settings["max_tool_calls_per_reply"]
-        self.streams = PerUser("max_streams", settings["max_streams"], "streaming calls open")
-        self.connections = PerUser("max_connections_per_user", settings["max_connections_per_user"], "connections open")
-        self.turns = PerUser("max_turns", settings["max_turns"], "turns running")
+    def __init__(self, settings: RuntimeSettings) -> None:
+        self.running_containers = settings.max_running_containers
+        self.running_tasks = settings.max_running_tasks
+        self.tool_calls_at_once = settings.tool_calls_at_once
+        self.tool_calls_per_reply = settings.max_tool_calls_per_reply
+        self.streams = PerUser("max_streams", settings.max_streams, "streaming calls open")
+        self.connections = PerUser("max_connections_per_user", settings.max_connections_per_user, "connections open")
+        self.turns = PerUser("max_turns", settings.max_turns, "turns running")
 
     # -- the RPC server's admission hooks ----------------------------------------------------------
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import secrets
 from dataclasses import dataclass
-from typing import Any
 
 from aria_trio.proto.quilt.v1 import quilt_pb2 as q
 from aria_trio.runtime.store import registry as table
+from aria_trio.runtime.store.registry import AgentRow, BundleRow, NewAgent, NewTool, ToolRow
 from aria_trio.shared import errors
+from aria_trio.shared.json_input import JSON
 from aria_trio.shared.sqlite import Store, now_us
 
 DEFAULT_AGENT = "default"
@@ -24,7 +25,7 @@ DEFAULT_AGENT = "default"
 class ToolInfo:
     name: str
     description: str
-    schema: dict[str, Any]
+    schema: dict[str, JSON]  # a JSON Schema of its arguments
     builtin: bool = False
     bundle_blake3: str = ""  # a bundle's tool: the bundle Quilt runs it from
 
@@ -107,48 +108,48 @@ class Registry:
         """Record an uploaded bundle for the user and register its agents and tools; its id."""
         check_names(bundle)
         now = now_us()
-        row = {
-            "id": "b-" + secrets.token_hex(8),
-            "user_id": user,
-            "name": bundle.name,
-            "version": bundle.version,
-            "blake3": bundle.blake3,
-            "sha256": bundle.sha256,
-            "size_bytes": bundle.size_bytes,
-            "manifest_json": bundle.manifest_json,
-            "filename": bundle.filename,
-            "layout": bundle.layout,
-            "created_at": now,
-        }
+        row = BundleRow(
+            id="b-" + secrets.token_hex(8),
+            user_id=user,
+            name=bundle.name,
+            version=bundle.version,
+            blake3=bundle.blake3,
+            sha256=bundle.sha256,
+            size_bytes=bundle.size_bytes,
+            manifest_json=bundle.manifest_json,
+            filename=bundle.filename,
+            layout=bundle.layout,
+            created_at=now,
+        )
         agents = [
-            {
-                "id": "ag-" + secrets.token_hex(8),
-                "name": a.name,
-                "description": a.description,
-                "system_prompt": a.system_prompt or None,
-                "model": a.model or None,
-                "max_iterations": a.max_iterations or None,
-                "tools_json": json.dumps(list(a.tools)),
-                "created_at": now,
-            }
+            NewAgent(
+                id="ag-" + secrets.token_hex(8),
+                name=a.name,
+                description=a.description,
+                system_prompt=a.system_prompt or None,
+                model=a.model or None,
+                max_iterations=a.max_iterations or None,
+                tools_json=json.dumps(list(a.tools)),
+                created_at=now,
+            )
             for a in bundle.agents
         ]
         tools = [
-            {
-                "id": "tl-" + secrets.token_hex(8),
-                "name": t.name,
-                "description": t.description,
-                "input_schema_json": t.input_schema_json,
-                "runtime": t.runtime,
-                "entry": t.entry,
-                "created_at": now,
-            }
+            NewTool(
+                id="tl-" + secrets.token_hex(8),
+                name=t.name,
+                description=t.description,
+                input_schema_json=t.input_schema_json,
+                runtime=t.runtime,
+                entry=t.entry,
+                created_at=now,
+            )
             for t in bundle.tools
         ]
-        return str(await self.store.run(table.register, row, agents, tools))
+        return await self.store.run(table.register, row, agents, tools)
 
     async def in_use(self, blake3: str) -> bool:
-        return bool(await self.store.run(table.blake3_in_use, blake3))
+        return await self.store.run(table.blake3_in_use, blake3)
 
     async def agents(self, user: str) -> list[AgentInfo]:
         rows = await self.store.run(table.agents, user)
@@ -169,7 +170,7 @@ class Registry:
         return list(BUILTIN_TOOLS.values()) + [_tool(r) for r in await self.store.run(table.tools, user)]
 
 
-def _agent(row: dict[str, Any]) -> AgentInfo:
+def _agent(row: AgentRow) -> AgentInfo:
     return AgentInfo(
         row["name"],
         row["name"],
@@ -181,7 +182,7 @@ def _agent(row: dict[str, Any]) -> AgentInfo:
     )
 
 
-def _tool(row: dict[str, Any]) -> ToolInfo:
+def _tool(row: ToolRow) -> ToolInfo:
     return ToolInfo(
         row["name"], row["description"], json.loads(row["input_schema_json"]), bundle_blake3=row["bundle_blake3"]
     )

@@ -18,7 +18,6 @@ import os
 import secrets
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
 
 import structlog
 import trio
@@ -30,13 +29,15 @@ from aria_trio.runtime.agents.llm import ToolCall as ModelToolCall
 from aria_trio.runtime.agents.registry import AgentInfo, Registry, ToolInfo
 from aria_trio.runtime.agents.sessions import Sessions
 from aria_trio.runtime.agents.tool_calls import Call, Outcome, ToolCalls
+from aria_trio.runtime.kinds import Role
 from aria_trio.runtime.store import messages as table
+from aria_trio.runtime.store.messages import MessageRow, NewMessage
 from aria_trio.shared import errors
+from aria_trio.shared.json_input import JSON
 from aria_trio.shared.sqlite import Store, now_us
 
 log = structlog.get_logger("aria.turns")
 
-SYSTEM, USER, ASSISTANT, TOOL = 1, 2, 3, 4  # aria.v1.MessageRole
 MAX_INPUT = 1024 * 1024  # bytes of input per turn
 DEFAULT_MAX_ITERATIONS = 8
 INTERRUPTED = "interrupted: the turn ended before this call did (its client left, or the runtime stopped)"
@@ -49,13 +50,32 @@ NO_MODEL = (
 )
 
 
-@dataclass
-class TurnEvent:
-    kind: str  # message, tool_call, tool_result, final
-    message: dict[str, Any] | None = None  # a stored messages row
-    call: Call | None = None
-    outcome: Outcome | None = None
-    final: str = ""
+@dataclass(frozen=True)
+class MessageStored:
+    """A message of the turn, as stored (the user's input, a reply's text, a tool's result)."""
+
+    message: MessageRow
+
+
+@dataclass(frozen=True)
+class ToolCallStarted:
+    call: Call
+
+
+@dataclass(frozen=True)
+class ToolResult:
+    call: Call
+    outcome: Outcome
+
+
+@dataclass(frozen=True)
+class Final:
+    """The turn's last event: the final answer (or why there is none)."""
+
+    text: str
+
+
+TurnEvent = MessageStored | ToolCallStarted | ToolResult | Final
 
 
 class Turns:
@@ -131,24 +151,24 @@ class _Turn:
 
     async def direct(self, text: str) -> AsyncIterator[TurnEvent]:
         """`/<tool> <json object>`: run one tool, without a model."""
-        yield TurnEvent("message", await self._store(USER, text))
+        yield MessageStored(await self._store(Role.USER, text))
         name, _, arguments = text[1:].partition(" ")
         call = Call("call-" + secrets.token_hex(6), name.strip(), arguments.strip() or "{}")
-        assistant = await self._store(ASSISTANT, "", tool_calls=[call])
-        yield TurnEvent("tool_call", call=call)
+        assistant = await self._store(Role.ASSISTANT, "", tool_calls=[call])
+        yield ToolCallStarted(call)
         outcome = await self.turns.tool_calls.run(self.user, self.session_id, assistant["id"], self.tools, call)
-        yield TurnEvent("tool_result", call=call, outcome=outcome)
-        yield TurnEvent("message", await self._tool_message(call, outcome))
-        yield TurnEvent("final", final=outcome.result_json if outcome.ok else f"error: {outcome.error}")
+        yield ToolResult(call, outcome)
+        yield MessageStored(await self._tool_message(call, outcome))
+        yield Final(outcome.result_json if outcome.ok else f"error: {outcome.error}")
 
     async def with_model(self, config: LLMConfig, text: str) -> AsyncIterator[TurnEvent]:
         system = self.agent.system_prompt or config.system_prompt
         if system and not await self.turns.store.run(table.last, self.session_id, 1):
-            await self._store(SYSTEM, system)  # a session's first turn: its system prompt leads
+            await self._store(Role.SYSTEM, system)  # a session's first turn: its system prompt leads
         config = replace(config, system_prompt=None)  # (it is in the history: not twice)
         await self._close_interrupted()
-        yield TurnEvent("message", await self._store(USER, text))
-        specs = [
+        yield MessageStored(await self._store(Role.USER, text))
+        specs: list[dict[str, JSON]] = [
             {"type": "function", "function": {"name": t.name, "description": t.description, "parameters": t.schema}}
             for t in self.tools.values()
         ]
@@ -157,22 +177,19 @@ class _Turn:
             history = await self.turns.store.run(table.last, self.session_id, HISTORY)
             reply = await self.turns.model.complete(config, _as_openai(history), specs)
             calls = [_call(c) for c in reply.tool_calls]
-            assistant = await self._store(ASSISTANT, reply.content, tool_calls=calls)
+            assistant = await self._store(Role.ASSISTANT, reply.content, tool_calls=calls)
             if reply.content:
-                yield TurnEvent("message", assistant)
+                yield MessageStored(assistant)
             if not calls:
-                yield TurnEvent("final", final=reply.content)
+                yield Final(reply.content)
                 return
             for call in calls:
-                yield TurnEvent("tool_call", call=call)
+                yield ToolCallStarted(call)
             outcomes = await self._run_all(assistant["id"], calls)
             for call, outcome in zip(calls, outcomes, strict=True):
-                yield TurnEvent("tool_result", call=call, outcome=outcome)
-                yield TurnEvent("message", await self._tool_message(call, outcome))
-        yield TurnEvent(
-            "final",
-            final=f"Stopped: the agent made {limit} model calls (its max_iterations) without a final answer.",
-        )
+                yield ToolResult(call, outcome)
+                yield MessageStored(await self._tool_message(call, outcome))
+        yield Final(f"Stopped: the agent made {limit} model calls (its max_iterations) without a final answer.")
 
     async def _run_all(self, message_id: str, calls: list[Call]) -> list[Outcome]:
         """The calls of one reply, concurrently, at most `tool_calls_at_once` at a time (the rest
@@ -203,52 +220,60 @@ class _Turn:
         """A turn cut short (its client gone, the runtime killed) may leave tool calls without a
         result, a history no model server accepts: each gets a failed TOOL message first."""
         history = await self.turns.store.run(table.last, self.session_id, HISTORY)
-        answered = {row["tool_call_id"] for row in history if row["role"] == TOOL}
+        answered = {row["tool_call_id"] for row in history if row["role"] == Role.TOOL}
         for row in history:
-            if row["role"] == ASSISTANT:
+            if row["role"] == Role.ASSISTANT:
                 for call in tool_calls_of(row):
                     if call.call_id not in answered:
                         await self._tool_message(call, Outcome(False, "null", INTERRUPTED))
                         log.info("closed an interrupted tool call", session=self.session_id, call=call.call_id)
 
-    async def _tool_message(self, call: Call, outcome: Outcome) -> dict[str, Any]:
+    async def _tool_message(self, call: Call, outcome: Outcome) -> MessageRow:
         content = outcome.result_json if outcome.ok else json.dumps({"error": outcome.error})
-        return await self._store(TOOL, content, tool_call_id=call.call_id, tool_name=call.name)
+        return await self._store(Role.TOOL, content, tool_call_id=call.call_id, tool_name=call.name)
 
-    async def _store(self, role: int, content: str, **extra: Any) -> dict[str, Any]:
-        calls = extra.pop("tool_calls", None)
-        row = {
-            "id": "m-" + secrets.token_hex(8),
-            "session_id": self.session_id,
-            "role": role,
-            "content": content,
-            "tool_calls_json": json.dumps([c.__dict__ for c in calls]) if calls else None,
-            "created_at": now_us(),
-            **extra,
-        }
-        return dict(await self.turns.store.run(table.append, row))
+    async def _store(
+        self,
+        role: Role,
+        content: str,
+        *,
+        tool_calls: list[Call] | None = None,
+        tool_call_id: str | None = None,
+        tool_name: str | None = None,
+    ) -> MessageRow:
+        row = NewMessage(
+            id="m-" + secrets.token_hex(8),
+            session_id=self.session_id,
+            role=role,
+            content=content,
+            tool_calls_json=json.dumps([c.__dict__ for c in tool_calls]) if tool_calls else None,
+            tool_call_id=tool_call_id,
+            tool_name=tool_name,
+            created_at=now_us(),
+        )
+        return await self.turns.store.run(table.append, row)
 
 
 def _call(c: ModelToolCall) -> Call:
     return Call(c.id or "call-" + secrets.token_hex(6), c.name, c.arguments)
 
 
-def tool_calls_of(row: Mapping[str, Any]) -> list[Call]:
-    return [Call(**c) for c in json.loads(row.get("tool_calls_json") or "[]")]
+def tool_calls_of(row: MessageRow) -> list[Call]:
+    return [Call(**c) for c in json.loads(row["tool_calls_json"] or "[]")]
 
 
-def _as_openai(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _as_openai(rows: list[MessageRow]) -> list[dict[str, JSON]]:
     """Stored messages in the Chat Completions format (a history cut by HISTORY never starts with
     tool results whose call was cut off)."""
-    out: list[dict[str, Any]] = []
+    out: list[dict[str, JSON]] = []
     for row in rows:
         role = row["role"]
-        if role == TOOL:
+        if role == Role.TOOL:
             if not out:
                 continue
             out.append({"role": "tool", "tool_call_id": row["tool_call_id"], "content": row["content"]})
-        elif role == ASSISTANT:
-            message: dict[str, Any] = {"role": "assistant", "content": row["content"] or None}
+        elif role == Role.ASSISTANT:
+            message: dict[str, JSON] = {"role": "assistant", "content": row["content"] or None}
             calls = tool_calls_of(row)
             if calls:
                 message["tool_calls"] = [
@@ -257,5 +282,5 @@ def _as_openai(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 ]
             out.append(message)
         else:
-            out.append({"role": "system" if role == SYSTEM else "user", "content": row["content"]})
+            out.append({"role": "system" if role == Role.SYSTEM else "user", "content": row["content"]})
     return out

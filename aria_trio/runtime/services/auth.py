@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from aria_trio.proto.aria.v1 import auth_grpc
 from aria_trio.proto.aria.v1 import auth_pb2 as pb
 from aria_trio.rpc import CallContext
-from aria_trio.runtime.access.api_keys import ApiKeys
+from aria_trio.runtime.access.api_keys import ApiKeyRow, ApiKeys
 from aria_trio.runtime.access.audit import Audit
 from aria_trio.runtime.access.pagination import PageTokens, page_size
 from aria_trio.runtime.services import convert
 from aria_trio.shared import errors
 
 
-def _key(row: dict[str, Any]) -> pb.ApiKey:
+def _key(row: ApiKeyRow) -> pb.ApiKey:
     msg = pb.ApiKey(
         id=row["id"], user_id=row["user_id"], name=row["name"], created_at=convert.timestamp(row["created_at"])
     )

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Mapping
+from typing import assert_never, cast
 
+from google.protobuf import message as protobuf_message
 from google.protobuf import timestamp_pb2
 
-from aria_trio.proto.aria.v1 import container_pb2, session_pb2, task_pb2
-from aria_trio.runtime.agents.tool_calls import Call
-from aria_trio.runtime.agents.turns import tool_calls_of
+from aria_trio.proto.aria.v1 import aria_pb2, container_pb2, session_pb2, task_pb2
+from aria_trio.runtime.agents.sessions import MessageRow, SessionRow
+from aria_trio.runtime.agents.tool_calls import Call, Outcome
+from aria_trio.runtime.agents.turns import Final, MessageStored, ToolCallStarted, ToolResult, TurnEvent, tool_calls_of
 from aria_trio.runtime.kinds import OutputStream
-from aria_trio.runtime.work.tasks import OutputItem
+from aria_trio.runtime.work.containers import ContainerRow
+from aria_trio.runtime.work.tasks import OutputItem, TaskRow
 
 
 def timestamp(us: int) -> timestamp_pb2.Timestamp:
@@ -20,14 +24,22 @@ def timestamp(us: int) -> timestamp_pb2.Timestamp:
     return ts
 
 
-def set_times(msg: Any, row: dict[str, Any], *fields: str) -> None:
+def set_times(msg: protobuf_message.Message, row: Mapping[str, object], *fields: str) -> None:
     """The optional timestamp fields of a message, from the row's microseconds where not NULL."""
     for field in fields:
-        if row.get(field) is not None:
-            getattr(msg, field).CopyFrom(timestamp(row[field]))
+        us = row.get(field)
+        if us is not None:
+            assert isinstance(us, int)
+            getattr(msg, field).CopyFrom(timestamp(us))
 
 
-def task(row: dict[str, Any]) -> task_pb2.Task:
+def wire_status(status: int) -> aria_pb2.TaskStatus:
+    """A stored status as the message field's type (the same integer; protobuf's stubs type enum
+    fields by their wrapper class)."""
+    return cast(aria_pb2.TaskStatus, status)
+
+
+def task(row: TaskRow) -> task_pb2.Task:
     msg = task_pb2.Task(
         id=row["id"],
         user_id=row["user_id"],
@@ -37,7 +49,7 @@ def task(row: dict[str, Any]) -> task_pb2.Task:
         command_json=row["command_json"],
         environment=json.loads(row["environment_json"]),
         timeout_seconds=row["timeout_seconds"],
-        status=row["status"],
+        status=wire_status(row["status"]),
         created_at=timestamp(row["created_at"]),
         progress_percent=row["progress_percent"],
         current_operation=row["current_operation"],
@@ -49,21 +61,21 @@ def task(row: dict[str, Any]) -> task_pb2.Task:
     return msg
 
 
-def container(row: dict[str, Any]) -> container_pb2.Container:
+def container(row: ContainerRow) -> container_pb2.Container:
     msg = container_pb2.Container(
         id=row["id"],
         user_id=row["user_id"],
         name=row["name"],
         image_path=row["image_path"],
-        status=row["status"],
+        status=wire_status(row["status"]),
         created_at=timestamp(row["created_at"]),
     )
-    if row.get("session_id"):
-        msg.session_id = row["session_id"]
+    if session_id := row["session_id"]:
+        msg.session_id = session_id
     return msg
 
 
-def session(row: dict[str, Any]) -> session_pb2.Session:
+def session(row: SessionRow) -> session_pb2.Session:
     return session_pb2.Session(
         id=row["id"],
         user_id=row["user_id"],
@@ -78,16 +90,40 @@ def tool_call(call: Call) -> session_pb2.ToolCall:
     return session_pb2.ToolCall(tool_name=call.name, parameters_json=call.arguments, call_id=call.call_id)
 
 
-def message(row: dict[str, Any]) -> session_pb2.Message:
+def message(row: MessageRow) -> session_pb2.Message:
     return session_pb2.Message(
         id=row["id"],
-        role=row["role"],
+        role=cast(aria_pb2.MessageRole, row["role"]),  # (kinds.Role: the same numbers)
         content=row["content"],
         created_at=timestamp(row["created_at"]),
         tool_calls=[tool_call(c) for c in tool_calls_of(row)],
-        tool_call_id=row.get("tool_call_id") or "",
-        tool_name=row.get("tool_name") or "",
+        tool_call_id=row["tool_call_id"] or "",
+        tool_name=row["tool_name"] or "",
     )
+
+
+def tool_result(call: Call, outcome: Outcome) -> session_pb2.ToolResult:
+    result = session_pb2.ToolResult(
+        tool_name=call.name, result_json=outcome.result_json, success=outcome.ok, call_id=call.call_id
+    )
+    if outcome.error is not None:
+        result.error_message = outcome.error
+    return result
+
+
+def turn_output(event: TurnEvent) -> session_pb2.TurnOutput:
+    """One event of a turn as ExecuteTurn streams it."""
+    match event:
+        case MessageStored(row):
+            return session_pb2.TurnOutput(message=message(row))
+        case ToolCallStarted(call):
+            return session_pb2.TurnOutput(tool_call=tool_call(call))
+        case ToolResult(call, outcome):
+            return session_pb2.TurnOutput(tool_result=tool_result(call, outcome))
+        case Final(text):
+            return session_pb2.TurnOutput(final_response=text)
+        case _:
+            assert_never(event)
 
 
 def task_output(task_id: str, item: OutputItem) -> task_pb2.TaskOutput:

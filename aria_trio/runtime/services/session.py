@@ -44,22 +44,4 @@ class SessionService(session_grpc.SessionServiceServicer):  # type: ignore[misc]
 
     async def ExecuteTurn(self, request: pb.ExecuteTurnRequest, ctx: CallContext) -> AsyncIterator[pb.TurnOutput]:
         async for event in self.turns.execute(ctx.user, request.session_id, request.input):
-            if event.kind == "message":
-                assert event.message is not None
-                yield pb.TurnOutput(message=convert.message(event.message))
-            elif event.kind == "tool_call":
-                assert event.call is not None
-                yield pb.TurnOutput(tool_call=convert.tool_call(event.call))
-            elif event.kind == "tool_result":
-                assert event.call is not None and event.outcome is not None
-                result = pb.ToolResult(
-                    tool_name=event.call.name,
-                    result_json=event.outcome.result_json,
-                    success=event.outcome.ok,
-                    call_id=event.call.call_id,
-                )
-                if event.outcome.error is not None:
-                    result.error_message = event.outcome.error
-                yield pb.TurnOutput(tool_result=result)
-            else:
-                yield pb.TurnOutput(final_response=event.final)
+            yield convert.turn_output(event)

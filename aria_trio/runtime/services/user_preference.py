@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from google.protobuf import json_format, struct_pb2
 
 from aria_trio.proto.aria.v1 import user_preference_grpc
@@ -10,9 +12,10 @@ from aria_trio.rpc import CallContext
 from aria_trio.runtime.access.audit import Audit
 from aria_trio.runtime.access.preferences import Preferences, masked
 from aria_trio.shared import errors
+from aria_trio.shared.json_input import JSON
 
 
-def _response(prefs: dict[str, object]) -> pb.UserPreferences:
+def _response(prefs: Mapping[str, JSON]) -> pb.UserPreferences:
     struct = struct_pb2.Struct()
     struct.update(masked(prefs))
     return pb.UserPreferences(preferences=struct)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import sqlite_utils
 
@@ -63,7 +62,7 @@ def _durable(db: sqlite_utils.Database) -> Iterator[None]:
 def after(db: sqlite_utils.Database, user_id: str, sequence: int, kinds: list[str], limit: int) -> list[bytes]:
     """Payloads of the user's events after `sequence`, in order (only `kinds`, when given)."""
     sql = "SELECT payload FROM notifications WHERE user_id = ? AND sequence > ?"
-    params: list[Any] = [user_id, sequence]
+    params: list[str | int] = [user_id, sequence]
     if kinds:
         sql += f" AND type IN ({','.join('?' * len(kinds))})"
         params += kinds

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import sqlite_utils
 
+from aria_trio.shared.json_input import JSON
 from aria_trio.shared.sqlite import now_us
 
+Document = dict[str, JSON]  # a user's preferences: a JSON object
 
-def get(db: sqlite_utils.Database, user_id: str) -> dict[str, Any]:
+
+def get(db: sqlite_utils.Database, user_id: str) -> Document:
     row = db.execute("SELECT preferences_json FROM user_preferences WHERE user_id = ?", [user_id]).fetchone()
-    return json.loads(row[0]) if row else {}
+    document: Document = json.loads(row[0]) if row else {}
+    return document
 
 
 def put(db: sqlite_utils.Database, user_id: str, preferences_json: str) -> None:
