@@ -6,11 +6,14 @@ import contextlib
 import dataclasses
 import json
 import os
+import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -52,12 +55,24 @@ def _kill_quilts_under(path: Path) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+@contextlib.contextmanager
+def _socket_folder(prefix: str) -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    try:
+        yield path
+    finally:
+        _clean_folder(path)
+
+
 @pytest.fixture
 def sock_dir() -> Iterator[Path]:
     """A short folder for sockets (AF_UNIX paths are limited to 107 bytes). Daemons started in it
     that a test left running (it failed before stopping them) are killed with it."""
-    path = Path(tempfile.mkdtemp(prefix="aria-t-", dir="/tmp"))
-    yield path
+    with _socket_folder("aria-t-") as path:
+        yield path
+
+
+def _clean_folder(path: Path) -> None:
     for d in _STARTED:
         if d.proc.poll() is None and path in d.socket.parents:
             d.stop(signal.SIGKILL)
@@ -108,6 +123,7 @@ class Daemon:
     data_dir: Path
     log_path: Path
     keeps_quilt: bool = False  # started with an orphan grace: its Quilt outlives it, by design
+    notified: bool = False  # it says READY=1 on our NOTIFY_SOCKET (see _Readiness)
 
     def channel(self, **options: Any) -> grpc.Channel:
         return grpc.insecure_channel("unix:" + str(self.socket), options=list(options.items()))
@@ -144,6 +160,51 @@ class Daemon:
 _STARTED: list[Daemon] = []  # every daemon the tests started (see sock_dir)
 
 
+class _Readiness:
+    """One NOTIFY_SOCKET for every daemon this test process starts: the daemons say READY=1 with
+    their MAINPID there (systemd's protocol, which they speak anyway), so a test waits for exactly
+    that datagram instead of re-reading the daemon's log. A thread reads the socket for the
+    session's life, so no daemon ever blocks on a full queue (STOPPING=1 too is read, and dropped)."""
+
+    def __init__(self) -> None:
+        self.address = f"@aria-test-ready-{os.getpid()}-{secrets.token_hex(4)}"
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self._sock.bind("\0" + self.address[1:])
+        self._ready: set[int] = set()
+        self._changed = threading.Condition()
+        threading.Thread(target=self._read, name="notify-socket", daemon=True).start()
+
+    def _read(self) -> None:
+        while True:
+            fields = dict(
+                line.partition("=")[::2] for line in self._sock.recv(4096).decode(errors="replace").splitlines()
+            )
+            if fields.get("READY") == "1" and fields.get("MAINPID", "").isdigit():
+                with self._changed:
+                    self._ready.add(int(fields["MAINPID"]))
+                    self._changed.notify_all()
+
+    def wait(self, pid: int, timeout: float) -> bool:
+        """True once `pid` said READY=1; False after `timeout` s (the caller checks for an exit)."""
+        with self._changed:
+            return self._changed.wait_for(lambda: pid in self._ready, timeout)
+
+    def forget(self, pid: int) -> None:
+        """(pids are reused: a later daemon with this pid must say READY=1 for itself)"""
+        with self._changed:
+            self._ready.discard(pid)
+
+
+_readiness: _Readiness | None = None
+
+
+def _notify_socket() -> _Readiness:
+    global _readiness
+    if _readiness is None:
+        _readiness = _Readiness()
+    return _readiness
+
+
 def _spawn(
     folder: Path,
     command: list[str],
@@ -159,11 +220,15 @@ def _spawn(
     log_path = folder / f"{name}-{time.monotonic_ns()}.log"
     argv = [sys.executable, "-m", "aria_trio", *command, "--socket", str(socket), "--data-dir", str(data_dir)]
     argv += ["--log-format", "json", "--log-level", "debug", *args]
+    env = {**os.environ, "HOME": str(folder), **(env or {})}
+    notified = "NOTIFY_SOCKET" not in env  # (a test that listens itself: its daemon's log says when)
+    if notified:
+        env["NOTIFY_SOCKET"] = _notify_socket().address
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            argv, stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, "HOME": str(folder), **(env or {})}
-        )
-    daemon = Daemon(proc, socket, data_dir, log_path)
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log, env=env)
+    if notified:
+        _notify_socket().forget(proc.pid)
+    daemon = Daemon(proc, socket, data_dir, log_path, notified=notified)
     _STARTED.append(daemon)
     if wait:
         wait_ready(daemon)
@@ -191,11 +256,18 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def wait_ready(daemon: Daemon, timeout: float = 20) -> None:
+def wait_ready(daemon: Daemon, timeout: float = 60) -> None:
+    """Until the daemon serves: its READY=1 (it says so after it logged "serving"), or else that
+    line in its log. An exit on the way raises at once, with the log. (A start takes 1-2 s; the
+    timeout is for a machine busy with other work, where one took more than 20 s.)"""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if daemon.proc.poll() is not None:
             raise RuntimeError(f"daemon exited with {daemon.proc.returncode}:\n{daemon.log_path.read_text()}")
+        if daemon.notified:
+            if _notify_socket().wait(daemon.proc.pid, timeout=0.05):  # (a short wait: then look for an exit)
+                return
+            continue
         # (a runtime's Quilt child logs to the same file: its own socket tells them apart)
         if any(e.get("event") == "serving" and e.get("socket") == str(daemon.socket) for e in daemon.logs()):
             return
@@ -209,8 +281,25 @@ SLOW_STOP_S = 5.0  # a daemon with nothing in flight stops in well under a secon
 
 @pytest.fixture
 def daemon(sock_dir: Path) -> Iterator[Daemon]:
+    """A runtime (and its Quilt) of the test's own: for a test that looks at everything the daemon
+    holds (a listing, the event log from 0, preferences), stops it, or reads its log."""
     d = start_daemon(sock_dir)
     yield d
+    _stop_and_check(d)
+
+
+@pytest.fixture(scope="module")
+def module_daemon() -> Iterator[Daemon]:
+    """One runtime (and its Quilt) for the tests of a module (in each worker) that only read, or
+    that own what they make and look only at that (their own session, task, container, bundle):
+    a daemon pair's start-up costs more CPU than most of such tests."""
+    with _socket_folder("aria-m-") as folder:
+        d = start_daemon(folder)
+        yield d
+        _stop_and_check(d)
+
+
+def _stop_and_check(d: Daemon) -> None:
     if d.proc.poll() is not None:  # it died during the test: show why
         print(f"daemon exited with {d.proc.returncode}:\n" + "\n".join(d.log_path.read_text().splitlines()[-40:]))
     started = time.monotonic()
@@ -249,6 +338,16 @@ def quilt(sock_dir: Path) -> Iterator[Quilt]:
     q = start_quilt(sock_dir)
     yield q
     q.stop()
+
+
+@pytest.fixture(scope="module")
+def module_quilt() -> Iterator[Quilt]:
+    """One Quilt for the tests of a module (in each worker) that own their containers and tasks
+    and look only at those (see module_daemon)."""
+    with _socket_folder("aria-m-") as folder:
+        q = start_quilt(folder)
+        yield q
+        q.stop()
 
 
 # -- callers that give up half-way ------------------------------------------------------------------

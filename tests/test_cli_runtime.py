@@ -12,6 +12,7 @@ import threading
 import time
 
 import pytest
+from cli_runner import run_aria
 
 from aria_trio.proto.aria.v1 import session_pb2
 
@@ -24,14 +25,9 @@ def aria_env(daemon):
     return {**os.environ, "ARIA_RUNTIME_SOCK": str(daemon.socket)}
 
 
-def aria(daemon, *args, timeout=60):
-    return subprocess.run(
-        [sys.executable, "-m", "aria_trio", *args],
-        capture_output=True,
-        text=True,
-        env=aria_env(daemon),
-        timeout=timeout,
-    )
+def aria(daemon, *args):
+    """`aria ARGS...` against the daemon, in this process (see cli_runner)."""
+    return run_aria(*args, socket=daemon.socket)
 
 
 def ok(daemon, *args):
@@ -80,7 +76,8 @@ def eventually(fn, timeout=20.0):
 
 
 class Lines:
-    """A long-running `aria ...` whose stdout lines are read on a thread, with a timeout each."""
+    """A long-running `aria ...` whose stdout lines are read on a thread, with a timeout each: a
+    process of its own, for the tests that press Ctrl-C (a signal to it) or write to its stdin."""
 
     def __init__(self, daemon, *args, stdin=None):
         self.proc = subprocess.Popen(
@@ -92,7 +89,9 @@ class Lines:
             env=aria_env(daemon),
         )
         self.lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=self._pump, daemon=True).start()
+        self.pump = threading.Thread(target=self._pump, daemon=True)
+        self.pump.start()
+        _OPEN.append(self)
 
     def _pump(self):
         for line in self.proc.stdout:
@@ -106,6 +105,27 @@ class Lines:
         self.proc.send_signal(signal.SIGINT)
         rc = self.proc.wait(timeout=10)
         return rc, self.proc.stderr.read()
+
+    def close(self):
+        """Kill it if it still runs; close its pipes (else they warn when collected)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+        self.pump.join(timeout=10)  # (at its end of file: the process is gone)
+        for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+_OPEN: list[Lines] = []
+
+
+@pytest.fixture(autouse=True)
+def close_lines():
+    """Every Lines a test started is closed after it (see Lines.close)."""
+    yield
+    while _OPEN:
+        _OPEN.pop().close()
 
 
 # -- help -----------------------------------------------------------------------------------------
@@ -125,28 +145,28 @@ class Lines:
     ],
 )
 def test_help_lists_the_verbs(group, verbs):
-    out = subprocess.run([sys.executable, "-m", "aria_trio", *group, "--help"], capture_output=True, text=True)
+    out = run_aria(*group, "--help")
     assert out.returncode == 0
     summaries = {line.split()[0]: line for line in out.stdout.split("Commands:")[1].splitlines() if line.strip()}
     assert set(verbs) <= set(summaries)
     assert not [summaries[v] for v in verbs if summaries[v].endswith("...")], "a summary was cut short"
 
 
-def test_bad_arguments_are_usage_errors(daemon):
-    assert aria(daemon, "task", "launch").returncode == 2  # no ARGV
-    bad_env = aria(daemon, "task", "launch", "--env", "NOVALUE", "--", "true")
+def test_bad_arguments_are_usage_errors(module_daemon):
+    assert aria(module_daemon, "task", "launch").returncode == 2  # no ARGV
+    bad_env = aria(module_daemon, "task", "launch", "--env", "NOVALUE", "--", "true")
     assert bad_env.returncode == 2 and "KEY=VALUE" in bad_env.stderr
-    bad_status = aria(daemon, "task", "list", "--status", "sleeping")
+    bad_status = aria(module_daemon, "task", "list", "--status", "sleeping")
     assert bad_status.returncode == 2 and "running" in bad_status.stderr
-    bad_since = aria(daemon, "container", "logs", "--since", "yesterday-ish", "c-x")
+    bad_since = aria(module_daemon, "container", "logs", "--since", "yesterday-ish", "c-x")
     assert bad_since.returncode == 2 and "ISO time" in bad_since.stderr
 
 
 # -- tasks ----------------------------------------------------------------------------------------
 
 
-def test_launch_follow_prints_the_output_and_exits_with_the_task_code(daemon):
-    out = aria(daemon, "task", "launch", "-f", "--", "sh", "-c", SCRIPT)
+def test_launch_follow_prints_the_output_and_exits_with_the_task_code(module_daemon):
+    out = aria(module_daemon, "task", "launch", "-f", "--", "sh", "-c", SCRIPT)
     assert out.returncode == 3
     assert out.stdout == "hi\n"
     err = out.stderr.splitlines()
@@ -154,13 +174,15 @@ def test_launch_follow_prints_the_output_and_exits_with_the_task_code(daemon):
     assert "[ 50%] half" in err and "oops" in err
     assert err[-1].startswith(err[0]) and "failed, exit code 3" in err[-1]
 
-    done = aria(daemon, "task", "launch", "--follow", "--env", "WHO=world", "--", "sh", "-c", 'echo "hello $WHO"')
+    done = aria(
+        module_daemon, "task", "launch", "--follow", "--env", "WHO=world", "--", "sh", "-c", 'echo "hello $WHO"'
+    )
     assert (done.returncode, done.stdout) == (0, "hello world\n")
     assert done.stderr.splitlines()[-1].endswith(" completed, exit code 0")
 
 
-def test_launch_follow_as_json_lines(daemon):
-    out = aria(daemon, "--json", "task", "launch", "-f", "--", "sh", "-c", SCRIPT)
+def test_launch_follow_as_json_lines(module_daemon):
+    out = aria(module_daemon, "--json", "task", "launch", "-f", "--", "sh", "-c", SCRIPT)
     assert out.returncode == 3 and out.stderr == ""
     first, *outputs, final = json_lines(out.stdout)
     task_id = first["task_id"]
@@ -171,8 +193,8 @@ def test_launch_follow_as_json_lines(daemon):
     assert final["id"] == task_id and final["status"] == "FAILED" and final["exit_code"] == 3
 
 
-def test_a_timed_out_task_exits_1(daemon):
-    out = aria(daemon, "task", "launch", "-f", "--timeout", "1", "--", "sleep", "30")
+def test_a_timed_out_task_exits_1(module_daemon):
+    out = aria(module_daemon, "task", "launch", "-f", "--timeout", "1", "--", "sleep", "30")
     assert out.returncode == 1
     assert " timeout" in out.stderr.splitlines()[-1]
 
@@ -221,16 +243,18 @@ def test_launch_get_list_cancel(daemon):
     assert missing.returncode == 1 and "(NOT_FOUND, request id " in missing.stderr
 
 
-def test_task_logs(daemon):
-    task_id = ok(daemon, "task", "launch", "--", "sh", "-c", "echo one; echo '::progress 40 compiling'; echo two >&2")
+def test_task_logs(module_daemon):
+    task_id = ok(
+        module_daemon, "task", "launch", "--", "sh", "-c", "echo one; echo '::progress 40 compiling'; echo two >&2"
+    )
     task_id = task_id.strip()
-    followed = aria(daemon, "task", "logs", "-f", task_id)  # ends when the task does
+    followed = aria(module_daemon, "task", "logs", "-f", task_id)  # ends when the task does
     assert followed.returncode == 0 and followed.stdout == "one\n"
     # progress comes from the task's stdout, so it is not ordered with its stderr
     assert sorted(followed.stderr.splitlines()) == ["[ 40%] compiling", "two"]
-    again = aria(daemon, "task", "logs", task_id)
+    again = aria(module_daemon, "task", "logs", task_id)
     assert (again.stdout, again.stderr) == (followed.stdout, followed.stderr)
-    lines = json_lines(ok(daemon, "--json", "task", "logs", task_id))
+    lines = json_lines(ok(module_daemon, "--json", "task", "logs", task_id))
     assert all(line["task_id"] == task_id and line["timestamp"] for line in lines)
     assert [line["stdout_line"] for line in lines if "stdout_line" in line] == ["one"]
     assert [line["progress"] for line in lines if "progress" in line] == [
@@ -238,15 +262,15 @@ def test_task_logs(daemon):
     ]
 
 
-def test_ctrl_c_detaches_from_a_followed_task(daemon):
-    follower = Lines(daemon, "task", "launch", "-f", "--", "sh", "-c", "echo started; sleep 30")
+def test_ctrl_c_detaches_from_a_followed_task(module_daemon):
+    follower = Lines(module_daemon, "task", "launch", "-f", "--", "sh", "-c", "echo started; sleep 30")
     assert follower.take(1) == ["started"]
     rc, err = follower.interrupt()
     assert rc == 130 and "Traceback" not in err
     task_id = err.splitlines()[0].split()[1]
     assert f"detached: task {task_id} goes on" in err
-    assert as_json(daemon, "task", "get", task_id)["status"] == "RUNNING"
-    ok(daemon, "task", "cancel", task_id)
+    assert as_json(module_daemon, "task", "get", task_id)["status"] == "RUNNING"
+    ok(module_daemon, "task", "cancel", task_id)
 
 
 # -- containers -----------------------------------------------------------------------------------
@@ -276,30 +300,32 @@ def test_container_lifecycle(daemon):
     assert ok(daemon, "container", "ls").strip() == "(no containers)"
 
 
-def test_container_logs(daemon):
-    made = as_json(daemon, "container", "create", "talker", "--start", "--", "sh", "-c", "echo hello; echo oops >&2")
+def test_container_logs(module_daemon):
+    made = as_json(
+        module_daemon, "container", "create", "talker", "--start", "--", "sh", "-c", "echo hello; echo oops >&2"
+    )
     assert made["status"] in ("RUNNING", "COMPLETED") and made["name"] == "talker"
     cid = made["id"]
-    followed = aria(daemon, "container", "logs", "-f", cid)  # ends when the container does
+    followed = aria(module_daemon, "container", "logs", "-f", cid)  # ends when the container does
     assert (followed.returncode, followed.stdout, followed.stderr) == (0, "hello\n", "oops\n")
-    assert as_json(daemon, "container", "get", cid)["status"] == "COMPLETED"
+    assert as_json(module_daemon, "container", "get", cid)["status"] == "COMPLETED"
 
-    recent = aria(daemon, "container", "logs", "--since", "1h", cid)
+    recent = aria(module_daemon, "container", "logs", "--since", "1h", cid)
     assert (recent.stdout, recent.stderr) == ("hello\n", "oops\n")
-    assert aria(daemon, "container", "logs", "--since", "2m", cid).stdout == "hello\n"
-    future = aria(daemon, "container", "logs", "--since", "2099-01-01T00:00:00+00:00", cid)
+    assert aria(module_daemon, "container", "logs", "--since", "2m", cid).stdout == "hello\n"
+    future = aria(module_daemon, "container", "logs", "--since", "2099-01-01T00:00:00+00:00", cid)
     assert (future.returncode, future.stdout, future.stderr) == (0, "", "")
-    lines = json_lines(ok(daemon, "--json", "container", "logs", cid))
+    lines = json_lines(ok(module_daemon, "--json", "container", "logs", cid))
     assert sorted((line["stream"], line["line"]) for line in lines) == [("STDERR", "oops"), ("STDOUT", "hello")]
 
 
 # -- bundles, agents, tools -----------------------------------------------------------------------
 
 
-def test_bundle_upload_then_agents_and_tools(daemon, sock_dir):
+def test_bundle_upload_then_agents_and_tools(module_daemon, sock_dir):
     path = sock_dir / "calc.aria"
     path.write_bytes(bundles.flat())
-    out = aria(daemon, "bundle", "upload", str(path))
+    out = aria(module_daemon, "bundle", "upload", str(path))
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[0].startswith("b-")
@@ -308,49 +334,49 @@ def test_bundle_upload_then_agents_and_tools(daemon, sock_dir):
     assert "  tool  fails()" in lines
     assert out.stderr == ""  # no progress bar off a terminal
 
-    agents = ok(daemon, "agents", "list").splitlines()
+    agents = ok(module_daemon, "agents", "list").splitlines()
     assert agents[0].split() == ["AGENT", "ID", "NAME", "DESCRIPTION"]
-    calc = next(a for a in as_json(daemon, "agents", "list") if a["name"] == "Calculator")
+    calc = next(a for a in as_json(module_daemon, "agents", "list") if a["name"] == "Calculator")
     assert any(line.split()[0] == calc["agent_id"] and line.endswith("Does sums") for line in agents)
 
-    shown = ok(daemon, "agents", "show", calc["agent_id"])
+    shown = ok(module_daemon, "agents", "show", calc["agent_id"])
     assert fields(shown) == {"agent": calc["agent_id"], "name": "Calculator", "description": "Does sums"}
     assert "\ntools:\n" in shown
     assert "  add(a: number, b: number)  the add tool" in shown
     assert '      "required": [' in shown and '      "additionalProperties": false,' in shown
-    details = as_json(daemon, "agents", "show", calc["agent_id"])
+    details = as_json(module_daemon, "agents", "show", calc["agent_id"])
     schema = json.loads(details["tools"][0]["parameters_json_schema"])
     assert schema["required"] == ["a", "b"]
 
-    tools = ok(daemon, "tools", "list").splitlines()
+    tools = ok(module_daemon, "tools", "list").splitlines()
     assert "add(a: number, b: number)  the add tool" in tools
     assert "Greeter(name: string)  the Greeter tool" in tools
-    with_schemas = ok(daemon, "tools", "list", "--schema")
+    with_schemas = ok(module_daemon, "tools", "list", "--schema")
     assert '    "additionalProperties": false,' in with_schemas
-    names = {t["name"] for t in as_json(daemon, "tools", "list")}
+    names = {t["name"] for t in as_json(module_daemon, "tools", "list")}
     assert {"add", "shout", "Greeter"} <= names
 
 
-def test_bundle_upload_json_nested_and_without_checksum(daemon, sock_dir):
+def test_bundle_upload_json_nested_and_without_checksum(module_daemon, sock_dir):
     path = sock_dir / "w.aria"
     path.write_bytes(bundles.nested())
-    reply = as_json(daemon, "bundle", "upload", "--name", "weather-agent.aria", "--no-checksum", str(path))
+    reply = as_json(module_daemon, "bundle", "upload", "--name", "weather-agent.aria", "--no-checksum", str(path))
     assert reply["success"] is True and reply["bundle_id"].startswith("b-")
     assert [a["name"] for a in reply["agents"]] == ["Weatherman"]
     assert [t["name"] for t in reply["tools"]] == ["forecast"]
-    assert "forecast(city: string)  Weather" in ok(daemon, "tools", "list")
+    assert "forecast(city: string)  Weather" in ok(module_daemon, "tools", "list")
 
 
-def test_a_bad_bundle_is_one_error_line(daemon, sock_dir):
+def test_a_bad_bundle_is_one_error_line(module_daemon, sock_dir):
     path = sock_dir / "bad.aria"
     path.write_bytes(b"not a zip")
-    out = aria(daemon, "bundle", "upload", str(path))
+    out = aria(module_daemon, "bundle", "upload", str(path))
     assert out.returncode == 1 and out.stdout == ""
     assert out.stderr.startswith("error: ") and "(INVALID_ARGUMENT, request id " in out.stderr
     assert len(out.stderr.splitlines()) == 1
     broken = sock_dir / "broken.aria"
     broken.write_bytes(bundles.flat(bundles.manifest(agents=[{"name": "A", "description": "", "tools": ["nope"]}])))
-    refused = aria(daemon, "bundle", "upload", str(broken))
+    refused = aria(module_daemon, "bundle", "upload", str(broken))
     assert refused.returncode == 1 and "nope" in refused.stderr
 
 

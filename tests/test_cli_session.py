@@ -7,7 +7,17 @@ import signal
 import subprocess
 import sys
 
-from test_cli_runtime import Lines, aria, aria_env, as_json, fields, json_lines, ok
+from cli_runner import run_aria
+from test_cli_runtime import (
+    Lines,
+    aria,
+    aria_env,
+    as_json,
+    close_lines,  # noqa: F401 (the fixture that closes each Lines: here too)
+    fields,
+    json_lines,
+    ok,
+)
 
 from fake_llm import FakeLLM
 
@@ -16,9 +26,13 @@ HI_RESULT = '{"exit_code": 0, "stdout": "hi\\n", "stderr": ""}'
 
 
 def chat(daemon, session, *args, stdin=None, json_output=False, timeout=60):
-    """`aria [--json] chat SESSION ARGS...`, its stdin `stdin` (else empty)."""
+    """`aria [--json] chat SESSION ARGS...`, its stdin `stdin` (else empty). One turn (-m) runs
+    in this process (see cli_runner); with lines on stdin (chat reads fd 0 itself) a process."""
+    argv = [*(["--json"] if json_output else []), "chat", session, *args]
+    if stdin is None and "-m" in args:
+        return run_aria(*argv, socket=daemon.socket)
     return subprocess.run(
-        [sys.executable, "-m", "aria_trio", *(["--json"] if json_output else []), "chat", session, *args],
+        [sys.executable, "-m", "aria_trio", *argv],
         input=stdin or "",
         capture_output=True,
         text=True,
@@ -44,7 +58,7 @@ class Interactive(Lines):
     def take(self, n, timeout=30.0):
         return super().take(n, timeout)
 
-    def close(self):
+    def end_input(self):
         """End its input; its exit status and stderr."""
         self.proc.stdin.close()
         rc = self.proc.wait(timeout=30)
@@ -101,9 +115,9 @@ def test_session_new_show_list_end(daemon):
 # -- chat without a model: direct tool use --------------------------------------------------------
 
 
-def test_chat_runs_a_tool_directly(daemon):
-    session = new_session(daemon)
-    out = chat(daemon, session, "-m", ECHO_HI)
+def test_chat_runs_a_tool_directly(module_daemon):
+    session = new_session(module_daemon)
+    out = chat(module_daemon, session, "-m", ECHO_HI)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == [
         '→ run_command({"command": ["echo", "hi"]})',
@@ -112,15 +126,15 @@ def test_chat_runs_a_tool_directly(daemon):
     ]
     assert out.stderr == ""  # no spinner off a terminal
 
-    failing = chat(daemon, session, "-m", '/run_command {"command": "not a list"}')
+    failing = chat(module_daemon, session, "-m", '/run_command {"command": "not a list"}')
     assert failing.returncode == 0  # the turn ran: its tool call failed
     lines = failing.stdout.splitlines()
     assert lines[1].startswith("✗ run_command: invalid arguments") and lines[2].startswith("error: invalid arguments")
 
 
-def test_chat_json_prints_the_events(daemon):
-    session = new_session(daemon)
-    out = chat(daemon, session, "-m", ECHO_HI, json_output=True)
+def test_chat_json_prints_the_events(module_daemon):
+    session = new_session(module_daemon)
+    out = chat(module_daemon, session, "-m", ECHO_HI, json_output=True)
     assert out.returncode == 0, out.stderr
     events = json_lines(out.stdout)
     assert [next(iter(e)) for e in events] == ["message", "tool_call", "tool_result", "message", "final_response"]
@@ -130,24 +144,24 @@ def test_chat_json_prints_the_events(daemon):
     assert events[4]["final_response"] == HI_RESULT
 
 
-def test_chat_reads_piped_lines_and_goes_on_after_an_error(daemon):
-    session = new_session(daemon)
+def test_chat_reads_piped_lines_and_goes_on_after_an_error(module_daemon):
+    session = new_session(module_daemon)
     stdin = f'{ECHO_HI}\n\n/run_command {{"command": ["sh", "-c", "echo two"]}}\n'
-    out = chat(daemon, session, stdin=stdin)
+    out = chat(module_daemon, session, stdin=stdin)
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("✓ run_command") == 2 and '"stdout": "two\\n"' in out.stdout.splitlines()[-1]
 
     # a plain line without a model: the hint, and the next line still runs; exit status 1
-    out = chat(daemon, session, stdin=f"hello there\n{ECHO_HI}\n/quit\n{ECHO_HI}\n")
+    out = chat(module_daemon, session, stdin=f"hello there\n{ECHO_HI}\n/quit\n{ECHO_HI}\n")
     assert out.returncode == 1
     assert out.stderr.startswith("error: no model is configured: set one with `aria prefs set llm.model NAME`")
     assert "(FAILED_PRECONDITION, request id " in out.stderr and len(out.stderr.splitlines()) == 1
     assert out.stdout.count("✓ run_command") == 1  # /quit ended it before the last line
 
-    single = chat(daemon, session, "-m", "hello there")
+    single = chat(module_daemon, session, "-m", "hello there")
     assert single.returncode == 1 and "llm.base_url" in single.stderr and single.stdout == ""
 
-    history = ok(daemon, "session", "history", session).splitlines()
+    history = ok(module_daemon, "session", "history", session).splitlines()
     assert history == [
         f"you: {ECHO_HI}",
         '→ run_command({"command": ["echo", "hi"]})',
@@ -159,42 +173,44 @@ def test_chat_reads_piped_lines_and_goes_on_after_an_error(daemon):
         '→ run_command({"command": ["echo", "hi"]})',
         f"← run_command: {HI_RESULT}",
     ]  # the refused turns left nothing
-    messages = as_json(daemon, "session", "history", session)
+    messages = as_json(module_daemon, "session", "history", session)
     assert [m["role"] for m in messages] == ["USER", "ASSISTANT", "TOOL"] * 3
     assert messages[1]["tool_calls"][0]["call_id"] == messages[2]["tool_call_id"]
-    assert ok(daemon, "session", "history", new_session(daemon)).strip() == "(no messages)"
+    assert ok(module_daemon, "session", "history", new_session(module_daemon)).strip() == "(no messages)"
 
 
-def test_history_reads_every_page(daemon):
-    session = new_session(daemon)
-    out = chat(daemon, session, stdin="".join(f'/run_command {{"command": ["echo", "{i}"]}}\n' for i in range(4)))
+def test_history_reads_every_page(module_daemon):
+    session = new_session(module_daemon)
+    out = chat(
+        module_daemon, session, stdin="".join(f'/run_command {{"command": ["echo", "{i}"]}}\n' for i in range(4))
+    )
     assert out.returncode == 0, out.stderr
-    whole = ok(daemon, "session", "history", session)
+    whole = ok(module_daemon, "session", "history", session)
     assert len(whole.splitlines()) == 12
-    assert ok(daemon, "session", "history", "--page-size", "5", session) == whole  # three pages
-    assert as_json(daemon, "session", "history", "--page-size", "1", session) == as_json(
-        daemon, "session", "history", session
+    assert ok(module_daemon, "session", "history", "--page-size", "5", session) == whole  # three pages
+    assert as_json(module_daemon, "session", "history", "--page-size", "1", session) == as_json(
+        module_daemon, "session", "history", session
     )
 
 
-def test_ctrl_c_cancels_the_turn_and_the_prompt_goes_on(daemon):
-    session = new_session(daemon)
-    talk = Interactive(daemon, session)
+def test_ctrl_c_cancels_the_turn_and_the_prompt_goes_on(module_daemon):
+    session = new_session(module_daemon)
+    talk = Interactive(module_daemon, session)
     talk.send('/run_command {"command": ["sleep", "30"]}')
     assert talk.take(1) == ['→ run_command({"command": ["sleep", "30"]})']
     talk.proc.send_signal(signal.SIGINT)
     talk.send('/run_command {"command": ["echo", "after"]}')
     lines = talk.take(3)
     assert lines[1] == '✓ run_command: {"exit_code": 0, "stdout": "after\\n", "stderr": ""}', lines
-    rc, err = talk.close()
+    rc, err = talk.end_input()
     assert rc == 0 and err == "(turn cancelled)\n"
-    history = ok(daemon, "session", "history", session).splitlines()
+    history = ok(module_daemon, "session", "history", session).splitlines()
     assert history[:2] == ['you: /run_command {"command": ["sleep", "30"]}', history[1]]
     assert history[-1] == '← run_command: {"exit_code": 0, "stdout": "after\\n", "stderr": ""}'
 
 
-def test_ctrl_c_at_the_prompt_leaves(daemon):
-    talk = Interactive(daemon, new_session(daemon))
+def test_ctrl_c_at_the_prompt_leaves(module_daemon):
+    talk = Interactive(module_daemon, new_session(module_daemon))
     talk.send(ECHO_HI)
     assert len(talk.take(3)) == 3
     talk.proc.send_signal(signal.SIGINT)

@@ -79,8 +79,9 @@ def test_foreign_listener_is_never_stolen(sock_dir):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 @pytest.mark.serial  # timed: a stop under 5 s
-def test_signal_stops_streams_with_unavailable_and_exits_zero(sock_dir, sig):
+def test_signal_stops_streams_with_unavailable_and_exits_zero(sock_dir, sig, request):
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    request.addfinalizer(notify.close)  # (else it warns when collected)
     notify_path = str(sock_dir / "notify.sock")
     notify.bind(notify_path)
     notify.settimeout(10)

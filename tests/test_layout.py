@@ -107,3 +107,27 @@ def test_the_rule_catches_what_it_should() -> None:
     assert allowed("runtime.services.task", "runtime.work.tasks")
     assert allowed("cli.runtime", "runtime.daemon")
     assert allowed("quilt.engine", "quilt.images")
+
+
+def test_the_readme_layout_names_every_module() -> None:
+    """README.md's Layout section follows `ls`: every folder and module of aria_trio (but the
+    generated proto/) is named there, so a new one cannot be added without saying where it belongs."""
+    readme = (PACKAGE.parent / "README.md").read_text()
+    section = readme[readme.index("## Layout") :]
+    section = section[: section.index("\n## ", 3)] if "\n## " in section[3:] else section
+    words = set(section.replace(",", " ").replace("(", " ").replace(")", " ").replace(":", " ").split())
+    missing = []
+    for path in sorted(PACKAGE.rglob("*")):
+        rel = path.relative_to(PACKAGE)
+        if (rel.parts[0] == "proto" and len(rel.parts) > 1) or "__pycache__" in rel.parts or path.name == "__init__.py":
+            continue
+        if path.suffix not in (".py", ".html", "") or path.name in ("py.typed", "__main__.py"):
+            continue
+        name = path.stem if path.suffix == ".py" else path.name
+        if path.is_dir() and rel.parts[0] == "quilt" and len(rel.parts) > 1:
+            name = f"{path.name}/"
+        elif path.is_dir():
+            name = f"{path.name}/"
+        if name not in words and f"{name}.py" not in words and name.rstrip("/") not in words:
+            missing.append(str(rel))
+    assert not missing, "README.md, Layout, does not name: " + ", ".join(missing)

@@ -9,6 +9,7 @@ import time
 
 import grpc
 import pytest
+from waiting import wait_until
 
 from aria_trio.proto.quilt.v1 import quilt_pb2 as pb
 
@@ -17,7 +18,15 @@ from quilt_client import C, QuiltClient, T, alive, error_of
 
 
 @pytest.fixture
-def q(quilt):
+def q(module_quilt):
+    """A client of the module's Quilt: for the tests that look only at their own containers and tasks."""
+    with module_quilt.channel() as ch:
+        yield QuiltClient(ch)
+
+
+@pytest.fixture
+def own_q(quilt):
+    """A client of a Quilt of the test's own: for one that lists every task, or stops its Quilt."""
     with quilt.channel() as ch:
         yield QuiltClient(ch)
 
@@ -35,6 +44,11 @@ def tree(pid: int) -> set[int]:
         except OSError:
             pass
     return found
+
+
+def tree_of_at_least(pid_of, n: int, timeout: float = 10) -> set[int]:
+    """tree(pid_of()) once it holds n processes (the sandbox's children start after it does)."""
+    return wait_until(lambda: found if len(found := tree(pid_of())) >= n else None, timeout, what=f"a tree of {n}")
 
 
 def wait_gone(pids: set[int], timeout: float = 5) -> set[int]:
@@ -101,9 +115,7 @@ def test_missing_ids_are_not_found(q):
 def test_stop_sends_sigterm_then_sigkill_and_leaves_nothing(q):
     # pid 1 of a namespace ignores SIGTERM unless it handles it: this one has to be killed.
     stubborn = q.run(["/bin/sh", "-c", "sleep 100 & sleep 100 & wait"])
-    time.sleep(0.3)
-    pids = tree(q.get(stubborn.id).pid)
-    assert len(pids) >= 3
+    pids = tree_of_at_least(lambda: q.get(stubborn.id).pid, 3)
     started = time.monotonic()
     end = q.stop(stubborn.id, grace=0.5)
     assert 0.4 < time.monotonic() - started < 3
@@ -134,9 +146,7 @@ def test_remove_refuses_a_running_container_unless_forced(q, quilt):
 def test_task_timeout_kills_the_tree(q):
     c = q.run()
     t = q.exec_async(c.id, ["/bin/sh", "-c", "sleep 100 & sleep 100 & echo started; wait"], timeout_seconds=1)
-    time.sleep(0.3)
-    pids = tree(q.task(t.id).pid)
-    assert len(pids) >= 3
+    pids = tree_of_at_least(lambda: q.task(t.id).pid, 3)
     result = q.result(t.id)
     assert result.task.state == pb.TASK_TIMEOUT and "timed out after 1 s" in result.task.message
     assert result.stdout == "started\n"
@@ -147,8 +157,7 @@ def test_task_timeout_kills_the_tree(q):
 def test_cancel_kills_and_is_idempotent(q):
     c = q.run()
     t = q.exec_async(c.id, ["/bin/sh", "-c", "sleep 100 & wait"])
-    time.sleep(0.2)
-    pids = tree(q.task(t.id).pid)
+    pids = tree_of_at_least(lambda: q.task(t.id).pid, 2)  # sh and its sleep
     first = q.cancel(t.id)
     assert first.cancelled and first.task.state == pb.TASK_CANCELLED
     again = q.cancel(t.id)
@@ -221,20 +230,20 @@ def test_output_is_capped_with_a_marker_and_kept_after_exit(sock_dir):
         quilt.stop()
 
 
-def test_list_tasks_filters_and_sync_exec_result(q):
-    c = q.run()
-    ok = q.exec(c.id, ["/bin/echo", "hi"], stdin=b"ignored")
-    bad = q.exec(c.id, ["/bin/sh", "-c", "cat; exit 4"], stdin=b"from stdin")
+def test_list_tasks_filters_and_sync_exec_result(own_q):
+    c = own_q.run()
+    ok = own_q.exec(c.id, ["/bin/echo", "hi"], stdin=b"ignored")
+    bad = own_q.exec(c.id, ["/bin/sh", "-c", "cat; exit 4"], stdin=b"from stdin")
     assert (ok.task.state, ok.stdout) == (pb.TASK_COMPLETED, "hi\n")
     assert (bad.task.state, bad.task.exit_code, bad.stdout) == (pb.TASK_FAILED, 4, "from stdin")
-    listed = q.call(T + "ListTasks", pb.ListTasksRequest(container_id=c.id), pb.ListTasksResponse)
+    listed = own_q.call(T + "ListTasks", pb.ListTasksRequest(container_id=c.id), pb.ListTasksResponse)
     assert [t.id for t in listed.tasks] == [ok.task.id, bad.task.id]
-    failed = q.call(T + "ListTasks", pb.ListTasksRequest(states=[pb.TASK_FAILED]), pb.ListTasksResponse)
+    failed = own_q.call(T + "ListTasks", pb.ListTasksRequest(states=[pb.TASK_FAILED]), pb.ListTasksResponse)
     assert [t.id for t in failed.tasks] == [bad.task.id]
-    running = q.exec_async(c.id, ["/bin/sleep", "5"])
-    err = error_of(q.result, running.id, wait=False)
+    running = own_q.exec_async(c.id, ["/bin/sleep", "5"])
+    err = error_of(own_q.result, running.id, wait=False)
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
-    q.stop(c.id)
+    own_q.stop(c.id)
 
 
 def test_restart_marks_lost_work_failed_and_leaves_nothing_running(sock_dir):
@@ -284,8 +293,12 @@ def test_sync_exec_is_cancelled_when_its_caller_leaves(q):
     c = q.run()
     err = error_of(q.exec, c.id, ["/bin/sleep", "100"], timeout=0.5)
     assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    time.sleep(0.3)
-    tasks = q.call(T + "ListTasks", pb.ListTasksRequest(container_id=c.id), pb.ListTasksResponse).tasks
+    listing = pb.ListTasksRequest(container_id=c.id)
+    tasks = wait_until(
+        lambda: [t for t in q.call(T + "ListTasks", listing, pb.ListTasksResponse).tasks if t.state != pb.TASK_RUNNING],
+        timeout=5,
+        what="the task ended",
+    )
     assert tasks[0].state == pb.TASK_CANCELLED and "the caller went away" in tasks[0].message
     q.stop(c.id)
 
@@ -316,7 +329,7 @@ def test_container_logs_since_a_time(q):
     assert [ln.text for ln in later] == ["late"]
 
 
-def test_a_start_whose_caller_gives_up_still_ends_under_supervision(quilt, q):
+def test_a_start_whose_caller_gives_up_still_ends_under_supervision(quilt, own_q):
     """StartContainer calls whose deadline passes while the sandbox starts: each container either
     never started or runs to its end, watched; none is left running unwatched, and Quilt stops at
     once. (A start cancelled half-way used to leave a running container nobody supervised, and a
@@ -324,13 +337,13 @@ def test_a_start_whose_caller_gives_up_still_ends_under_supervision(quilt, q):
     ids: list[str] = []
 
     def new_container() -> str:
-        ids.append(q.create(["/bin/true"]).id)
+        ids.append(own_q.create(["/bin/true"]).id)
         return ids[-1]
 
-    typical = typical_seconds(q.start, new_container)  # how long a start takes here
+    typical = typical_seconds(own_q.start, new_container)  # how long a start takes here
     # deadlines from well before the end of a start to just after it
     give_up_midway(
-        lambda timeout: q.call(
+        lambda timeout: own_q.call(
             C + "StartContainer", pb.ContainerRef(id=new_container()), pb.Container, timeout=timeout
         ),
         [typical * (0.4 + step / 75) for step in range(60)],
@@ -338,7 +351,7 @@ def test_a_start_whose_caller_gives_up_still_ends_under_supervision(quilt, q):
     states = {}
     for cid in ids:
         deadline = time.monotonic() + 10
-        while (state := q.get(cid).state) == pb.CONTAINER_RUNNING and time.monotonic() < deadline:
+        while (state := own_q.get(cid).state) == pb.CONTAINER_RUNNING and time.monotonic() < deadline:
             time.sleep(0.02)
         states[cid] = state
     unwatched = [cid for cid, state in states.items() if state == pb.CONTAINER_RUNNING]
@@ -350,19 +363,19 @@ def test_a_start_whose_caller_gives_up_still_ends_under_supervision(quilt, q):
     assert time.monotonic() - started < 5
 
 
-def test_an_exec_whose_caller_gives_up_still_ends_under_supervision(quilt, q):
+def test_an_exec_whose_caller_gives_up_still_ends_under_supervision(quilt, own_q):
     """The same for ExecAsync: every task that began runs to its end, and Quilt stops at once."""
-    box = q.run()  # an idle container
-    typical = typical_seconds(lambda _: q.exec_async(box.id, ["/bin/true"]))
+    box = own_q.run()  # an idle container
+    typical = typical_seconds(lambda _: own_q.exec_async(box.id, ["/bin/true"]))
     request = pb.ExecRequest(container_id=box.id, command=["/bin/true"])
     give_up_midway(
-        lambda timeout: q.call(T + "ExecAsync", request, pb.Task, timeout=timeout),
+        lambda timeout: own_q.call(T + "ExecAsync", request, pb.Task, timeout=timeout),
         [typical * (0.4 + step / 75) for step in range(60)],
     )
     listing = pb.ListTasksRequest(container_id=box.id)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        tasks = q.call(T + "ListTasks", listing, pb.ListTasksResponse).tasks
+        tasks = own_q.call(T + "ListTasks", listing, pb.ListTasksResponse).tasks
         if all(t.state == pb.TASK_COMPLETED for t in tasks):
             break
         time.sleep(0.05)

@@ -18,8 +18,9 @@ from quilt_client import QuiltClient, error_of, error_reason
 
 
 @pytest.fixture
-def q(quilt):
-    with quilt.channel() as ch:
+def q(module_quilt):
+    """The module's Quilt (each test looks only at its own containers)."""
+    with module_quilt.channel() as ch:
         yield QuiltClient(ch)
 
 
@@ -76,8 +77,9 @@ def test_network_when_asked(q):
     assert "lo" in out and len(out) > 1  # the host's interfaces
 
 
-def test_host_files_outside_the_view_are_absent(q, quilt):
-    probes = [str(quilt.data_dir), str(Path(__file__).parent), "/root", "/home", "/etc/shadow", "/var", "/etc/hostname"]
+def test_host_files_outside_the_view_are_absent(q, module_quilt):
+    data = str(module_quilt.data_dir)
+    probes = [data, str(Path(__file__).parent), "/root", "/home", "/etc/shadow", "/var", "/etc/hostname"]
     script = "; ".join(f"test -e {p} && echo present {p} || echo absent {p}" for p in probes) + "; ls /"
     _, out = run_sh(q, script)
     assert out[: len(probes)] == [f"absent {p}" for p in probes]
@@ -210,7 +212,7 @@ def test_memory_hog_is_killed_at_its_limit(q):
     assert "out of memory" in end.message
 
 
-def test_fork_bomb_hits_the_pids_limit(q, quilt):
+def test_fork_bomb_hits_the_pids_limit(q):
     c = q.run(limits=pb.Limits(pids=32))
     # The script forks once, first (the bomb, in a subshell: `b` itself would fork twice from the
     # script, the second time maybe into a full limit, which ends sh), then nothing more (a `sleep`

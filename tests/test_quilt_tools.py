@@ -16,8 +16,9 @@ from quilt_client import B, QuiltClient, error_of
 
 
 @pytest.fixture
-def q(quilt):
-    with quilt.channel() as ch:
+def q(module_quilt):
+    """The module's Quilt (each test runs its own tools; one at a time in a worker)."""
+    with module_quilt.channel() as ch:
         yield QuiltClient(ch)
 
 
@@ -59,12 +60,13 @@ def test_a_tool_that_prints_garbage(q, calc):
     assert not r.ok and "not its answer" in r.error and "this is not json" in r.error
 
 
-def test_a_tool_that_sleeps_past_its_timeout(q, calc, quilt):
+def test_a_tool_that_sleeps_past_its_timeout(q, calc, module_quilt):
     started = time.monotonic()
     r = run(q, calc, "slow", {}, timeout_seconds=1)
     assert time.monotonic() - started < 5
     assert not r.ok and r.timed_out and "timed out after 1 s" in r.error
-    assert not (quilt.data_dir / "tools").exists() or not any((quilt.data_dir / "tools").iterdir())
+    tools = module_quilt.data_dir / "tools"
+    assert not tools.exists() or not any(tools.iterdir())
 
 
 def test_a_memory_hog_over_its_limit(q, calc):

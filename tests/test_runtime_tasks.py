@@ -154,8 +154,8 @@ def test_exec_in_a_running_container_and_not_in_a_stopped_one(daemon):
         ("", "not JSON"),
     ],
 )
-def test_bad_command_json(daemon, command, problem):
-    c = AriaClient(daemon.channel())
+def test_bad_command_json(module_daemon, command, problem):
+    c = AriaClient(module_daemon.channel())
     with pytest.raises(grpc.RpcError) as info:
         c.launch(command)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
