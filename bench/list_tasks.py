@@ -33,6 +33,7 @@ import sqlite_utils
 
 from aria_trio.runtime.access.identity import user_name
 from aria_trio.runtime.access.pagination import PageTokens
+from aria_trio.runtime.store.migrations import MIGRATIONS
 from aria_trio.shared.sqlite import migrate
 
 from .harness import BenchError, percentile, progress, rpc_durations, run_script, start_aria
@@ -65,7 +66,7 @@ def _seed(path: Path, user: str) -> None:
     """The runtime's schema, then TASKS completed tasks of `user`, one millisecond apart, oldest first."""
     db = sqlite_utils.Database(sqlite3.connect(path, isolation_level=None))
     try:
-        migrate(db)
+        migrate(db, MIGRATIONS)
         db.execute("PRAGMA synchronous = OFF")  # a scratch database: no need to survive a crash
         first = time.time_ns() // 1000 - TASKS * 1000
         for start in range(0, TASKS, SEED_BATCH):

@@ -51,7 +51,12 @@ def _measure(tmp: Path, label: str, round_no: int, processes: int, streams_each:
     workdir = tmp / f"{label.replace(' ', '-')}-{round_no}"
     workdir.mkdir()
     phases = f"{PACED_EVENTS},{BURST_EVENTS}"
-    with start_aria(workdir / "aria.sock", workdir / "data", workdir) as aria, contextlib.ExitStack() as clients:
+    # (all subscribers are one user: the per-user cap on open streams, 64 by default, is raised to fit)
+    streams = str(processes * streams_each + 8)
+    with (
+        start_aria(workdir / "aria.sock", workdir / "data", workdir, "--max-streams", streams) as aria,
+        contextlib.ExitStack() as clients,
+    ):
         _publish(aria, workdir, 1, 0)  # event 1, the subscribers' warm-up (this waits for the runtime's Quilt)
         subscribers = [
             clients.enter_context(

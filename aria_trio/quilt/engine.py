@@ -26,6 +26,7 @@ from typing import Any
 import structlog
 import trio
 
+from aria_trio.proto.quilt.v1 import quilt_pb2 as q
 from aria_trio.quilt import store as table
 from aria_trio.quilt.disks import MIN_DISK_BYTES, MOUNT, Disks
 from aria_trio.quilt.images import Images
@@ -38,12 +39,37 @@ from aria_trio.shared.sqlite import Store, background
 
 log = structlog.get_logger("quilt.engine")
 
-# quilt.v1.ContainerState
-CREATED, RUNNING, EXITED, FAILED, STOPPED = 1, 2, 3, 4, 5
-CONTAINER_STATES = {CREATED: "created", RUNNING: "running", EXITED: "exited", FAILED: "failed", STOPPED: "stopped"}
-# quilt.v1.TaskState
-T_PENDING, T_RUNNING, T_COMPLETED, T_FAILED, T_CANCELLED, T_TIMEOUT = 1, 2, 3, 4, 5, 6
-TASK_STATES = {1: "pending", 2: "running", 3: "completed", 4: "failed", 5: "cancelled", 6: "timeout"}
+# quilt.v1.ContainerState and TaskState: the numbers Quilt's store keeps and its API sends
+CREATED, RUNNING, EXITED, FAILED, STOPPED = (
+    q.CONTAINER_CREATED,
+    q.CONTAINER_RUNNING,
+    q.CONTAINER_EXITED,
+    q.CONTAINER_FAILED,
+    q.CONTAINER_STOPPED,
+)
+CONTAINER_STATES: dict[int, str] = {
+    CREATED: "created",
+    RUNNING: "running",
+    EXITED: "exited",
+    FAILED: "failed",
+    STOPPED: "stopped",
+}
+T_PENDING, T_RUNNING, T_COMPLETED, T_FAILED, T_CANCELLED, T_TIMEOUT = (
+    q.TASK_PENDING,
+    q.TASK_RUNNING,
+    q.TASK_COMPLETED,
+    q.TASK_FAILED,
+    q.TASK_CANCELLED,
+    q.TASK_TIMEOUT,
+)
+TASK_STATES: dict[int, str] = {
+    T_PENDING: "pending",
+    T_RUNNING: "running",
+    T_COMPLETED: "completed",
+    T_FAILED: "failed",
+    T_CANCELLED: "cancelled",
+    T_TIMEOUT: "timeout",
+}
 TASK_FINISHED = {T_COMPLETED, T_FAILED, T_CANCELLED, T_TIMEOUT}
 
 # The main process of a container started without a command: idles until stopped, and (unlike

@@ -21,9 +21,10 @@ from pathlib import Path
 
 import trio
 
+from aria_trio.proto.quilt.v1 import quilt_pb2 as q
 from aria_trio.shared import errors
 
-STDOUT, STDERR, SYSTEM = 1, 2, 3
+STDOUT, STDERR, SYSTEM = q.STDOUT, q.STDERR, q.SYSTEM  # quilt.v1.Stream
 MAX_LINE = 64 * 1024
 INDEX_EVERY = 1024
 READ_BATCH = 512  # lines read from disk per worker-thread call when replaying
