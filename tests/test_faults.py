@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import re
 import signal
 import sqlite3
 import threading
@@ -181,6 +182,7 @@ class Work:
     """One trial's mixed load, in threads, until stopped."""
 
     def __init__(self, d: Daemon, trial: Trial, rng: random.Random) -> None:
+        self.d = d
         self.channel = d.channel(**CHANNEL)
         self.c = AriaClient(self.channel)
         self.trial = trial
@@ -210,6 +212,10 @@ class Work:
         for t in self.threads:
             t.join(60)
         self.channel.close()
+        if self.problems:  # with what the runtime logged about them (an INTERNAL has its traceback there)
+            ids = [m for p in self.problems for m in re.findall(r"request id ([0-9a-f]+)", p)]
+            said = [e for e in self.d.logs() if e.get("level") in ("error", "critical") or e.get("request_id") in ids]
+            self.problems.append(f"the runtime logged: {said[-5:]}")
         assert not self.problems, self.problems
 
     def _printer(self) -> None:

@@ -365,7 +365,7 @@ class ClientCall(Generic[R]):
             chunk, payload = payload[:window], payload[window:]
             try:
                 proto.send_data(self.sid, bytes(chunk), end_stream=end and not payload)
-            except h2.exceptions.StreamClosedError:
+            except h2.exceptions.ProtocolError:  # the stream closed, or the connection (its peer gone)
                 raise self._error or RpcError(StatusCode.UNAVAILABLE, "the server closed the call") from None
             self.channel.kick()
         self._half_closed = self._half_closed or end
