@@ -216,6 +216,7 @@ class Work:
             ids = [m for p in self.problems for m in re.findall(r"request id ([0-9a-f]+)", p)]
             said = [e for e in self.d.logs() if e.get("level") in ("error", "critical") or e.get("request_id") in ids]
             self.problems.append(f"the runtime logged: {said[-5:]}")
+            print("the runtime logged, about the problems:", *said[-5:], sep="\n")  # (whole: the assert cuts)
         assert not self.problems, self.problems
 
     def _printer(self) -> None:

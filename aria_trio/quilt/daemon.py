@@ -32,7 +32,7 @@ log = structlog.get_logger("quilt.daemon")
 
 PARENT_ENV = "QUILT_PARENT_PID"  # set by a runtime that starts this Quilt: then it is the runtimes' (attach.py)
 # Calls one connection may carry at once: the runtime, its only client, keeps a long call per
-# running task and container; past this it opens another connection (quilt_link.MAX_CONNECTIONS).
+# running task and container; past this it opens another connection (runtime/quilt_client/link.py, MAX_CONNECTIONS).
 QUILT_STREAMS = 1024
 SECCOMP_FILE = "seccomp.bpf"  # the sandboxes' filter, written at each start (quilt/seccomp.py)
 

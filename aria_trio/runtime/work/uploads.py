@@ -148,6 +148,9 @@ class Uploads:
                 await self._read_chunks(requests, send, meta.total_size_bytes)
         except BaseExceptionGroup as exc:
             raise (refused[0] if refused else _first_reason(exc)) from None
+        if not answer:  # (Quilt's side ended with neither answer nor error: its link went down under it)
+            log.warning("quilt ended an upload without an answer", user=user, bundle=meta.name)
+            raise errors.Unavailable("the container service (quilt) went away during the upload; try again")
         return answer[0]
 
     async def _read_chunks(
@@ -169,7 +172,10 @@ class Uploads:
                 self.bytes_received += len(r.chunk)
                 if received > total:
                     raise _size_error(f"more bytes than the {total} declared in metadata")
-                await send.send(r.chunk)  # waits while the channel is full: backpressure to the client
+                try:
+                    await send.send(r.chunk)  # waits while the channel is full: backpressure to the client
+                except trio.BrokenResourceError:
+                    return  # Quilt's side has ended: its answer, or its error, says how the upload went
             if received < total:
                 raise _size_error(f"the upload ended after {received} of the {total} bytes declared")
 
