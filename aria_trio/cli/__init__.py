@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import click
 import trio
@@ -27,6 +27,7 @@ from aria_trio.shared.config import (
 )
 
 T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., object])
 
 
 class Context:
@@ -60,7 +61,7 @@ class Context:
             click.echo(error_line(exc), err=True)
             sys.exit(1)
 
-    def output(self, value: Any, text: str | None = None) -> None:
+    def output(self, value: object, text: str | None = None) -> None:
         if self.as_json or text is None:
             click.echo(json.dumps(value, indent=None if self.as_json else 2, sort_keys=True))
         else:
@@ -90,16 +91,14 @@ def main(ctx: click.Context, socket: str | None, as_json: bool, timeout: float) 
     ctx.obj = Context(socket, as_json, timeout)
 
 
-def settings_options(
-    settings: tuple[Setting, ...], section: str | None = None
-) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def settings_options(settings: tuple[Setting, ...], section: str | None = None) -> Callable[[F], F]:
     """A click option per setting, its help naming the environment variable and config key."""
     where = f"[{section}] " if section else ""
 
-    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def decorate(fn: F) -> F:
         for s in reversed(settings):
             default = s.default()
-            kind: Any = click.Choice(s.choices) if s.choices else None
+            kind = click.Choice(s.choices) if s.choices else None
             fn = click.option(
                 s.flag,
                 s.name,
@@ -125,7 +124,7 @@ CONFIG_OPTION = click.option(
 def run_daemon(
     name: str,
     declared: Table[SettingsT],
-    flags: dict[str, Any],
+    flags: Mapping[str, object],
     config_path: Path | None,
     section: str | None,
     serve_fn: Callable[[SettingsT], Awaitable[None]],
@@ -157,7 +156,7 @@ def run_daemon(
 @CONFIG_OPTION
 @settings_options(RUNTIME_SETTINGS)
 @click.pass_context
-def serve(ctx: click.Context, /, config_path: Path | None, **flags: Any) -> None:
+def serve(ctx: click.Context, /, config_path: Path | None, **flags: object) -> None:
     """Run the runtime daemon in the foreground until SIGTERM or SIGINT.
 
     Serves aria.v1 (and the legacy aria.* names), grpc.health.v1 and server reflection on a Unix

@@ -12,7 +12,7 @@ import json
 import shlex
 import signal
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import click
 import trio
@@ -21,6 +21,7 @@ from google.protobuf.message import Message
 
 from aria_trio.proto.aria.v1 import aria_pb2
 from aria_trio.rpc import Channel, RpcError
+from aria_trio.shared.json_input import JSON
 
 if TYPE_CHECKING:
     from aria_trio.cli import Context
@@ -123,7 +124,7 @@ def error_line(exc: RpcError) -> str:
 # -- showing --------------------------------------------------------------------------------------
 
 
-def as_dict(message: Message) -> dict[str, Any]:
+def as_dict(message: Message) -> dict[str, JSON]:
     """A message as --json prints it (the .proto's field names)."""
     return json_format.MessageToDict(message, preserving_proto_field_name=True)
 

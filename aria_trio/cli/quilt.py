@@ -7,7 +7,7 @@ import sys
 import time
 from collections.abc import AsyncIterable, AsyncIterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import click
 import trio
@@ -45,7 +45,7 @@ def quilt(obj: Context, quilt_socket: str | None) -> None:
 @CONFIG_OPTION
 @settings_options(QUILT_SETTINGS, "quilt")
 @click.pass_obj
-def quilt_serve(obj: Context, /, config_path: Path | None, **flags: Any) -> None:
+def quilt_serve(obj: Context, /, config_path: Path | None, **flags: object) -> None:
     """Run quilt in the foreground until SIGTERM or SIGINT.
 
     Containers are bubblewrap sandboxes (install the `bubblewrap` package); memory and process

@@ -18,7 +18,6 @@ import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import structlog
 import trio
@@ -66,7 +65,7 @@ class Attachments:
             log.info("a runtime detached", runtime_pid=runtime_pid, attached=self.count)
             self._changed_now()
 
-    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """For a Quilt started for a runtime: stop (as at SIGTERM) after the grace without one."""
         task_status.started()
         if not self.managed:

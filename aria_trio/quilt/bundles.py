@@ -21,7 +21,6 @@ import zipfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import blake3
 import structlog
@@ -31,6 +30,7 @@ from aria_trio.quilt import store as table
 from aria_trio.quilt.engine import now_us
 from aria_trio.shared import errors, json_input
 from aria_trio.shared.bundle_manifest import Agent, InvalidBundle, Manifest, Tool, inspect_bundle
+from aria_trio.shared.json_input import JSON
 from aria_trio.shared.sqlite import Store, fits
 
 log = structlog.get_logger("quilt.bundles")
@@ -63,14 +63,14 @@ class Bundle:
     size_bytes: int
     sha256: str
     layout: str
-    manifest: dict[str, Any]
+    manifest: dict[str, JSON]
     tools: list[Tool]
     agents: list[Agent]
     labels: dict[str, str]
     created_at: int
 
     @classmethod
-    def from_row(cls, row: dict[str, Any]) -> Bundle:
+    def from_row(cls, row: table.BundleRow) -> Bundle:
         return cls(
             row["id"],
             row["name"],
@@ -86,7 +86,7 @@ class Bundle:
             row["created_at"],
         )
 
-    def row(self) -> dict[str, Any]:
+    def row(self) -> table.BundleRow:
         return {
             "id": self.id,
             "name": self.name,
@@ -210,13 +210,13 @@ class BundleStore:
                 meta.labels,
                 now_us(),
             )
-            existing = await self.store.run(table.get, "bundles", digest)
+            existing = await self.store.run(table.get, table.BUNDLES, digest)
             if existing is not None:
                 await trio.to_thread.run_sync(upload.discard)
                 log.info("bundle uploaded again: stored once", bundle=digest)
                 return Bundle.from_row(existing)
             await trio.to_thread.run_sync(self._keep, upload.path, self.object_path(digest))
-            await self.store.run(table.upsert, "bundles", bundle.row())
+            await self.store.run(table.upsert, table.BUNDLES, bundle.row())
             log.info("bundle stored", bundle=digest, name=manifest.name, bytes=upload.size)
             return bundle
         finally:
@@ -272,7 +272,7 @@ class BundleStore:
             os.close(fd)
 
     async def get(self, bundle_id: str) -> Bundle:
-        row = await self.store.run(table.get, "bundles", bundle_id)
+        row = await self.store.run(table.get, table.BUNDLES, bundle_id)
         if row is None:
             raise errors.NotFound(f"no bundle {bundle_id!r}", reason="BUNDLE_NOT_FOUND")
         return Bundle.from_row(row)
@@ -289,7 +289,7 @@ class BundleStore:
 
     async def delete(self, bundle_id: str) -> None:
         await self.get(bundle_id)
-        await self.store.run(table.delete, "bundles", bundle_id)
+        await self.store.run(table.delete, table.BUNDLES, bundle_id)
         await trio.to_thread.run_sync(self._remove_files, bundle_id)
         log.info("bundle deleted", bundle=bundle_id)
 
@@ -380,7 +380,12 @@ def _encode_token(created_at: int, bundle_id: str) -> str:
 
 def _decode_token(token: str) -> tuple[int, str]:
     try:
-        created_at, bundle_id = json_input.loads(base64.urlsafe_b64decode(token.encode()))
-        return int(created_at), str(bundle_id)
+        decoded = json_input.loads(base64.urlsafe_b64decode(token.encode()))
+        if not isinstance(decoded, list) or len(decoded) != 2:
+            raise TypeError("not a pair")
+        created_at, bundle_id = decoded
+        if not isinstance(created_at, int) or not isinstance(bundle_id, str):
+            raise TypeError("not (int, str)")
+        return created_at, bundle_id
     except (ValueError, TypeError, OverflowError):
         raise errors.InvalidArgument("invalid page token", fields={"page_token": "invalid"}) from None

@@ -21,7 +21,6 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import structlog
 import trio
@@ -191,7 +190,7 @@ class Container:
     done: trio.Event = field(default_factory=trio.Event)
     lock: trio.Lock = field(default_factory=trio.Lock)
 
-    def row(self) -> dict[str, Any]:
+    def row(self) -> table.ContainerRow:
         spec = self.spec.__dict__
         return {
             "id": self.id,
@@ -207,10 +206,11 @@ class Container:
         }
 
     @classmethod
-    def from_row(cls, row: dict[str, Any]) -> Container:
+    def from_row(cls, row: table.ContainerRow) -> Container:
         c = cls(row["id"], Spec(**json.loads(row["spec_json"])))
-        for key in ("state", "created_at", "started_at", "finished_at", "exit_code", "signal", "message", "pid"):
-            setattr(c, key, row[key])
+        c.state, c.created_at, c.started_at = row["state"], row["created_at"], row["started_at"]
+        c.finished_at, c.exit_code, c.signal = row["finished_at"], row["exit_code"], row["signal"]
+        c.message, c.pid = row["message"], row["pid"]
         if c.state not in (CREATED, RUNNING):
             c.done.set()  # (ended under an earlier quilt: nothing of it is left to clean)
         return c
@@ -240,7 +240,7 @@ class Task:
     timed_out: bool = False
     done: trio.Event = field(default_factory=trio.Event)
 
-    def row(self) -> dict[str, Any]:
+    def row(self) -> table.TaskRow:
         return {
             "id": self.id,
             "container_id": self.container_id,
@@ -260,10 +260,11 @@ class Task:
         }
 
     @classmethod
-    def from_row(cls, row: dict[str, Any]) -> Task:
+    def from_row(cls, row: table.TaskRow) -> Task:
         t = cls(row["id"], row["container_id"], json.loads(row["command_json"]), json.loads(row["labels_json"]))
-        for key in ("state", "created_at", "started_at", "finished_at", "exit_code", "signal", "message"):
-            setattr(t, key, row[key])
+        t.state, t.created_at, t.started_at = row["state"], row["created_at"], row["started_at"]
+        t.finished_at, t.exit_code, t.signal = row["finished_at"], row["exit_code"], row["signal"]
+        t.message = row["message"]
         t.timeout_seconds, t.pid, t.output_lines = row["timeout_seconds"], row["pid"], row["output_lines"]
         t.output_truncated = bool(row["output_truncated"])
         t.done.set()  # from the database: a finished task
@@ -296,7 +297,7 @@ class Engine:
 
     # -- life of the engine -----------------------------------------------------------------------
 
-    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Recover from the last run, then supervise processes until cancelled."""
         await self._recover()
         async with trio.open_nursery() as nursery:
@@ -311,7 +312,7 @@ class Engine:
         if await trio.to_thread.run_sync(old_scratch.is_dir):
             await trio.to_thread.run_sync(lambda: shutil.rmtree(old_scratch, ignore_errors=True))
             log.info("removed the tool runs' old scratch folders", path=str(old_scratch))
-        starting = await self.store.run(table.rows, "containers", "state = ?", [CREATED])
+        starting = await self.store.run(table.rows, table.CONTAINERS, "state = ?", [CREATED])
         lost, lost_tasks = await self.store.run(table.mark_lost, now_us())
         # Their sandboxes died with quilt; make sure nothing is left in their cgroups. CREATED ones
         # too: one whose start the crash cut may have a sandbox that was spawned in the instant
@@ -322,11 +323,11 @@ class Engine:
                 log.warning("killed the processes a crash left in a container's cgroup", container=row["id"])
             await trio.to_thread.run_sync(cgroup.kill_all)
             await trio.to_thread.run_sync(cgroup.remove)
-        for row in await self.store.run(table.rows, "containers"):
+        for row in await self.store.run(table.rows, table.CONTAINERS):
             self.containers[row["id"]] = Container.from_row(row)
         if lost or lost_tasks:
             log.warning("quilt restarted: marked lost work as failed", containers=len(lost), tasks=lost_tasks)
-        tasks = await self.store.run(table.ids, "tasks")
+        tasks = await self.store.run(table.ids, table.TASKS)
         for stray in await trio.to_thread.run_sync(self._strays, tasks):  # a crash in the middle of a create
             await trio.to_thread.run_sync(self._remove_dir, stray)
             log.info("removed the folder of a container a crash left half-made", path=str(stray))
@@ -369,7 +370,7 @@ class Engine:
                 await trio.to_thread.run_sync(lambda: shutil.rmtree(self._dir(c.id), ignore_errors=True))
             raise
         with trio.CancelScope(shield=True):  # stored and known together, or a caller gone in between left a stray
-            await self.store.run(table.upsert, "containers", c.row())
+            await self.store.run(table.upsert, table.CONTAINERS, c.row())
             self.containers[c.id] = c
         log.info("container created", container=c.id, image=image.name, command=spec.command or "(idle)")
         return c
@@ -481,7 +482,9 @@ class Engine:
                 await self._nursery.start(self._supervise_container, c)
         return c
 
-    async def _supervise_container(self, c: Container, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async def _supervise_container(
+        self, c: Container, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         background()  # its writes wait for disk space, not fail: the record must be made (store/db.py)
         spec = c.spec
         limits = self._limits(spec)
@@ -508,7 +511,7 @@ class Engine:
                 c.handle = run.handle
                 assert c.handle is not None
                 c.state, c.started_at, c.pid = RUNNING, now_us(), c.handle.pid
-                await self.store.run(table.upsert, "containers", c.row())
+                await self.store.run(table.upsert, table.CONTAINERS, c.row())
                 log.info("container started", container=c.id, pid=c.pid)
                 task_status.started()
                 started = True
@@ -541,7 +544,7 @@ class Engine:
             if attached:
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(self.disks.detach, self._files(c.id))
-        await self._record_end("containers", c.row())
+        await self._record_end(table.CONTAINERS, c.row())
         log.info("container ended", container=c.id, state=CONTAINER_STATES[c.state], message=c.message)
         c.done.set()  # (after the clean-up: a start again or a removal waits for it)
         if not started:
@@ -554,14 +557,14 @@ class Engine:
         (c.exit_code, c.signal), c.state, c.message = ended, state, message
         c.finished_at, c.pid, c.handle = now_us(), 0, None
 
-    async def _record_end(self, table_name: str, row: dict[str, Any]) -> None:
+    async def _record_end(self, into: table.Table[table.Row], row: table.Row) -> None:
         """A run's end, stored whatever happens: shielded (it must be made), and if even that fails
         (the disk still full at shutdown), logged; the next start marks it lost ("quilt restarted")."""
         try:
             with trio.CancelScope(shield=True):
-                await self.store.run(table.upsert, table_name, row)
+                await self.store.run(table.upsert, into, row)
         except Exception:
-            log.exception("could not record the end of a run", table=table_name, id=row["id"])
+            log.exception("could not record the end of a run", table=into.name, id=row["id"])
 
     async def stop(self, cid: str, grace: float = 0.0) -> Container:
         c = self.container(cid)
@@ -629,11 +632,11 @@ class Engine:
         async with c.lock:
             if c.state == RUNNING:  # started again meanwhile, by another caller
                 raise errors.FailedPrecondition(f"container {cid} was started again", reason="CONTAINER_RUNNING")
-            for row in await self.store.run(table.rows, "tasks", "container_id = ?", [cid]):
-                await self.store.run(table.delete, "tasks", row["id"])
+            for row in await self.store.run(table.rows, table.TASKS, "container_id = ?", [cid]):
+                await self.store.run(table.delete, table.TASKS, row["id"])
                 with contextlib.suppress(FileNotFoundError):
                     await trio.to_thread.run_sync(self._task_log_path(row["id"]).unlink)
-            await self.store.run(table.delete, "containers", cid)
+            await self.store.run(table.delete, table.CONTAINERS, cid)
             self.containers.pop(cid, None)
             await trio.to_thread.run_sync(lambda: shutil.rmtree(self._dir(cid), ignore_errors=True))
         log.info("container removed", container=cid)
@@ -689,7 +692,7 @@ class Engine:
         assert self._nursery is not None
         with trio.CancelScope(shield=True):  # seen through once begun, as a container's start
             try:
-                await self.store.run(table.upsert, "tasks", t.row())
+                await self.store.run(table.upsert, table.TASKS, t.row())
             except BaseException:
                 self.images.release(image)
                 raise
@@ -716,7 +719,7 @@ class Engine:
         image: Image,
         spec: ExecSpec,
         captured: Captured | None,
-        task_status: Any = trio.TASK_STATUS_IGNORED,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         background()  # (as a container's supervisor)
         limits = self._limits(c.spec)
@@ -749,7 +752,7 @@ class Engine:
                 if t.cancel_requested:  # it came while the sandbox started: the kill it could not make
                     t.handle.kill()
                 t.state, t.started_at, t.pid = T_RUNNING, now_us(), t.handle.pid
-                await self.store.run(table.upsert, "tasks", t.row())
+                await self.store.run(table.upsert, table.TASKS, t.row())
                 task_status.started()
                 started = True
                 if t.timeout_seconds > 0:
@@ -784,7 +787,7 @@ class Engine:
         if t.log is not None:
             t.output_lines, t.output_truncated = t.log.count, t.log.truncated
         t.finished_at, t.pid, t.handle = now_us(), 0, None
-        await self._record_end("tasks", t.row())
+        await self._record_end(table.TASKS, t.row())
         log.info("task ended", task=t.id, container=t.container_id, state=TASK_STATES[t.state], message=t.message)
         t.done.set()
         if not started:
@@ -800,21 +803,21 @@ class Engine:
         t = self.tasks.get(tid)
         if t is not None:
             return t
-        row = await self.store.run(table.get, "tasks", tid)
+        row = await self.store.run(table.get, table.TASKS, tid)
         if row is None:
             raise errors.NotFound(f"no task {tid!r}", reason="TASK_NOT_FOUND")
         return Task.from_row(row)
 
     async def list_tasks(self, container_id: str, states: set[int]) -> list[Task]:
         where: list[str] = []
-        params: list[Any] = []
+        params: list[table.Param] = []
         if container_id:
             where.append("container_id = ?")
             params.append(container_id)
         if states:
             where.append(f"state IN ({','.join('?' * len(states))})")
             params.extend(sorted(states))
-        rows = await self.store.run(table.rows, "tasks", " AND ".join(where), params)
+        rows = await self.store.run(table.rows, table.TASKS, " AND ".join(where), params)
         return [self.tasks.get(r["id"]) or Task.from_row(r) for r in rows]
 
     async def cancel(self, tid: str, why: str = "by a caller") -> tuple[bool, Task]:

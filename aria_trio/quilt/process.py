@@ -22,7 +22,6 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import trio
 
@@ -122,7 +121,7 @@ async def start_process(
     `files`: placeholders of the argv ("{seccomp_fd}") for a descriptor of a file of its own."""
     run = Run()
 
-    async def body(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async def body(task_status: trio.TaskStatus[Handle] = trio.TASK_STATUS_IGNORED) -> None:
         try:
             run.exit = await _run_process(
                 argv,
@@ -152,7 +151,7 @@ async def _run_process(
     stdin: bytes = b"",
     captured: Captured | None = None,
     files: Mapping[str, Path],
-    task_status: Any = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[Handle] = trio.TASK_STATUS_IGNORED,
 ) -> Exit:
     info_r = -1
     fds: dict[str, int] = {}

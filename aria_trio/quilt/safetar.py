@@ -50,7 +50,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import IO, Protocol, cast
 
 MAX_MEMBERS = 200_000  # a Debian rootfs with Python is ~30 000; node_modules-heavy ones more
 MAX_PATH_BYTES = 1024  # a member's name or a hard link's target, once normalised (PATH_MAX is 4096)
@@ -281,6 +281,13 @@ def _check_pax(size: int, budget: _PaxBudget) -> Callable[[bytes], None]:
     return check
 
 
+class _MemberParsing(Protocol):
+    """What tarfile.TarInfo has and typeshed leaves out: the parsing of a member's header, which
+    `_TarInfo` overrides."""
+
+    def _proc_member(self, tf: tarfile.TarFile) -> tarfile.TarInfo: ...
+
+
 class _TarInfo(tarfile.TarInfo):
     """tarfile's member, with its parsing kept in bounds. `_proc_member` is the hook tarfile's
     source names for subclasses ("can be overridden in a subclass")."""
@@ -297,7 +304,7 @@ class _TarInfo(tarfile.TarInfo):
                 raise UnsafeArchive(f"a header of {self.size} bytes is larger than {MAX_HEADER_BYTES}")
             if self.type in _PAX_TYPES:
                 reader.check_next_read = _check_pax(self.size, reader.pax_budget)
-        return cast(tarfile.TarInfo, cast(Any, super())._proc_member(tf))
+        return cast(_MemberParsing, super())._proc_member(tf)
 
 
 # -- making the files -----------------------------------------------------------------------------

@@ -20,7 +20,7 @@ The program is classic BPF, generated here (not with libseccomp, whose rules can
 except these values" in a default-allow filter, nor name, for i386, a call newer than the installed
 libseccomp knows). It checks the architecture first: on an x86_64 host it has rules for x86_64 and
 for i386 (int 0x80, 32-bit programs: the same rules), and refuses every x32 call (nr with bit 30
-set) with ENOSYS, as a kernel without x32 does; on aarch64, rules for aarch64 and 32-bit arm. Any
+set) with ENOSYS, as a kernel without x32 does; on aarch64, rules for aarch64 and 32-bit arm. Every
 other architecture is killed (it cannot occur on those hosts). Argument checks look at the low 32
 bits only, which is all the kernel uses of those arguments (ioctl's cmd and personality's are
 `unsigned int`, clone takes the lower 32 bits of its flags, unshare fails on any high bit), so high

@@ -9,7 +9,7 @@ import shutil
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import TypedDict
 
 import trio
 from google.protobuf import timestamp_pb2
@@ -361,7 +361,17 @@ class SystemService(quilt_grpc.SystemServicer):  # type: ignore[misc]
         )
 
 
-def _host_metrics(data_dir: Path) -> dict[str, Any]:
+class _HostMetrics(TypedDict):
+    """The host's part of SystemMetrics."""
+
+    load_1m: float
+    memory_total_bytes: int
+    memory_available_bytes: int
+    disk_free_bytes: int
+    rss_bytes: int
+
+
+def _host_metrics(data_dir: Path) -> _HostMetrics:
     """Load, memory, free disk, our RSS: from /proc and statvfs (a worker thread's job)."""
     fields = {}
     for path, keys in (("/proc/meminfo", ("MemTotal", "MemAvailable")), ("/proc/self/status", ("VmRSS",))):

@@ -11,12 +11,13 @@ import re
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO
 
 import blake3
 import jsonschema
 
 from aria_trio.shared import json_input
+from aria_trio.shared.json_input import JSON
 
 MAX_MANIFEST = 1024 * 1024
 MAX_MEMBERS = 20_000
@@ -33,7 +34,7 @@ class InvalidBundle(Exception):
 class Tool:
     name: str
     description: str
-    input_schema: dict[str, Any]
+    input_schema: dict[str, JSON]
     runtime: str  # python, node
     entry: str  # path inside the (inner) archive
 
@@ -55,13 +56,13 @@ class Manifest:
     tools: list[Tool]
     agents: list[Agent]
     layout: str  # flat, nested
-    raw: dict[str, Any] = field(repr=False)
+    raw: dict[str, JSON] = field(repr=False)
 
     def tool(self, name: str) -> Tool | None:
         return next((t for t in self.tools if t.name == name), None)
 
 
-def schema_of(inputs: Any, where: str) -> dict[str, Any]:
+def schema_of(inputs: object, where: str) -> dict[str, JSON]:
     """A tool's `inputs` as a JSON Schema: a flat map is converted (every parameter required)."""
     if inputs is None:
         return {"type": "object", "properties": {}, "additionalProperties": False}
@@ -73,7 +74,7 @@ def schema_of(inputs: Any, where: str) -> dict[str, Any]:
         except jsonschema.SchemaError as exc:
             raise InvalidBundle(f"{where}: inputs is not a valid JSON Schema: {exc.message}") from None
         return inputs
-    properties: dict[str, Any] = {}
+    properties: dict[str, JSON] = {}
     for param, kind in inputs.items():
         if not isinstance(param, str) or not param:
             raise InvalidBundle(f"{where}: parameter names must be non-empty strings")
@@ -191,7 +192,7 @@ def _unique(names: list[str], kind: str) -> None:
         seen.add(n)
 
 
-def _tool(item: Any, i: int, files: set[str]) -> Tool:
+def _tool(item: object, i: int, files: set[str]) -> Tool:
     where = f"manifest.json: tools[{i}]"
     if not isinstance(item, dict):
         raise InvalidBundle(f"{where} must be an object")
@@ -223,7 +224,7 @@ def _tool(item: Any, i: int, files: set[str]) -> Tool:
     return Tool(name, description, schema, runtime, entry)
 
 
-def _agent(item: Any, i: int, tools: set[str]) -> Agent:
+def _agent(item: object, i: int, tools: set[str]) -> Agent:
     where = f"manifest.json: agents[{i}]"
     if not isinstance(item, dict):
         raise InvalidBundle(f"{where} must be an object")

@@ -11,7 +11,7 @@ import os
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Generic, Protocol, TypeVar, cast
+from typing import ClassVar, Generic, Protocol, TypeVar, cast
 
 MiB = 1024 * 1024
 T = TypeVar("T")
@@ -429,7 +429,7 @@ def resolve(
             f"{config_path}: unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
             f"(known: {', '.join(sorted(known))})"
         )
-    out: dict[str, Any] = {}  # (each value of its field's type: setting() checked its parser)
+    out: dict[str, object] = {}  # (each value of its field's type: setting() checked its parser)
     for s in settings:
         if flags.get(s.name) is not None:
             raw, origin = flags[s.name], s.flag

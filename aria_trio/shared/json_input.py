@@ -9,7 +9,7 @@ malformed JSON, so every caller's existing "not valid JSON" answer covers them.
 from __future__ import annotations
 
 import json
-from typing import Any, TypeAlias
+from typing import TypeAlias
 
 # A JSON value, as json.loads gives it (for values that are JSON, not for anything shaped like it).
 JSON: TypeAlias = dict[str, "JSON"] | list["JSON"] | str | int | float | bool | None
@@ -17,7 +17,7 @@ JSON: TypeAlias = dict[str, "JSON"] | list["JSON"] | str | int | float | bool | 
 MAX_DEPTH = 100  # arrays and objects within each other; deeper is refused
 
 
-def loads(text: str | bytes | bytearray) -> Any:
+def loads(text: str | bytes | bytearray) -> object:
     try:
         value = json.loads(text)
     except RecursionError:
@@ -26,9 +26,9 @@ def loads(text: str | bytes | bytearray) -> Any:
     return value
 
 
-def _check(value: Any) -> None:
+def _check(value: object) -> None:
     """Depth within MAX_DEPTH and every string valid UTF-8; iterative (no recursion to exhaust)."""
-    stack: list[tuple[Any, int]] = [(value, 0)]
+    stack: list[tuple[object, int]] = [(value, 0)]
     while stack:
         item, depth = stack.pop()
         if isinstance(item, str):

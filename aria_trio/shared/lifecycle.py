@@ -10,9 +10,8 @@ import os
 import signal
 import socket
 import stat
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import structlog
 import trio
@@ -125,7 +124,7 @@ async def serve_until_signal(
     on_stop: Callable[[float], Awaitable[None]] | None = None,
     socket_mode: int = 0o600,
     socket_group: str = "",
-    **log_fields: Any,
+    **log_fields: object,
 ) -> None:
     """Start `background` services (each with nursery.start), serve on `socket_path`, tell the
     supervisor we are ready; at SIGTERM/SIGINT report NOT_SERVING, drain for `grace` seconds,
@@ -154,7 +153,7 @@ async def serve_until_signal(
     log.info("stopped")
 
 
-async def _second_signal(signals: Any, scope: trio.CancelScope) -> None:
+async def _second_signal(signals: AsyncIterator[int], scope: trio.CancelScope) -> None:
     await signals.__anext__()
     log.warning("second signal: stopping now, without waiting for calls to finish")
     scope.cancel()

@@ -19,7 +19,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Concatenate, ParamSpec, TypeVar
 
 import sqlite_utils
 import structlog
@@ -46,7 +46,7 @@ P = ParamSpec("P")
 PAGE_BYTES = 2 * 1024 * 1024  # text in one page of rows: under the 4 MiB of a gRPC message, with room
 
 
-def row_bytes(row: Mapping[str, Any]) -> int:
+def row_bytes(row: Mapping[str, object]) -> int:
     """About what a row takes in a message: its text and bytes (numbers are small)."""
     return sum(len(v) for v in row.values() if isinstance(v, (str, bytes)))
 
@@ -65,7 +65,7 @@ def bounded(rows: Iterable[T], limit: int, max_bytes: int, size: Callable[[T], i
     return out
 
 
-def fits(rows: Sequence[Mapping[str, Any]], limit: int, max_bytes: int = PAGE_BYTES) -> int:
+def fits(rows: Sequence[Mapping[str, object]], limit: int, max_bytes: int = PAGE_BYTES) -> int:
     """How many of `rows` (from `bounded`) a page keeps: up to `limit`, within `max_bytes`, at
     least one. Rows past it mean there is a next page."""
     keep, total = 0, 0

@@ -16,26 +16,28 @@ import inspect
 import json
 import os
 import sys
-from collections.abc import Callable
-from typing import IO, Any
+from collections.abc import Awaitable, Callable
+from typing import IO, TypeVar
+
+T = TypeVar("T")
 
 
-def answer(out: IO[str], document: dict[str, Any]) -> None:
+def answer(out: IO[str], document: dict[str, object]) -> None:
     out.write(json.dumps(document))
     out.write("\n")
     out.flush()
 
 
-def find(module: object, name: str) -> Callable[..., Any]:
-    found = getattr(module, name, None)
+def find(module: object, name: str) -> Callable[..., object]:
+    found: object = getattr(module, name, None)
     if inspect.isclass(found):
-        method: Callable[..., Any] = found().execute  # type: ignore[attr-defined]
+        method: Callable[..., object] = found().execute  # type: ignore[attr-defined]
         return method
     if callable(found):
-        return found  # type: ignore[no-any-return]
-    default = getattr(module, "main", None)
+        return found
+    default: object = getattr(module, "main", None)
     if callable(default):
-        return default  # type: ignore[no-any-return]
+        return default
     raise LookupError(f"the entry defines no function or class named {name!r} and no main()")
 
 
@@ -67,7 +69,7 @@ def main() -> None:
     answer(out, {"ok": True, "result": result})
 
 
-async def _await(awaitable: Any) -> Any:
+async def _await(awaitable: Awaitable[T]) -> T:
     return await awaitable
 
 

@@ -14,7 +14,7 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from aria_trio.shared import errors
 from aria_trio.shared.sqlite import PAGE_BYTES, fits
@@ -23,7 +23,7 @@ DEFAULT_PAGE = 50
 KEY_BYTES = 32
 MAX_PAGE = 1000
 
-Row = TypeVar("Row", bound=Mapping[str, Any])  # a store row (a TypedDict of its module)
+Row = TypeVar("Row", bound=Mapping[str, object])  # a store row (a TypedDict of its module)
 
 
 def page_size(requested: int) -> int:
@@ -88,8 +88,9 @@ class PageTokens:
         keep = fits(rows, limit, max_bytes)
         if len(rows) <= keep:
             return rows, ""
-        last = rows[keep - 1]
-        return rows[:keep], self.make(filter_key, last[key[0]], last[key[1]])
+        sort_key, row_id = rows[keep - 1][key[0]], rows[keep - 1][key[1]]
+        assert isinstance(sort_key, int) and isinstance(row_id, str)  # (created_at, seq or id; and a str)
+        return rows[:keep], self.make(filter_key, sort_key, row_id)
 
     def read(self, token: str, filter_key: str) -> tuple[int, str]:
         bad = errors.InvalidArgument(

@@ -15,8 +15,9 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Required, TypedDict, cast
 
 import jsonschema
 import structlog
@@ -41,6 +42,21 @@ class Call:
     call_id: str
     name: str
     arguments: str  # JSON text, as the model wrote it
+
+
+class _RunCommand(TypedDict, total=False):
+    """run_command's arguments, as its JSON Schema (agents/registry.py) accepted them."""
+
+    command: Required[list[str]]
+    timeout_seconds: float  # (an integer, which JSON Schema lets be 5.0)
+
+
+class _LaunchTask(TypedDict, total=False):
+    """launch_task's arguments, as its JSON Schema (agents/registry.py) accepted them."""
+
+    command: Required[list[str]]
+    timeout_seconds: float
+    environment: dict[str, str]
 
 
 @dataclass
@@ -98,14 +114,14 @@ class ToolCalls:
             return _failed(f"invalid arguments: {problem}")
         try:
             if call.name == "run_command" and tool.builtin:
-                return await self._run_command(arguments)
+                return await self._run_command(cast(_RunCommand, arguments))
             if call.name == "launch_task" and tool.builtin:
-                return await self._launch_task(user, session_id, arguments)
+                return await self._launch_task(user, session_id, cast(_LaunchTask, arguments))
             return await self._bundle_tool(tool, arguments)
         except errors.AriaError as exc:
             return _failed(exc.message)
 
-    async def _run_command(self, arguments: dict[str, Any]) -> Outcome:
+    async def _run_command(self, arguments: _RunCommand) -> Outcome:
         timeout = float(arguments.get("timeout_seconds") or self.tool_timeout)
         spec = q.ContainerSpec(name="run_command", labels={"aria.tool": "run_command"})
         made = await self.quilt.create_container(q.CreateContainerRequest(spec=spec))
@@ -129,7 +145,7 @@ class ToolCalls:
             return Outcome(False, "null", task.message or "the command did not run", made.id)
         return Outcome(True, json.dumps(result), None, made.id, exit_code)
 
-    async def _launch_task(self, user: str, session_id: str, arguments: dict[str, Any]) -> Outcome:
+    async def _launch_task(self, user: str, session_id: str, arguments: _LaunchTask) -> Outcome:
         launch = Launch(
             session_id=session_id,
             type="container:run",
@@ -141,7 +157,7 @@ class ToolCalls:
         task_id = await self.tasks.launch(user, launch, _no_containers)
         return Outcome(True, json.dumps({"task_id": task_id}))
 
-    async def _bundle_tool(self, tool: ToolInfo, arguments: dict[str, Any]) -> Outcome:
+    async def _bundle_tool(self, tool: ToolInfo, arguments: Mapping[str, object]) -> Outcome:
         request = q.RunToolRequest(
             bundle_id=tool.bundle_blake3,
             tool_name=tool.name,
@@ -169,7 +185,7 @@ def _failed(error: str) -> Outcome:
     return Outcome(False, "null", error)
 
 
-def _schema_problem(schema: dict[str, Any], arguments: dict[str, Any]) -> str | None:
+def _schema_problem(schema: Mapping[str, object], arguments: Mapping[str, object]) -> str | None:
     error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(arguments))
     if error is None:
         return None

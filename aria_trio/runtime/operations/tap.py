@@ -53,7 +53,7 @@ import socket
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from importlib import resources
-from typing import Any, cast
+from typing import cast
 
 import structlog
 import trio
@@ -67,6 +67,7 @@ from aria_trio.runtime.services import convert
 from aria_trio.runtime.work.notifications import KINDS, Notifications
 from aria_trio.runtime.work.tasks import OutputItem, Tasks
 from aria_trio.shared import errors, json_input
+from aria_trio.shared.json_input import JSON
 
 log = structlog.get_logger("aria.tap")
 
@@ -158,7 +159,7 @@ class Tap:
         """TCP connections open (page requests and websocket clients)."""
         return self._http.connections
 
-    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen, report the port with task_status.started(port), serve until cancelled; a port
         that cannot be bound is a StartupError."""
         self._page = await trio.to_thread.run_sync(_read_page)
@@ -364,7 +365,7 @@ class _Session:
         except errors.AriaError as exc:
             await self._error(name, exc, argument if name in ("follow_task", "get_task") else None)
 
-    async def _list_tasks(self, argument: Any) -> None:
+    async def _list_tasks(self, argument: object) -> None:
         argument = argument or {}
         size = argument.get("page_size", 50) if isinstance(argument, dict) else None
         token = argument.get("page_token", "") if isinstance(argument, dict) else None
@@ -401,7 +402,7 @@ class _Session:
             if self.follows.get(task_id) is scope:
                 del self.follows[task_id]
 
-    async def _error(self, command: str, exc: errors.AriaError, task_id: Any = None) -> None:
+    async def _error(self, command: str, exc: errors.AriaError, task_id: object = None) -> None:
         error = {"code": type(exc).reason, "reason": exc.reason, "message": exc.message, "command": command}
         if isinstance(task_id, str):
             error["task_id"] = task_id
@@ -443,13 +444,13 @@ def _auth_request(raw: str | bytes) -> tuple[str, list[str], int | None]:
     return key, kinds, after
 
 
-def _task_id(argument: Any) -> str:
+def _task_id(argument: object) -> str:
     if not isinstance(argument, str) or not argument or len(argument) > MAX_ID:
         raise errors.InvalidArgument("a task id must be a non-empty string")
     return argument
 
 
-def _as_json(message: Message) -> dict[str, Any]:
+def _as_json(message: Message) -> dict[str, JSON]:
     return json_format.MessageToDict(
         message,
         preserving_proto_field_name=True,
@@ -458,5 +459,5 @@ def _as_json(message: Message) -> dict[str, Any]:
     )
 
 
-def _dumps(value: Any) -> str:
+def _dumps(value: object) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)

@@ -6,7 +6,7 @@ the handler stops reading, and the client's own window closes: memory stays at a
 whatever the bundle's size, and the slowest party sets the pace end to end. Quilt hashes, checks
 and stores; the runtime then registers the bundle's agents and tools for the caller. Progress goes
 out as BundleUploadEvent notifications, at most one per 5% or per 250 ms, then one final success
-or failure event. Any failure (bad input, Quilt's refusal, a client gone mid-upload) leaves
+or failure event. Every failure (bad input, Quilt's refusal, a client gone mid-upload) leaves
 nothing registered, and Quilt removes its temporary file when its call is cancelled.
 """
 
