@@ -32,13 +32,43 @@ from probe import Probe, make_server
 
 logs.setup("debug", "json")
 
-# The tests that take a minute or more each, started first so that the four workers do not wait on
-# one of them at the end (the rest keep their order).
-LONG_FIRST = ("test_faults.py::test_kill_9", "test_lifetimes.py", "test_fuzz.py::test_fuzz")
+# The tests that take half a minute or more each, started first, each by a different worker, so
+# that no worker runs several of them in a row and the others wait for it at the end.
+LONG_FIRST = (
+    "test_lifetimes.py",
+    "test_faults.py::test_kill_9",
+    "test_races.py::test_runtime_first_use",
+    "test_survival.py::test_a_printing_task",
+    "test_races.py::test_runtime_stop_against_start",
+    "test_races.py::test_runtime_cancel_of_a_followed",
+    "test_races.py::test_runtime_cancel_against_completion",
+    "test_races.py::test_quilt_first_use",
+    "test_races.py::test_runtime_stop_with_execs",
+    "test_fuzz.py::test_fuzz",
+)
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    items.sort(key=lambda item: not any(mark in item.nodeid for mark in LONG_FIRST))
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The long tests first, one per chunk of the xdist schedule: its `load` scheduler hands each
+    worker, to begin with, a run of consecutive tests of len(items) // workers // 4 (at least 2),
+    then more as it goes; a long test at the start of each run begins at once, in every worker
+    (the rest keep their order)."""
+
+    def rank(item: pytest.Item) -> int:
+        return next((n for n, mark in enumerate(LONG_FIRST) if mark in item.nodeid), len(LONG_FIRST))
+
+    long = sorted((i for i in items if rank(i) < len(LONG_FIRST)), key=rank)
+    rest = [i for i in items if rank(i) == len(LONG_FIRST)]
+    workers = int(getattr(config, "workerinput", {}).get("workercount", 1))
+    chunk = max(2, len(items) // workers // 4)
+    order: list[pytest.Item] = []
+    for i, item in enumerate(long):
+        if i < workers:  # one at the head of each worker's first run
+            order += [item, *rest[: chunk - 1]]
+            del rest[: chunk - 1]
+        else:  # the others as soon as possible after
+            order.append(item)
+    items[:] = order + rest
 
 
 def pytest_sessionfinish() -> None:
