@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from fake_llm import FakeLLM
 
 ECHO_HI = '/run_command {"command": ["echo", "hi"]}'
 HI_RESULT = '{"exit_code": 0, "stdout": "hi\\n", "stderr": ""}'
+USAGE = re.compile(r"\(\d+ model calls?, \d+ tool calls?, (no token counts|\d+\+\d+ tokens), \d+\.\d s\)")
 
 
 def chat(daemon, session, *args, stdin=None, json_output=False, timeout=60):
@@ -121,10 +123,11 @@ def test_chat_runs_a_tool_directly(module_daemon):
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == [
         '→ run_command({"command": ["echo", "hi"]})',
+        "  │ hi",  # what it printed, as it printed it
         f"✓ run_command: {HI_RESULT}",
         HI_RESULT,
     ]
-    assert out.stderr == ""  # no spinner off a terminal
+    assert re.fullmatch(r"\(0 model calls, 1 tool call, no token counts, \d+\.\d s\)\n", out.stderr)  # no spinner
 
     failing = chat(module_daemon, session, "-m", '/run_command {"command": "not a list"}')
     assert failing.returncode == 0  # the turn ran: its tool call failed
@@ -137,11 +140,15 @@ def test_chat_json_prints_the_events(module_daemon):
     out = chat(module_daemon, session, "-m", ECHO_HI, json_output=True)
     assert out.returncode == 0, out.stderr
     events = json_lines(out.stdout)
-    assert [next(iter(e)) for e in events] == ["message", "tool_call", "tool_result", "message", "final_response"]
+    assert [next(iter(e)) for e in events] == [
+        *["message", "tool_call", "tool_output", "tool_result", "message", "usage", "final_response"]
+    ]
     assert events[0]["message"]["role"] == "USER" and events[0]["message"]["content"] == ECHO_HI
-    assert events[2]["tool_result"]["success"] is True
-    assert events[2]["tool_result"]["call_id"] == events[1]["tool_call"]["call_id"]
-    assert events[4]["final_response"] == HI_RESULT
+    assert events[2]["tool_output"] == {"call_id": events[1]["tool_call"]["call_id"], "stdout_line": "hi"}
+    assert events[3]["tool_result"]["success"] is True
+    assert events[3]["tool_result"]["call_id"] == events[1]["tool_call"]["call_id"]
+    assert events[5]["usage"]["tool_calls"] == 1
+    assert events[6]["final_response"] == HI_RESULT
 
 
 def test_chat_reads_piped_lines_and_goes_on_after_an_error(module_daemon):
@@ -155,7 +162,8 @@ def test_chat_reads_piped_lines_and_goes_on_after_an_error(module_daemon):
     out = chat(module_daemon, session, stdin=f"hello there\n{ECHO_HI}\n/quit\n{ECHO_HI}\n")
     assert out.returncode == 1
     assert out.stderr.startswith("error: no model is configured: set one with `aria prefs set llm.model NAME`")
-    assert "(FAILED_PRECONDITION, request id " in out.stderr and len(out.stderr.splitlines()) == 1
+    errors = [line for line in out.stderr.splitlines() if not USAGE.fullmatch(line)]
+    assert "(FAILED_PRECONDITION, request id " in out.stderr and len(errors) == 1
     assert out.stdout.count("✓ run_command") == 1  # /quit ended it before the last line
 
     single = chat(module_daemon, session, "-m", "hello there")
@@ -200,10 +208,10 @@ def test_ctrl_c_cancels_the_turn_and_the_prompt_goes_on(module_daemon):
     assert talk.take(1) == ['→ run_command({"command": ["sleep", "30"]})']
     talk.proc.send_signal(signal.SIGINT)
     talk.send('/run_command {"command": ["echo", "after"]}')
-    lines = talk.take(3)
-    assert lines[1] == '✓ run_command: {"exit_code": 0, "stdout": "after\\n", "stderr": ""}', lines
+    lines = talk.take(4)
+    assert lines[1:3] == ["  │ after", '✓ run_command: {"exit_code": 0, "stdout": "after\\n", "stderr": ""}'], lines
     rc, err = talk.end_input()
-    assert rc == 0 and err == "(turn cancelled)\n"
+    assert rc == 0 and err.splitlines()[0] == "(turn cancelled)" and USAGE.fullmatch(err.splitlines()[1]), err
     history = ok(module_daemon, "session", "history", session).splitlines()
     assert history[:2] == ['you: /run_command {"command": ["sleep", "30"]}', history[1]]
     assert history[-1] == '← run_command: {"exit_code": 0, "stdout": "after\\n", "stderr": ""}'
@@ -212,7 +220,7 @@ def test_ctrl_c_cancels_the_turn_and_the_prompt_goes_on(module_daemon):
 def test_ctrl_c_at_the_prompt_leaves(module_daemon):
     talk = Interactive(module_daemon, new_session(module_daemon))
     talk.send(ECHO_HI)
-    assert len(talk.take(3)) == 3
+    assert len(talk.take(4)) == 4
     talk.proc.send_signal(signal.SIGINT)
     rc = talk.proc.wait(timeout=10)
     assert rc == 0 and "Traceback" not in talk.proc.stderr.read()
@@ -231,20 +239,23 @@ def test_chat_with_a_scripted_model(daemon):
         out = chat(daemon, session, "-m", "say hi in a shell")
         assert out.returncode == 0, out.stderr
         assert out.stdout.splitlines() == [
-            "Let me run it.",
+            "Let me run it.",  # (written as it streamed)
             '→ run_command({"command": ["echo", "hi"]})',
+            "  │ hi",
             f"✓ run_command: {HI_RESULT}",
             "It printed hi.",  # the final answer, once
         ]
+        assert USAGE.fullmatch(out.stderr.strip()) and out.stderr.startswith("(2 model calls, 1 tool call")
         assert len(llm.requests) == 2
         sent = llm.requests[1].body["messages"]
         assert sent[-1]["role"] == "tool" and json.loads(sent[-1]["content"])["stdout"] == "hi\n"
 
     history = ok(daemon, "session", "history", session).splitlines()
-    assert history == [
+    assert [line for line in history if not re.fullmatch(r"  \(no token counts, \d+\.\d s\)", line)] == [
         "you: say hi in a shell",
         "assistant: Let me run it.",
         '→ run_command({"command": ["echo", "hi"]})',
         f"← run_command: {HI_RESULT}",
         "assistant: It printed hi.",
     ]
+    assert len(history) == 7  # each model call's usage under its reply

@@ -12,6 +12,7 @@ import pytest
 import trio
 
 from aria_trio.runtime.agents.llm import OPENAI_BASE_URL, ChatModel, LLMConfig, Reply, ToolCall, resolve_config
+from aria_trio.runtime.agents.llm.reply import Usage
 from aria_trio.shared import errors
 
 from fake_llm import Error, FakeLLM, Json, Stream, chunk, completion, text_stream
@@ -50,11 +51,14 @@ def config(fake: FakeLLM, **changes: Any) -> LLMConfig:
 
 
 class Deltas:
+    """on_delta: the answer's pieces in `got`, the reasoning's in `thought`."""
+
     def __init__(self) -> None:
         self.got: list[str] = []
+        self.thought: list[str] = []
 
-    async def __call__(self, text: str) -> None:
-        self.got.append(text)
+    async def __call__(self, text: str, reasoning: bool) -> None:
+        (self.thought if reasoning else self.got).append(text)
 
 
 async def test_streamed_text_reaches_on_text_in_order(fake: FakeLLM, model: ChatModel) -> None:
@@ -71,6 +75,7 @@ async def test_streamed_text_reaches_on_text_in_order(fake: FakeLLM, model: Chat
         "model": "fake-model",
         "messages": [{"role": "system", "content": "Be brief."}, *HELLO],
         "stream": True,
+        "stream_options": {"include_usage": True},
         "temperature": 0.2,
     }
 
@@ -127,7 +132,9 @@ async def test_a_server_that_does_not_stream(fake: FakeLLM, model: ChatModel) ->
     fake.reply_json("Plain answer.")
     fake.push(Json(completion(tool_calls=[("read_file", {"path": "a"}), ("read_file", "{not json")])))
     deltas = Deltas()
-    assert await model.complete(config(fake), HELLO, [], deltas) == Reply("Plain answer.", [], "stop")
+    assert await model.complete(config(fake), HELLO, [], deltas) == Reply(
+        "Plain answer.", [], "stop", usage=Usage(prompt_tokens=10, completion_tokens=5)
+    )
     assert deltas.got == ["Plain answer."]
     reply = await model.complete(config(fake), HELLO, TOOLS)
     assert reply.content == "" and reply.finish_reason == "tool_calls"
@@ -269,7 +276,7 @@ async def test_cancelled_mid_stream_closes_the_request(fake: FakeLLM, model: Cha
     fake.push(text_stream("a b c d e f", pieces=6, interval=0.2))
     with trio.CancelScope() as scope:
 
-        async def on_text(text: str) -> None:
+        async def on_text(text: str, reasoning: bool) -> None:
             scope.cancel()
 
         await model.complete(config(fake), HELLO, [], on_text)

@@ -165,7 +165,10 @@ def test_a_reply_with_200_tool_calls_runs_32_at_most_8_at_once(daemon, llm):
     llm.call_tools([("add", {"a": i, "b": 1}) for i in range(200)])
     llm.reply_text("done")
     out = turn(c, session.id, "add them all", timeout=180)
-    results = [o.tool_result for o in out if o.WhichOneof("event") == "tool_result"]
+    order = [o.tool_call.call_id for o in out if o.WhichOneof("event") == "tool_call"]
+    results = sorted(  # (sent as each call ends: in the calls' order here)
+        (o.tool_result for o in out if o.WhichOneof("event") == "tool_result"), key=lambda r: order.index(r.call_id)
+    )
     assert len(results) == 200
     ran = [r for r in results if r.success]
     assert len(ran) == 32 and all(json.loads(r.result_json) == i + 1 for i, r in enumerate(ran))

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from typing import Any
 
 import grpc
 import pytest
 from test_runtime_bundles import TWO_TOOLS
+from turn_events import contract_problems, kinds
 
 from aria_trio.proto.aria.v1 import aria_pb2
 from aria_trio.proto.aria.v1 import session_pb2 as pb
@@ -36,8 +38,10 @@ def turn(c: AriaClient, session_id: str, text: str, timeout: float = 60) -> list
     return list(c.stream(SESSIONS + "ExecuteTurn", request, pb.TurnOutput, timeout))
 
 
-def kinds(outputs: list[pb.TurnOutput]) -> list[str]:
-    return [o.WhichOneof("event") for o in outputs]
+def only(outputs: list[pb.TurnOutput], kind: str) -> Any:
+    """The one event of that kind (its message)."""
+    [found] = [getattr(o, kind) for o in outputs if o.WhichOneof("event") == kind]
+    return found
 
 
 def messages(c: AriaClient, session_id: str, **kw) -> pb.ListMessagesResponse:
@@ -61,13 +65,18 @@ def helper_session(daemon):
 def test_a_bundle_tool_runs_directly_in_a_sandbox_and_is_kept(helper_session, daemon):
     c, session = helper_session
     out = turn(c, session.id, '/add {"a": 2, "b": 3}')
-    assert kinds(out) == ["message", "tool_call", "tool_result", "message", "final_response"]
+    assert contract_problems(out, model=False) == []
+    assert kinds(out) == ["message", "tool_call", "tool_output", "tool_result", "message", "usage", "final_response"]
     assert (out[0].message.role, out[0].message.content) == (aria_pb2.USER, '/add {"a": 2, "b": 3}')
     assert (out[1].tool_call.tool_name, json.loads(out[1].tool_call.parameters_json)) == ("add", {"a": 2, "b": 3})
-    result = out[2].tool_result
+    assert (out[2].tool_output.call_id, out[2].tool_output.stderr_line) == (out[1].tool_call.call_id, "adding 2 3")
+    result = out[3].tool_result
     assert result.success and json.loads(result.result_json) == 5 and result.call_id == out[1].tool_call.call_id
-    assert (out[3].message.role, out[3].message.tool_call_id) == (aria_pb2.TOOL, result.call_id)
-    assert out[4].final_response == "5"
+    assert 0 < result.duration_seconds < 60
+    assert (out[4].message.role, out[4].message.tool_call_id) == (aria_pb2.TOOL, result.call_id)
+    usage = out[5].usage
+    assert (usage.model_calls, usage.tool_calls, usage.prompt_tokens) == (0, 1, 0) and usage.duration_seconds > 0
+    assert out[6].final_response == "5"
 
     history = messages(c, session.id).messages
     assert [m.role for m in history] == [aria_pb2.USER, aria_pb2.ASSISTANT, aria_pb2.TOOL]
@@ -82,7 +91,7 @@ def test_a_bundle_tool_runs_directly_in_a_sandbox_and_is_kept(helper_session, da
     assert (name, json.loads(parameters), result_json, error, exit_status) == ("add", {"a": 2, "b": 3}, "5", None, 0)
     assert duration_ms > 0 and message_id == history[1].id
     assert history[1].tool_calls[0].tool_name == "add" and history[2].tool_name == "add"
-    assert [m.id for m in history] == [out[0].message.id, history[1].id, out[3].message.id]
+    assert [m.id for m in history] == [out[0].message.id, history[1].id, out[4].message.id]
 
 
 def test_checks_turn_into_failed_results_never_executions(helper_session):
@@ -105,10 +114,16 @@ def test_built_in_tools_of_the_default_agent(daemon):
     c = AriaClient(daemon.channel())
     session = c.session()
     out = turn(c, session.id, '/run_command {"command": ["sh", "-c", "echo hi; echo oops >&2; exit 4"]}')
-    result = json.loads(out[2].tool_result.result_json)
+    assert contract_problems(out, model=False) == []
+    result = json.loads(only(out, "tool_result").result_json)
     assert result == {"exit_code": 4, "stdout": "hi\n", "stderr": "oops\n"}
+    lines = [o.tool_output for o in out if o.WhichOneof("event") == "tool_output"]
+    assert sorted((o.WhichOneof("line"), o.stdout_line or o.stderr_line) for o in lines) == [
+        ("stderr_line", "oops"),
+        ("stdout_line", "hi"),
+    ]
     out = turn(c, session.id, '/launch_task {"command": ["echo", "from a task"]}')
-    task_id = json.loads(out[2].tool_result.result_json)["task_id"]
+    task_id = json.loads(only(out, "tool_result").result_json)["task_id"]
     task = c.wait_task(task_id)
     assert task.session_id == session.id and task.status == aria_pb2.COMPLETED
 

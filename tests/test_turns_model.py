@@ -11,7 +11,8 @@ import grpc
 import pytest
 from google.protobuf import struct_pb2
 from test_runtime_bundles import TWO_TOOLS
-from test_turns_direct import failing, kinds, messages, turn
+from test_turns_direct import failing, messages, turn
+from turn_events import contract_problems, kinds
 
 from aria_trio.proto.aria.v1 import aria_pb2, session_pb2
 from aria_trio.proto.aria.v1 import user_preference_pb2 as prefs_pb
@@ -53,13 +54,23 @@ def test_a_turn_with_a_tool_call_then_a_final_answer(helper, llm):
     llm.call_tool("add", {"a": 2, "b": 3})
     llm.reply_text("The sum is 5.")
     out = turn(c, session.id, "What is 2 + 3?")
-    assert kinds(out) == ["message", "tool_call", "tool_result", "message", "message", "final_response"]
+    assert contract_problems(out) == []
+    assert kinds(out) == [
+        *["message", "model_call", "message", "tool_call", "tool_output", "tool_result", "message"],
+        *["model_call", "text_delta", "text_delta", "text_delta", "message", "usage", "final_response"],
+    ]
     assert out[0].message.role == aria_pb2.USER
-    assert json.loads(out[1].tool_call.parameters_json) == {"a": 2, "b": 3}
-    assert out[2].tool_result.success and json.loads(out[2].tool_result.result_json) == 5
-    assert (out[3].message.role, out[3].message.content) == (aria_pb2.TOOL, "5")
-    assert (out[4].message.role, out[4].message.content) == (aria_pb2.ASSISTANT, "The sum is 5.")
-    assert out[5].final_response == "The sum is 5."
+    assert [out[1].model_call.iteration, out[7].model_call.iteration] == [1, 2]
+    assert (out[2].message.role, out[2].message.content, len(out[2].message.tool_calls)) == (aria_pb2.ASSISTANT, "", 1)
+    assert json.loads(out[3].tool_call.parameters_json) == {"a": 2, "b": 3}
+    assert out[4].tool_output.stderr_line == "adding 2 3"
+    assert out[5].tool_result.success and json.loads(out[5].tool_result.result_json) == 5
+    assert (out[6].message.role, out[6].message.content) == (aria_pb2.TOOL, "5")
+    assert "".join(o.text_delta.text for o in out[8:11]) == "The sum is 5."
+    assert (out[11].message.role, out[11].message.content) == (aria_pb2.ASSISTANT, "The sum is 5.")
+    assert out[11].message.id == out[8].text_delta.message_id
+    assert (out[12].usage.model_calls, out[12].usage.tool_calls) == (2, 1)
+    assert out[13].final_response == "The sum is 5."
 
     first, second = llm.requests
     assert first.headers["authorization"] == "Bearer sk-test-0123456789"
@@ -69,7 +80,7 @@ def test_a_turn_with_a_tool_call_then_a_final_answer(helper, llm):
     assert [m["role"] for m in second.body["messages"]] == ["user", "assistant", "tool"]
     assert second.body["messages"][2] == {
         "role": "tool",
-        "tool_call_id": out[1].tool_call.call_id,
+        "tool_call_id": out[3].tool_call.call_id,
         "content": "5",
     }
     # the whole conversation is kept, in order, with the calls
@@ -93,7 +104,8 @@ def test_calls_of_one_reply_run_concurrently(daemon, llm):
     started = time.monotonic()
     out = turn(c, session.id, "sleep twice")
     took = time.monotonic() - started
-    assert kinds(out)[:5] == ["message", "tool_call", "tool_call", "tool_result", "message"]
+    assert contract_problems(out) == []
+    assert kinds(out)[:7] == ["message", "model_call", "message", "tool_call", "tool_call", "tool_result", "message"]
     assert all(o.tool_result.success for o in out if o.WhichOneof("event") == "tool_result")
     assert took < 2.9, f"two 1.5 s calls took {took:.1f} s: not concurrent"
 

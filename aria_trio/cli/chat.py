@@ -1,10 +1,13 @@
 """`aria chat SESSION`: talk with a session's agent.
 
 It reads lines from stdin (a `> ` prompt on a terminal; piped input works too), runs each as a turn
-(ExecuteTurn) and shows its events as they arrive: the assistant's text, `→ tool(arguments)` for
-each call (with a spinner on a terminal while it runs), `✓`/`✗` with the result or the error, then
-the final answer. A turn's error is printed and the prompt goes on; the exit status is 1 if any
-turn failed. Ctrl-C during a turn cancels it; at the prompt it leaves.
+(ExecuteTurn) and shows its events as they arrive: a "thinking" spinner from a model call to its
+first words, the assistant's text as the model writes it (its reasoning dimmed, or hidden with
+--no-reasoning), `→ tool(arguments)` for each call with what the tool prints under it (dimmed)
+while it runs, `✓`/`✗` with the result or the error, and a one-line usage summary (on stderr).
+A turn's error is printed and the prompt goes on; the exit status is 1 if any turn failed.
+Ctrl-C during a turn cancels it (not the chat); at the prompt it leaves. With --json, each event is
+printed as one JSON object, a line each.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import trio
 
 from aria_trio.cli import Context, main
 from aria_trio.cli.output import each, error_line, printer
-from aria_trio.cli.session import SESSIONS, call_line, short
+from aria_trio.cli.session import SESSIONS, call_line, short, usage_text
 from aria_trio.proto.aria.v1 import aria_pb2
 from aria_trio.proto.aria.v1 import session_pb2 as pb
 from aria_trio.rpc import Channel, RpcError
@@ -46,11 +49,14 @@ def _reason(exc: RpcError) -> str:
 
 
 class _Spinner:
-    """`⠋ add…` rewritten in place on stderr while tool calls run (only when `shown`: a terminal)."""
+    """`⠋ thinking…` or `⠋ add…`, rewritten in place on stderr while the model thinks or tool calls
+    run (only when `shown`: a terminal; never while a line of text is half written)."""
 
     def __init__(self, shown: bool) -> None:
         self.shown = shown
         self.pending: dict[str, str] = {}  # call id -> tool name
+        self.thinking = False
+        self.paused = False  # text is being written on the current line
         self.frame = 0
         self.drawn = False
 
@@ -62,9 +68,11 @@ class _Spinner:
         self.pending.pop(result.call_id or result.tool_name, None)
 
     def draw(self) -> None:
-        if self.shown and self.pending:
-            names = ", ".join(dict.fromkeys(self.pending.values()))
-            click.echo(f"\r{SPIN[self.frame % len(SPIN)]} {names}…\x1b[K", err=True, nl=False)
+        if not self.shown or self.paused:
+            return
+        what = ", ".join(dict.fromkeys(self.pending.values())) if self.pending else "thinking" if self.thinking else ""
+        if what:
+            click.echo(f"\r{SPIN[self.frame % len(SPIN)]} {what}…\x1b[K", err=True, nl=False)
             self.drawn = True
 
     def clear(self) -> None:
@@ -84,36 +92,84 @@ class _TurnView:
     """Shows one turn's events as they arrive."""
 
     spinner: _Spinner
+    reasoning: bool = True  # show the model's reasoning (dimmed)
     last_text: str = ""  # the assistant's last text, not to print it again as the final answer
+    writing: str = ""  # what the current line is being written with: "", "text" or "reasoning"
+    streamed: str = ""  # the message id whose text came as deltas (not to print it again)
 
-    def say(self, line: str) -> None:
+    def say(self, line: str, err: bool = False) -> None:
+        self.end_line()
         self.spinner.clear()
-        click.echo(line)
+        click.echo(line, err=err)
         self.spinner.draw()
+
+    def end_line(self) -> None:
+        if self.writing:
+            click.echo("")
+            self.writing = ""
+            self.spinner.paused = False
+
+    def write(self, text: str, kind: str) -> None:
+        """A piece of text as it comes, on the current line."""
+        if self.writing != kind:
+            self.end_line()
+        if not self.writing:
+            self.spinner.clear()
+            self.spinner.paused = True
+        self.writing = kind
+        click.echo(click.style(text, dim=True) if kind == "reasoning" else text, nl=False)
+        sys.stdout.flush()
 
     def render(self, out: pb.TurnOutput) -> None:
         kind = out.WhichOneof("event")
-        if kind == "message":
-            if out.message.role == aria_pb2.ASSISTANT and out.message.content:
-                self.last_text = out.message.content
-                self.say(out.message.content)
+        if kind == "model_call":
+            self.spinner.thinking = True
+            self.spinner.draw()
+        elif kind == "text_delta":
+            self.spinner.thinking = False
+            delta = out.text_delta
+            self.streamed = delta.message_id
+            if not delta.reasoning:
+                self.write(delta.text, "text")
+            elif self.reasoning:
+                self.write(delta.text, "reasoning")
+        elif kind == "message":
+            self.spinner.thinking = False
+            m = out.message
+            if m.role == aria_pb2.ASSISTANT:
+                if m.id == self.streamed:
+                    self.end_line()
+                elif m.content:
+                    self.say(m.content)
+                if m.content:
+                    self.last_text = m.content
+                if m.truncated:
+                    self.say("(cut short)", err=True)
         elif kind == "tool_call":
             self.say(call_line(out.tool_call))
             self.spinner.start(out.tool_call)
+        elif kind == "tool_output":
+            o = out.tool_output
+            self.say(click.style(f"  │ {o.stdout_line or o.stderr_line}", dim=True))
         elif kind == "tool_result":
             self.spinner.stop(out.tool_result)
             self.say(_result_line(out.tool_result))
+        elif kind == "usage":
+            self.spinner.pending.clear()
+            self.say(click.style(f"({usage_text(out.usage)})", dim=True), err=True)
         elif kind == "final_response":
             self.spinner.pending.clear()
             if out.final_response != self.last_text:
                 self.say(out.final_response)
+            self.end_line()
 
 
 class _Chat:
     """A chat on one channel: turns, one at a time, each cancellable by Ctrl-C."""
 
-    def __init__(self, obj: Context, channel: Channel, session_id: str) -> None:
+    def __init__(self, obj: Context, channel: Channel, session_id: str, reasoning: bool = True) -> None:
         self.obj = obj
+        self.reasoning = reasoning
         self.channel = channel
         self.session_id = session_id
         self.failed = False
@@ -132,7 +188,7 @@ class _Chat:
     async def turn(self, text: str) -> None:
         """Run one turn, showing its events; an error is printed (and remembered for the exit status)."""
         spinner = _Spinner(shown=sys.stderr.isatty() and not self.obj.as_json)
-        view = _TurnView(spinner)
+        view = _TurnView(spinner, reasoning=self.reasoning)
         show: Callable[[pb.TurnOutput], None] = printer(self.obj, view.render)
 
         def render(out: pb.TurnOutput) -> None:
@@ -157,6 +213,7 @@ class _Chat:
                         self.failed = True
                     nursery.cancel_scope.cancel()
             finally:
+                view.end_line()
                 spinner.clear()
                 self.running = None
         if scope.cancelled_caught:
@@ -221,14 +278,17 @@ class _Lines:
 @main.command()
 @click.argument("session_id")
 @click.option("--message", "-m", "message", default=None, metavar="TEXT", help="Run this one turn, then exit.")
+@click.option("--no-reasoning", "hide_reasoning", is_flag=True, help="Do not show the model's reasoning.")
 @click.pass_obj
-def chat(obj: Context, session_id: str, message: str | None) -> None:
+def chat(obj: Context, session_id: str, message: str | None, hide_reasoning: bool) -> None:
     """Talk with a session's agent: each line of input is a turn.
 
-    Shows the assistant's text, each tool call (`→ tool(arguments)`), its result (`✓`) or error
-    (`✗`), then the final answer. Without a configured model (`aria prefs set llm.model ...`),
-    `/<tool> <json object>` runs one of the agent's tools directly. Ctrl-D or /quit leaves;
-    Ctrl-C cancels the running turn, or leaves at the prompt. Exit status 1 if any turn failed.
+    Shows the assistant's text as the model writes it (its reasoning dimmed), each tool call
+    (`→ tool(arguments)`) with what it prints while it runs, its result (`✓`) or error (`✗`),
+    and the turn's usage (on stderr). With --json: each event as a JSON object, a line each.
+    Without a configured model (`aria prefs set llm.model ...`), `/<tool> <json object>` runs
+    one of the agent's tools directly. Ctrl-D or /quit leaves; Ctrl-C cancels the running
+    turn, or leaves at the prompt. Exit status 1 if any turn failed.
 
     \b
     Examples:
@@ -241,7 +301,7 @@ def chat(obj: Context, session_id: str, message: str | None) -> None:
     async def talk(channel: Channel) -> None:
         get = pb.GetSessionRequest(session_id=session_id)
         s = await channel.unary(SESSIONS + "GetSession", get, pb.Session, timeout=obj.timeout)
-        state = _Chat(obj, channel, session_id)
+        state = _Chat(obj, channel, session_id, reasoning=not hide_reasoning)
         outcome.append(state)
         async with trio.open_nursery() as nursery:
             state.leave = nursery.cancel_scope

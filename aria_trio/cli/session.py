@@ -41,16 +41,37 @@ def call_line(tool_call: pb.ToolCall) -> str:
     return f"→ {tool_call.tool_name}({_arguments(tool_call.parameters_json)})"
 
 
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}" + ("s" if n != 1 else "")
+
+
+def usage_text(u: pb.TurnUsage, calls: bool = True) -> str:
+    """`12+30 tokens, 1.2 s` (and the calls it made): one model call's, or a turn's."""
+    tokens = u.prompt_tokens or u.completion_tokens
+    parts = [f"{u.prompt_tokens}+{u.completion_tokens} tokens" if tokens else "no token counts"]
+    if calls:
+        parts.insert(0, f"{_count(u.model_calls, 'model call')}, {_count(u.tool_calls, 'tool call')}")
+    parts.append(f"{u.duration_seconds:.1f} s")
+    return ", ".join(parts)
+
+
 def _transcript(messages: list[pb.Message]) -> str:
-    """A conversation as people read it: `you:`, `assistant:`, `→ tool(args)`, `← tool: result`."""
+    """A conversation as people read it: `you:`, `assistant:` (its reasoning, whether it was cut
+    short, its model call's usage), `→ tool(args)`, `← tool: result`."""
     lines: list[str] = []
     for m in messages:
         if m.role == aria_pb2.TOOL:
             lines.append(f"← {m.tool_name or 'tool'}: {short(m.content)}")
             continue
+        if m.reasoning:
+            lines.append(f"(thinking: {short(m.reasoning)})")
         if m.content or m.role != aria_pb2.ASSISTANT:
-            lines.append(f"{ROLES.get(m.role, 'unknown')}: {m.content}")
+            lines.append(f"{ROLES.get(m.role, 'unknown')}: {m.content}" + (" [cut short]" if m.truncated else ""))
+        elif m.truncated:
+            lines.append("assistant: [cut short]")
         lines.extend(call_line(c) for c in m.tool_calls)
+        if m.HasField("usage"):
+            lines.append(f"  ({usage_text(m.usage, calls=False)})")
     return "\n".join(lines) or "(no messages)"
 
 

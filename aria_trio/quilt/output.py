@@ -49,6 +49,36 @@ def _decode(raw: bytes) -> Line:
     return Line(d["o"], d["t"], d["s"], d["l"])
 
 
+class Lines:
+    """Bytes from a process's pipes, cut into lines: at each newline, and at MAX_LINE bytes (a
+    longer line goes on as the next one); a partial line waits for the rest, or for `rest()`."""
+
+    def __init__(self) -> None:
+        self._partial: dict[int, bytearray] = {STDOUT: bytearray(), STDERR: bytearray()}
+
+    def feed(self, stream: int, data: bytes | bytearray) -> list[tuple[int, str]]:
+        buf = self._partial[stream]
+        buf += data
+        lines: list[tuple[int, str]] = []
+        while True:
+            cut = buf.find(b"\n", 0, MAX_LINE + 1)
+            if cut >= 0:
+                lines.append((stream, bytes(buf[:cut]).decode("utf-8", "replace")))
+                del buf[: cut + 1]
+            elif len(buf) >= MAX_LINE:  # a very long line: kept in pieces
+                lines.append((stream, bytes(buf[:MAX_LINE]).decode("utf-8", "replace")))
+                del buf[:MAX_LINE]
+            else:
+                return lines
+
+    def rest(self) -> list[tuple[int, str]]:
+        """The partial lines left at the end (the process ended without a last newline)."""
+        rest = [(s, bytes(b).decode("utf-8", "replace")) for s, b in self._partial.items() if b]
+        for b in self._partial.values():
+            b.clear()
+        return rest
+
+
 class OutputLog:
     def __init__(self, path: Path, cap_bytes: int) -> None:
         self.path = path
@@ -61,7 +91,7 @@ class OutputLog:
         self.lost_lines = 0  # lines that found the disk full (not kept; said once there is room)
         self._size = 0  # file size
         self._index: list[int] = []  # file offset of line INDEX_EVERY * i
-        self._partial: dict[int, bytearray] = {STDOUT: bytearray(), STDERR: bytearray()}
+        self._lines = Lines()
         self._lock = trio.Lock()  # one batch written at a time, in order
         self._changed = trio.Event()
 
@@ -107,31 +137,15 @@ class OutputLog:
 
     async def feed(self, stream: int, data: bytes | bytearray) -> None:
         """Bytes from a pipe; complete lines are written, a partial one waits for the rest."""
-        buf = self._partial[stream]
-        buf += data
-        lines: list[tuple[int, bytes]] = []
-        while True:
-            cut = buf.find(b"\n", 0, MAX_LINE + 1)
-            if cut >= 0:
-                lines.append((stream, bytes(buf[:cut])))
-                del buf[: cut + 1]
-            elif len(buf) >= MAX_LINE:  # a very long line: kept in pieces
-                lines.append((stream, bytes(buf[:MAX_LINE])))
-                del buf[:MAX_LINE]
-            else:
-                break
-        if lines:
-            await self._write([(s, b.decode("utf-8", "replace")) for s, b in lines])
+        if lines := self._lines.feed(stream, data):
+            await self._write(lines)
 
     async def system(self, text: str) -> None:
         await self._write([(SYSTEM, text)], capped=False)
 
     async def close(self) -> None:
         """The process ended: write what is left of partial lines, then let followers finish."""
-        rest = [(s, bytes(b).decode("utf-8", "replace")) for s, b in self._partial.items() if b]
-        for b in self._partial.values():
-            b.clear()
-        if rest:
+        if rest := self._lines.rest():
             await self._write(rest)
         if self.dropped_bytes:
             await self.system(f"[quilt] {self.dropped_bytes} bytes of output were dropped (over the limit)")

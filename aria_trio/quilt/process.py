@@ -2,8 +2,9 @@
 
 `start_process` runs one in a nursery and returns once it exists (or raises if the spawn itself
 failed), with a Run: the Handle to signal it (the host pid of the sandbox's pid 1), and its Exit
-when the process and its pipes are done. Meanwhile stdout and stderr go into an OutputLog as they
-come. Killing pid 1 of a pid namespace kills everything in it: that is how a whole tree goes.
+when the process and its pipes are done. Meanwhile stdout and stderr go to a Sink (an OutputLog, or
+a tool run's live lines) as they come. Killing pid 1 of a pid namespace kills everything in it:
+that is how a whole tree goes.
 
 Processes are spawned from the event loop's own thread, on purpose. The parent-death signal
 (bubblewrap's --die-with-parent, setpriv --pdeathsig) fires when the *thread* that forked the
@@ -22,13 +23,20 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import trio
 
-from aria_trio.quilt.output import STDERR, STDOUT, OutputLog
+from aria_trio.quilt.output import STDERR, STDOUT
 
 MAX_STDIN = 1024 * 1024
 CAPTURE_LIMIT = 1024 * 1024  # bytes of each stream kept in memory for Exec's answer
+
+
+class Sink(Protocol):
+    """Where a process's output goes as it comes (bytes as the pipe gives them)."""
+
+    async def feed(self, stream: int, data: bytes | bytearray) -> None: ...
 
 
 @dataclass
@@ -108,7 +116,7 @@ class Run:
 async def start_process(
     nursery: trio.Nursery,
     argv: Sequence[str],
-    log: OutputLog | None,
+    log: Sink | None,
     *,
     sandboxed: bool,
     cwd: str | None = None,
@@ -143,7 +151,7 @@ async def start_process(
 
 async def _run_process(
     argv: Sequence[str],
-    log: OutputLog | None,
+    log: Sink | None,
     *,
     sandboxed: bool,
     cwd: str | None = None,

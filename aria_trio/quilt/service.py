@@ -20,9 +20,11 @@ from aria_trio.quilt.attach import Attachments
 from aria_trio.quilt.bundles import Bundle, BundleStore, Checksum, Metadata
 from aria_trio.quilt.engine import Container, Engine, ExecSpec, Spec, Task
 from aria_trio.quilt.output import Line, OutputLog
-from aria_trio.quilt.tools import ToolRunner
+from aria_trio.quilt.tools import ToolResult, ToolRunner
 from aria_trio.rpc import CallContext
 from aria_trio.shared import errors
+
+LIVE_BUFFER = 256  # a RunToolStream's lines waiting for its reader (then they are dropped, and counted)
 
 
 def _ts(us: int) -> timestamp_pb2.Timestamp:
@@ -301,25 +303,44 @@ class BundlesService(quilt_grpc.BundlesServicer):  # type: ignore[misc]
 
     async def RunTool(self, request: pb.RunToolRequest, ctx: CallContext) -> pb.RunToolResult:
         errors.seconds(request.timeout_seconds, "timeout_seconds", 24 * 3600)
-        r = await self.runner.run(
+        return _tool_result(await self._run_tool(request))
+
+    @trio.as_safe_channel
+    async def RunToolStream(
+        self, request: pb.RunToolRequest, ctx: CallContext
+    ) -> AsyncGenerator[pb.RunToolEvent, None]:
+        """RunTool, with the tool's log lines as it prints them, then the result. The tool runs in
+        a task of this call's own; its lines wait in a bounded channel (LiveLines drops, and
+        says so, what does not fit: a slow reader never slows the tool)."""
+        errors.seconds(request.timeout_seconds, "timeout_seconds", 24 * 3600)
+        send, receive = trio.open_memory_channel[str](LIVE_BUFFER)
+        done: list[ToolResult] = []
+
+        async def run() -> None:
+            async with send:
+                done.append(await self._run_tool(request, send))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run)
+            async with receive:
+                offset = 0
+                async for text in receive:
+                    yield pb.RunToolEvent(line=pb.OutputLine(offset=offset, stream=pb.STDERR, text=text))
+                    offset += 1
+        yield pb.RunToolEvent(result=_tool_result(done[0]))
+
+    async def _run_tool(
+        self, request: pb.RunToolRequest, lines: trio.MemorySendChannel[str] | None = None
+    ) -> ToolResult:
+        return await self.runner.run(
             request.bundle_id,
             request.tool_name,
             request.arguments_json,
             request.timeout_seconds,
             request.memory_bytes,
             request.network,
+            lines,
         )
-        result = pb.RunToolResult(
-            ok=r.ok,
-            result_json=r.result_json,
-            error=r.error,
-            log=r.log[: 1024 * 1024],
-            duration_seconds=r.duration_seconds,
-            timed_out=r.timed_out,
-        )
-        if r.exit_code is not None:
-            result.exit_code = r.exit_code
-        return result
 
 
 class SystemService(quilt_grpc.SystemServicer):  # type: ignore[misc]
@@ -387,3 +408,17 @@ def _host_metrics(data_dir: Path) -> _HostMetrics:
         "disk_free_bytes": shutil.disk_usage(data_dir).free,
         "rss_bytes": fields.get("VmRSS", 0),
     }
+
+
+def _tool_result(r: ToolResult) -> pb.RunToolResult:
+    result = pb.RunToolResult(
+        ok=r.ok,
+        result_json=r.result_json,
+        error=r.error,
+        log=r.log[: 1024 * 1024],
+        duration_seconds=r.duration_seconds,
+        timed_out=r.timed_out,
+    )
+    if r.exit_code is not None:
+        result.exit_code = r.exit_code
+    return result

@@ -2,7 +2,8 @@
 
 The bundle's files are mounted read-only at /bundle and the runner at /runner; the arguments go
 to stdin as one JSON object and one JSON document comes back on stdout. A non-zero exit, a
-timeout, or stdout that is not that document is a failed call, with the reason.
+timeout, or stdout that is not that document is a failed call, with the reason. What the tool
+prints meanwhile (its stderr, its log) can be had line by line as it prints it (LiveLines).
 """
 
 from __future__ import annotations
@@ -18,16 +19,68 @@ import trio
 from aria_trio.quilt.bundles import BundleStore
 from aria_trio.quilt.images import HOST
 from aria_trio.quilt.limits import Cgroup
+from aria_trio.quilt.output import STDERR, Lines
 from aria_trio.quilt.process import Captured, start_process
 from aria_trio.quilt.sandbox import Sandbox, base_env
 from aria_trio.shared import errors, json_input
 
 RUNNERS = Path(__file__).resolve().parent / "runners"
+LIVE_LINES, LIVE_BYTES = 10_000, 1024 * 1024  # of one run's live lines; past them, one line says so
 SCRATCH_BYTES = 64 * 1024 * 1024  # each of a tool run's /tmp and /workspace (tmpfs: counted as its memory)
 COMMANDS = {
     "python": ["python3", "/runner/python_runner.py"],
     "node": ["node", "/runner/node_runner.js"],
 }
+
+
+class LiveLines:
+    """A tool run's stderr (its log; stdout is its answer) into `lines`, a line at a time as it is
+    printed. The tool is never slowed by whoever reads them: a line that finds the channel full is
+    not sent, and the next line that goes says how many were left out. Lines are cut at
+    output.MAX_LINE; past LIVE_LINES lines or LIVE_BYTES bytes of one run the rest is not sent, and
+    one line says so. The result's log keeps every line (up to its own cap) either way."""
+
+    def __init__(self, lines: trio.MemorySendChannel[str]) -> None:
+        self.channel = lines
+        self.lines = Lines()
+        self.sent_lines = self.sent_bytes = self.left_out = 0
+        self.cut = False
+
+    async def feed(self, stream: int, data: bytes | bytearray) -> None:
+        if stream == STDERR:
+            for _, text in self.lines.feed(stream, data):
+                self._send(text)
+
+    def close(self) -> None:
+        for _, text in self.lines.rest():
+            self._send(text)
+        if self.left_out:
+            self._put(f"[quilt] {self.left_out} lines were not shown live (read too slowly)")
+
+    def _send(self, text: str) -> None:
+        if self.cut:
+            return
+        if self.sent_lines >= LIVE_LINES or self.sent_bytes + len(text) > LIVE_BYTES:
+            self.cut = True
+            self._put(f"[quilt] the rest of the output is not shown live (over {LIVE_LINES} lines or 1 MiB)")
+            return
+        if self.left_out and self._put(f"[quilt] {self.left_out} lines were not shown live (read too slowly)"):
+            self.left_out = 0
+        if self.left_out or not self._put(text):
+            self.left_out += 1
+            return
+        self.sent_lines += 1
+        self.sent_bytes += len(text)
+
+    def _put(self, text: str) -> bool:
+        try:
+            self.channel.send_nowait(text)
+            return True
+        except trio.WouldBlock:
+            return False
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.cut = True  # nobody reads them any more
+            return False
 
 
 @dataclass
@@ -77,7 +130,14 @@ class ToolRunner:
         return found
 
     async def run(
-        self, bundle_id: str, tool_name: str, arguments_json: str, timeout: float, memory: int, network: bool
+        self,
+        bundle_id: str,
+        tool_name: str,
+        arguments_json: str,
+        timeout: float,
+        memory: int,
+        network: bool,
+        lines: trio.MemorySendChannel[str] | None = None,
     ) -> ToolResult:
         bundle = await self.bundles.get(bundle_id)
         tool = next((t for t in bundle.tools if t.name == tool_name), None)
@@ -122,7 +182,8 @@ class ToolRunner:
             if self.sandbox.kind == "none":  # no mounts: point the runner at the real paths
                 argv = [a.replace("/bundle/", f"{files}/").replace("/runner/", f"{RUNNERS}/") for a in argv]
                 cwd, env = str(files), base_env({})
-            return await self._call(argv, cwd, env, json.dumps(arguments).encode(), timeout, cgroup, memory)
+            live = LiveLines(lines) if lines is not None else None
+            return await self._call(argv, cwd, env, json.dumps(arguments).encode(), timeout, cgroup, memory, live)
         finally:
             with trio.CancelScope(shield=True):
                 if cgroup is not None:
@@ -138,6 +199,7 @@ class ToolRunner:
         timeout: float,
         cgroup: Cgroup | None,
         memory: int,
+        live: LiveLines | None,
     ) -> ToolResult:
         captured = Captured()
         started = time.monotonic()
@@ -145,7 +207,7 @@ class ToolRunner:
             run = await start_process(
                 nursery,
                 argv,
-                None,
+                live,
                 sandboxed=self.sandbox.kind == "bubblewrap",
                 cwd=cwd,
                 env=env,
@@ -158,6 +220,8 @@ class ToolRunner:
             if scope.cancelled_caught:
                 run.kill()  # the whole sandbox: pid 1 of its namespace
             exit_ = await run.result()
+        if live is not None:
+            live.close()
         duration = time.monotonic() - started
         log = captured.stderr.decode("utf-8", "replace")
         code = exit_.exit_code

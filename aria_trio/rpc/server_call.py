@@ -15,7 +15,7 @@ import math
 import struct
 from collections import deque
 from collections.abc import AsyncIterator
-from contextlib import nullcontext
+from contextlib import AbstractAsyncContextManager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 import h2.errors
@@ -314,6 +314,13 @@ class ServerCall:
         try:
             if method.server_streaming:
                 responses = method.handler(request, self.ctx)
+                if isinstance(responses, AbstractAsyncContextManager):
+                    # a handler made with @trio.as_safe_channel: its generator runs in a task of
+                    # its own, so it may yield from inside a nursery (a turn's concurrent parts)
+                    async with responses as channel:
+                        async for response in channel:
+                            await self.send(response)
+                    return
                 try:
                     async for response in responses:
                         await self.send(response)

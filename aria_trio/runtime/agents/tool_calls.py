@@ -3,11 +3,17 @@
 A call is checked before it runs: the tool must be one of the agent's (anything else is refused as
 "not permitted", never run), its arguments must be a JSON object that its JSON Schema accepts.
 A refusal or a failure is a result too (`ok=False` and why): the model reads it and may try
-again. Bundle tools run in Quilt (RunTool: a sandbox with the bundle read-only at /bundle);
+again. Bundle tools run in Quilt (RunToolStream: a sandbox with the bundle read-only at /bundle);
 `run_command` runs an argv in a fresh throw-away Quilt container; `launch_task` starts a task
 through the task service's own logic and returns its id. Cancelling a call (the client left)
 kills its sandbox: Quilt ends a call's processes when the call is cancelled, and a container made
 here is removed with force on the way out.
+
+What a running tool prints reaches `on_output` line by line as it prints it (run_command: its
+stdout and stderr, followed in Quilt's task log; a bundle tool: its log, its stderr), each line cut
+at 64 KiB by Quilt, at most LIVE_LINES lines per call (then one line says the rest is not shown).
+`on_output` must not block: the turn drops what its client is too slow for, while the stored
+result is made from Quilt's capture either way, so nothing of it is lost.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Required, TypedDict, cast
 
@@ -25,6 +31,7 @@ import trio
 
 from aria_trio.proto.quilt.v1 import quilt_pb2 as q
 from aria_trio.runtime.agents.registry import ToolInfo
+from aria_trio.runtime.kinds import OutputStream
 from aria_trio.runtime.quilt_client import QuiltLink
 from aria_trio.runtime.store import messages as table
 from aria_trio.runtime.work.tasks import Launch, Tasks
@@ -35,6 +42,13 @@ log = structlog.get_logger("aria.tool_calls")
 
 OUTPUT_CAP = 64 * 1024  # of each of stdout and stderr returned to the model; the rest is cut (and said)
 RESULT_CAP = 256 * 1024  # of a result's JSON given back to the model
+LIVE_LINES = 10_000  # lines of one call shown live (Quilt cuts each at 64 KiB)
+
+OnOutput = Callable[[OutputStream, str], None]  # a running tool's line (must not block)
+
+
+def _ignore(stream: OutputStream, line: str) -> None:
+    pass
 
 
 @dataclass
@@ -66,6 +80,7 @@ class Outcome:
     error: str | None = None
     container_id: str | None = None
     exit_status: int | None = None
+    duration_seconds: float = 0.0  # the whole call: checks, sandbox and run (ToolCalls.run sets it)
 
 
 class ToolCalls:
@@ -75,10 +90,19 @@ class ToolCalls:
         self.tasks = tasks
         self.tool_timeout = tool_timeout
 
-    async def run(self, user: str, session_id: str, message_id: str, tools: dict[str, ToolInfo], call: Call) -> Outcome:
+    async def run(
+        self,
+        user: str,
+        session_id: str,
+        message_id: str,
+        tools: dict[str, ToolInfo],
+        call: Call,
+        on_output: OnOutput = _ignore,
+    ) -> Outcome:
         """Check, run and log one call; never raises for the tool's own failures."""
         started, started_us = time.monotonic(), now_us()
-        outcome = await self._checked(user, session_id, tools, call)
+        outcome = await self._checked(user, session_id, tools, call, _Live(on_output))
+        outcome.duration_seconds = time.monotonic() - started
         await self.store.run(
             table.log_tool_execution,
             {
@@ -90,16 +114,18 @@ class ToolCalls:
                 "parameters_json": call.arguments[:RESULT_CAP],
                 "result_json": outcome.result_json if outcome.ok else None,
                 "error": outcome.error,
-                "duration_ms": (time.monotonic() - started) * 1000,
+                "duration_ms": outcome.duration_seconds * 1000,
                 "container_id": outcome.container_id,
                 "exit_status": outcome.exit_status,
                 "started_at": started_us,
             },
         )
-        log.info("tool call", tool=call.name, ok=outcome.ok, ms=round((time.monotonic() - started) * 1000, 1))
+        log.info("tool call", tool=call.name, ok=outcome.ok, ms=round(outcome.duration_seconds * 1000, 1))
         return outcome
 
-    async def _checked(self, user: str, session_id: str, tools: dict[str, ToolInfo], call: Call) -> Outcome:
+    async def _checked(
+        self, user: str, session_id: str, tools: dict[str, ToolInfo], call: Call, live: _Live
+    ) -> Outcome:
         tool = tools.get(call.name)
         if tool is None:
             return _failed(f"tool {call.name!r} is not one of this agent's tools: not permitted")
@@ -114,21 +140,27 @@ class ToolCalls:
             return _failed(f"invalid arguments: {problem}")
         try:
             if call.name == "run_command" and tool.builtin:
-                return await self._run_command(cast(_RunCommand, arguments))
+                return await self._run_command(cast(_RunCommand, arguments), live)
             if call.name == "launch_task" and tool.builtin:
                 return await self._launch_task(user, session_id, cast(_LaunchTask, arguments))
-            return await self._bundle_tool(tool, arguments)
+            return await self._bundle_tool(tool, arguments, live)
         except errors.AriaError as exc:
             return _failed(exc.message)
 
-    async def _run_command(self, arguments: _RunCommand) -> Outcome:
+    async def _run_command(self, arguments: _RunCommand, live: _Live) -> Outcome:
         timeout = float(arguments.get("timeout_seconds") or self.tool_timeout)
         spec = q.ContainerSpec(name="run_command", labels={"aria.tool": "run_command"})
         made = await self.quilt.create_container(q.CreateContainerRequest(spec=spec))
         try:
             await self.quilt.start_container(q.ContainerRef(id=made.id))
             request = q.ExecRequest(container_id=made.id, command=arguments["command"], timeout_seconds=timeout)
-            done = await self.quilt.exec(request, timeout=timeout + 30)
+            task = await self.quilt.exec_async(request)
+            # its lines as Quilt's task log gets them, to the end of the task (then the result)
+            async with self.quilt.task_output(q.TaskOutputRequest(id=task.id, follow=True)) as lines:
+                async for line in lines:
+                    if line.stream in (q.STDOUT, q.STDERR):
+                        live.line(OutputStream.STDOUT if line.stream == q.STDOUT else OutputStream.STDERR, line.text)
+            done = await self.quilt.task_result(q.TaskResultRequest(id=task.id, wait=True), timeout=timeout + 30)
         finally:
             with trio.CancelScope(shield=True):  # the sandbox never outlives the call
                 await self._remove(made.id)
@@ -157,14 +189,23 @@ class ToolCalls:
         task_id = await self.tasks.launch(user, launch, _no_containers)
         return Outcome(True, json.dumps({"task_id": task_id}))
 
-    async def _bundle_tool(self, tool: ToolInfo, arguments: Mapping[str, object]) -> Outcome:
+    async def _bundle_tool(self, tool: ToolInfo, arguments: Mapping[str, object], live: _Live) -> Outcome:
         request = q.RunToolRequest(
             bundle_id=tool.bundle_blake3,
             tool_name=tool.name,
             arguments_json=json.dumps(arguments),
             timeout_seconds=self.tool_timeout,
         )
-        r = await self.quilt.run_tool(request, timeout=self.tool_timeout + 30)
+        r: q.RunToolResult | None = None
+        with trio.move_on_after(self.tool_timeout + 30):
+            async with self.quilt.run_tool_stream(request) as events:
+                async for event in events:
+                    if event.HasField("line"):
+                        live.line(OutputStream.STDERR, event.line.text)
+                    elif event.HasField("result"):
+                        r = event.result
+        if r is None:
+            raise errors.Unavailable("the container service did not answer the tool call in time")
         exit_code = r.exit_code if r.HasField("exit_code") else None
         if r.timed_out:
             return Outcome(False, "null", f"timed out after {self.tool_timeout:g} s", exit_status=exit_code)
@@ -201,3 +242,20 @@ def _capped(text: str, truncated: bool) -> str:
 
 async def _no_containers(user: str, container_id: str) -> str:
     raise errors.InvalidArgument("launch_task runs in a fresh container only")
+
+
+class _Live:
+    """One call's live lines, at most LIVE_LINES (then one line says the rest is not shown)."""
+
+    def __init__(self, on_output: OnOutput) -> None:
+        self.on_output = on_output
+        self.count = 0
+
+    def line(self, stream: OutputStream, text: str) -> None:
+        self.count += 1
+        if self.count <= LIVE_LINES:
+            self.on_output(stream, text)
+        elif self.count == LIVE_LINES + 1:
+            self.on_output(
+                OutputStream.STDERR, f"[aria] the rest of the output is not shown live (over {LIVE_LINES} lines)"
+            )

@@ -1,13 +1,24 @@
-"""The agent turn loop: a user's input, then model calls and tool calls until a final answer.
+"""The agent turn loop: a user's input, then model calls and tool calls until a final answer,
+streamed as it happens.
 
-A turn: the USER message; then up to `max_iterations` model calls. Each reply's text is an
-ASSISTANT message; each tool call it makes is checked and run (the calls of one reply run
-concurrently, in a nursery), its result a TOOL message fed back to the model; a reply without tool
-calls is the final response. Everything is persisted as it happens, so a turn cut short (the
-client left, the model server failed) leaves a consistent history, and the session stays usable.
-One turn at a time per session. Without a configured model, `/<tool> <json object>` runs a tool
-directly (same permission and schema checks); any other input is refused with a message that says
-how to configure a model.
+A turn: the USER message; then up to `max_iterations` model calls. Each model call is announced
+(ModelCallStarted), its text and reasoning reach the client piece by piece as the model writes
+them (TextDelta), and the whole reply is then stored as an ASSISTANT message with the deltas'
+id; each tool call it makes is checked and run (the calls of one reply run concurrently, in a
+nursery), their output lines stream as they print them (ToolOutput), each result is sent as it
+comes and stored as a TOOL message fed back to the model; a reply without tool calls is the final
+response, after the turn's Usage. Everything is persisted as it happens, so a turn cut short (the
+client left, the model server failed) leaves a consistent history, with the text streamed so far
+kept as a truncated ASSISTANT message, and the session stays usable. One turn at a time per
+session. Without a configured model, `/<tool> <json object>` runs a tool directly (same
+permission and schema checks); any other input is refused with a message that says how to
+configure a model.
+
+The turn runs in a task of its own and sends its events into a bounded channel (EVENTS), which
+the caller reads. What must not be lost (deltas, messages, results) waits for room: a slow client
+holds the turn back by at most that buffer. Tool output lines never wait: a line that finds the
+buffer full is dropped, and the next one that goes says how many were, so a slow client never
+slows a running tool (whose stored result is complete either way).
 """
 
 from __future__ import annotations
@@ -16,7 +27,8 @@ import contextlib
 import json
 import os
 import secrets
-from collections.abc import AsyncIterator, Mapping
+import time
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, replace
 
 import structlog
@@ -29,7 +41,7 @@ from aria_trio.runtime.agents.llm import ToolCall as ModelToolCall
 from aria_trio.runtime.agents.registry import AgentInfo, Registry, ToolInfo
 from aria_trio.runtime.agents.sessions import Sessions
 from aria_trio.runtime.agents.tool_calls import Call, Outcome, ToolCalls
-from aria_trio.runtime.kinds import Role
+from aria_trio.runtime.kinds import OutputStream, Role
 from aria_trio.runtime.store import messages as table
 from aria_trio.runtime.store.messages import MessageRow, NewMessage
 from aria_trio.shared import errors
@@ -43,6 +55,7 @@ DEFAULT_MAX_ITERATIONS = 8
 INTERRUPTED = "interrupted: the turn ended before this call did (its client left, or the runtime stopped)"
 DEFAULT_AT_ONCE, DEFAULT_PER_REPLY = 8, 32  # (the settings tool_calls_at_once, max_tool_calls_per_reply)
 HISTORY = 200  # newest messages sent to the model; older ones stay in the store only
+EVENTS = 256  # a turn's events waiting for its client (then deltas wait, tool output lines are dropped)
 NO_MODEL = (
     "no model is configured: set one with `aria prefs set llm.model NAME` and `aria prefs set llm.base_url URL` "
     "(an OpenAI-compatible server, e.g. http://127.0.0.1:11434/v1 for Ollama), or ARIA_LLM_MODEL and "
@@ -52,14 +65,33 @@ NO_MODEL = (
 
 @dataclass(frozen=True)
 class MessageStored:
-    """A message of the turn, as stored (the user's input, a reply's text, a tool's result)."""
+    """A message of the turn, as stored (the user's input, a reply, a tool's result)."""
 
     message: MessageRow
 
 
 @dataclass(frozen=True)
+class ModelCallStarted:
+    iteration: int  # 1 for the turn's first model call
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    message_id: str  # the ASSISTANT message these pieces make
+    text: str
+    reasoning: bool
+
+
+@dataclass(frozen=True)
 class ToolCallStarted:
     call: Call
+
+
+@dataclass(frozen=True)
+class ToolOutput:
+    call_id: str
+    stream: OutputStream  # STDOUT or STDERR
+    line: str
 
 
 @dataclass(frozen=True)
@@ -69,13 +101,24 @@ class ToolResult:
 
 
 @dataclass(frozen=True)
+class Usage:
+    """The turn's totals, just before its Final."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    model_calls: int
+    tool_calls: int
+    duration_seconds: float
+
+
+@dataclass(frozen=True)
 class Final:
     """The turn's last event: the final answer (or why there is none)."""
 
     text: str
 
 
-TurnEvent = MessageStored | ToolCallStarted | ToolResult | Final
+TurnEvent = MessageStored | ModelCallStarted | TextDelta | ToolCallStarted | ToolOutput | ToolResult | Usage | Final
 
 
 class Turns:
@@ -103,9 +146,10 @@ class Turns:
         self.at_once = quotas.tool_calls_at_once if quotas is not None else DEFAULT_AT_ONCE
         self.per_reply = quotas.tool_calls_per_reply if quotas is not None else DEFAULT_PER_REPLY
 
-    async def execute(self, user: str, session_id: str, text: str) -> AsyncIterator[TurnEvent]:
-        """Run one turn; its events as they happen. Every check that can refuse the turn happens
-        before the first event."""
+    @trio.as_safe_channel
+    async def execute(self, user: str, session_id: str, text: str) -> AsyncGenerator[TurnEvent, None]:
+        """Run one turn: `async with turns.execute(...) as events: async for event in events`.
+        Every check that can refuse the turn happens before the first event."""
         session = await self.sessions.get(user, session_id)
         if not text.strip():
             raise errors.InvalidArgument("input is empty", fields={"input": "empty"})
@@ -128,93 +172,197 @@ class Turns:
         with held:
             self._busy.add(session_id)
             try:
-                turn = _Turn(self, user, session_id, agent, tools)
-                if config is None:
-                    async for event in turn.direct(text):
-                        yield event
-                else:
-                    async for event in turn.with_model(config, text):
-                        yield event
+                send, receive = trio.open_memory_channel[TurnEvent](EVENTS)
+                turn = _Turn(self, user, session_id, agent, tools, send)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(turn.run, config, text)
+                    async with receive:
+                        async for event in receive:
+                            yield event
+                if turn.failure is not None:
+                    raise turn.failure  # (after every event sent before it)
             finally:
                 self._busy.discard(session_id)
 
 
 class _Turn:
-    """One turn's state: who, where, with which agent and tools."""
+    """One turn's state: who, where, with which agent and tools, and where its events go."""
 
-    def __init__(self, turns: Turns, user: str, session_id: str, agent: AgentInfo, tools: dict[str, ToolInfo]) -> None:
+    def __init__(
+        self,
+        turns: Turns,
+        user: str,
+        session_id: str,
+        agent: AgentInfo,
+        tools: dict[str, ToolInfo],
+        events: trio.MemorySendChannel[TurnEvent],
+    ) -> None:
         self.turns = turns
         self.user = user
         self.session_id = session_id
         self.agent = agent
         self.tools = tools
+        self.events = events
+        self.dropped: dict[str, int] = {}  # output lines per call that found the buffer full
+        self.failure: Exception | None = None
+        self.started = time.monotonic()
+        self.prompt_tokens = self.completion_tokens = self.model_calls = self.tool_calls = 0
 
-    async def direct(self, text: str) -> AsyncIterator[TurnEvent]:
+    async def run(self, config: LLMConfig | None, text: str) -> None:
+        """The turn, to its end; a failure is kept (`failure`) for the reader to raise once it has
+        sent every event that came before it (raised here, it would cancel the reader at once)."""
+        async with self.events:
+            try:
+                if config is None:
+                    await self.direct(text)
+                else:
+                    await self.with_model(config, text)
+            except Exception as exc:
+                self.failure = exc
+
+    async def emit(self, event: TurnEvent) -> None:
+        await self.events.send(event)
+
+    def output(self, call_id: str, stream: OutputStream, line: str) -> None:
+        """A running tool's line, if the buffer has room (see the module's docstring)."""
+        dropped = self.dropped.get(call_id, 0)
+        try:
+            if dropped:
+                note = f"[aria] {dropped} lines were not shown live (the client reads more slowly than the tool prints)"
+                self.events.send_nowait(ToolOutput(call_id, OutputStream.STDERR, note))
+                del self.dropped[call_id]
+            self.events.send_nowait(ToolOutput(call_id, stream, line))
+        except trio.WouldBlock:
+            self.dropped[call_id] = self.dropped.get(call_id, 0) + 1
+
+    async def direct(self, text: str) -> None:
         """`/<tool> <json object>`: run one tool, without a model."""
-        yield MessageStored(await self._store(Role.USER, text))
+        await self.emit(MessageStored(await self._store(Role.USER, text)))
         name, _, arguments = text[1:].partition(" ")
         call = Call("call-" + secrets.token_hex(6), name.strip(), arguments.strip() or "{}")
         assistant = await self._store(Role.ASSISTANT, "", tool_calls=[call])
-        yield ToolCallStarted(call)
-        outcome = await self.turns.tool_calls.run(self.user, self.session_id, assistant["id"], self.tools, call)
-        yield ToolResult(call, outcome)
-        yield MessageStored(await self._tool_message(call, outcome))
-        yield Final(outcome.result_json if outcome.ok else f"error: {outcome.error}")
+        await self.emit(ToolCallStarted(call))
+        outcome = await self._run_one(assistant["id"], call)
+        await self._finish(outcome.result_json if outcome.ok else f"error: {outcome.error}")
 
-    async def with_model(self, config: LLMConfig, text: str) -> AsyncIterator[TurnEvent]:
+    async def with_model(self, config: LLMConfig, text: str) -> None:
         system = self.agent.system_prompt or config.system_prompt
         if system and not await self.turns.store.run(table.last, self.session_id, 1):
             await self._store(Role.SYSTEM, system)  # a session's first turn: its system prompt leads
         config = replace(config, system_prompt=None)  # (it is in the history: not twice)
         await self._close_interrupted()
-        yield MessageStored(await self._store(Role.USER, text))
+        await self.emit(MessageStored(await self._store(Role.USER, text)))
         specs: list[dict[str, JSON]] = [
             {"type": "function", "function": {"name": t.name, "description": t.description, "parameters": t.schema}}
             for t in self.tools.values()
         ]
         limit = self.agent.max_iterations or DEFAULT_MAX_ITERATIONS
-        for _ in range(limit):
+        for iteration in range(1, limit + 1):
             history = await self.turns.store.run(table.last, self.session_id, HISTORY)
-            reply = await self.turns.model.complete(config, _as_openai(history), specs)
-            calls = [_call(c) for c in reply.tool_calls]
-            assistant = await self._store(Role.ASSISTANT, reply.content, tool_calls=calls)
-            if reply.content:
-                yield MessageStored(assistant)
+            assistant = await self._model_call(config, iteration, _as_openai(history), specs)
+            calls = tool_calls_of(assistant)
             if not calls:
-                yield Final(reply.content)
+                await self._finish(assistant["content"])
                 return
             for call in calls:
-                yield ToolCallStarted(call)
-            outcomes = await self._run_all(assistant["id"], calls)
-            for call, outcome in zip(calls, outcomes, strict=True):
-                yield ToolResult(call, outcome)
-                yield MessageStored(await self._tool_message(call, outcome))
-        yield Final(f"Stopped: the agent made {limit} model calls (its max_iterations) without a final answer.")
+                await self.emit(ToolCallStarted(call))
+            await self._run_all(assistant["id"], calls)
+        await self._finish(f"Stopped: the agent made {limit} model calls (its max_iterations) without a final answer.")
 
-    async def _run_all(self, message_id: str, calls: list[Call]) -> list[Outcome]:
+    async def _model_call(
+        self, config: LLMConfig, iteration: int, history: list[dict[str, JSON]], specs: list[dict[str, JSON]]
+    ) -> MessageRow:
+        """One model call, its text streamed as deltas; its reply stored (and sent) whole. A call cut
+        short after some text was streamed leaves that text stored, marked truncated."""
+        await self.emit(ModelCallStarted(iteration))
+        message_id = _new_id()
+        content: list[str] = []
+        reasoning: list[str] = []
+
+        async def on_delta(piece: str, is_reasoning: bool) -> None:
+            (reasoning if is_reasoning else content).append(piece)
+            await self.emit(TextDelta(message_id, piece, is_reasoning))
+
+        started = time.monotonic()
+        self.model_calls += 1
+        try:
+            reply = await self.turns.model.complete(config, history, specs, on_delta)
+        except BaseException:
+            if content or reasoning:
+                with trio.CancelScope(shield=True):
+                    await self._store(
+                        Role.ASSISTANT, "".join(content), id=message_id, reasoning="".join(reasoning), truncated=True
+                    )
+                log.info("kept a reply cut short", session=self.session_id, message=message_id)
+            raise
+        calls = [_call(c) for c in reply.tool_calls]
+        self.prompt_tokens += reply.usage.prompt_tokens
+        self.completion_tokens += reply.usage.completion_tokens
+        usage = {
+            "prompt_tokens": reply.usage.prompt_tokens,
+            "completion_tokens": reply.usage.completion_tokens,
+            "tool_calls": len(calls),
+            "duration_seconds": round(time.monotonic() - started, 3),
+        }
+        assistant = await self._store(
+            Role.ASSISTANT,
+            reply.content,
+            id=message_id,
+            tool_calls=calls,
+            reasoning=reply.reasoning,
+            usage_json=json.dumps(usage),
+        )
+        await self.emit(MessageStored(assistant))
+        return assistant
+
+    async def _finish(self, text: str) -> None:
+        await self.emit(
+            Usage(
+                self.prompt_tokens,
+                self.completion_tokens,
+                self.model_calls,
+                self.tool_calls,
+                time.monotonic() - self.started,
+            )
+        )
+        await self.emit(Final(text))
+
+    async def _run_one(self, message_id: str, call: Call) -> Outcome:
+        """One call, its output streamed; its result sent and stored as soon as it is there."""
+        self.tool_calls += 1
+
+        def on_output(stream: OutputStream, line: str) -> None:
+            self.output(call.call_id, stream, line)
+
+        outcome = await self.turns.tool_calls.run(self.user, self.session_id, message_id, self.tools, call, on_output)
+        await self.emit(ToolResult(call, outcome))
+        await self.emit(MessageStored(await self._tool_message(call, outcome)))
+        return outcome
+
+    async def _run_all(self, message_id: str, calls: list[Call]) -> None:
         """The calls of one reply, concurrently, at most `tool_calls_at_once` at a time (the rest
         wait their turn); past `max_tool_calls_per_reply`, a call does not run: its result says
-        why. Their outcomes in the calls' order."""
-        outcomes: list[Outcome | None] = [None] * len(calls)
+        why. Each result is sent as its call ends."""
         slots = trio.Semaphore(self.turns.at_once)
         per_reply = self.turns.per_reply
 
-        async def one(i: int, call: Call) -> None:
+        async def one(call: Call) -> None:
             async with slots:
-                outcomes[i] = await self.turns.tool_calls.run(self.user, self.session_id, message_id, self.tools, call)
+                await self._run_one(message_id, call)
 
         async with trio.open_nursery() as nursery:
             for i, call in enumerate(calls):
                 if i < per_reply:
-                    nursery.start_soon(one, i, call)
+                    nursery.start_soon(one, call)
                 else:
-                    outcomes[i] = Outcome(
+                    outcome = Outcome(
                         False,
                         "null",
                         f"not run: the reply asked for {len(calls)} tool calls, and at most {per_reply} run per "
                         "reply (the runtime's max_tool_calls_per_reply setting); ask for fewer at a time",
                     )
-        return [o for o in outcomes if o is not None]
+                    await self.emit(ToolResult(call, outcome))
+                    await self.emit(MessageStored(await self._tool_message(call, outcome)))
 
     async def _close_interrupted(self) -> None:
         """A turn cut short (its client gone, the runtime killed) may leave tool calls without a
@@ -237,12 +385,16 @@ class _Turn:
         role: Role,
         content: str,
         *,
+        id: str | None = None,
         tool_calls: list[Call] | None = None,
         tool_call_id: str | None = None,
         tool_name: str | None = None,
+        reasoning: str = "",
+        truncated: bool = False,
+        usage_json: str | None = None,
     ) -> MessageRow:
         row = NewMessage(
-            id="m-" + secrets.token_hex(8),
+            id=id or _new_id(),
             session_id=self.session_id,
             role=role,
             content=content,
@@ -250,8 +402,15 @@ class _Turn:
             tool_call_id=tool_call_id,
             tool_name=tool_name,
             created_at=now_us(),
+            reasoning=reasoning,
+            truncated=int(truncated),
+            usage_json=usage_json,
         )
         return await self.turns.store.run(table.append, row)
+
+
+def _new_id() -> str:
+    return "m-" + secrets.token_hex(8)
 
 
 def _call(c: ModelToolCall) -> Call:

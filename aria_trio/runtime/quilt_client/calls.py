@@ -155,6 +155,10 @@ class QuiltCalls:
     async def cancel_task(self, request: q.TaskRef, timeout: float | None = TIMEOUT) -> q.CancelTaskResponse:
         return await self.unary(TASKS + "CancelTask", request, q.CancelTaskResponse, timeout)
 
+    async def task_result(self, request: q.TaskResultRequest, timeout: float | None = TIMEOUT) -> q.ExecResult:
+        """A task's result (with `wait`, once it ended: give a deadline past its own timeout)."""
+        return await self.unary(TASKS + "GetTaskResult", request, q.ExecResult, timeout)
+
     def task_output(self, request: q.TaskOutputRequest) -> AbstractAsyncContextManager[Replies[q.OutputLine]]:
         """`async with quilt.task_output(request) as lines: async for line in lines: ...`"""
         return self._stream(TASKS + "TaskOutput", request, q.OutputLine)
@@ -214,3 +218,7 @@ class QuiltCalls:
     async def run_tool(self, request: q.RunToolRequest, timeout: float | None = TIMEOUT) -> q.RunToolResult:
         """Run a bundle's tool (give a deadline past the tool's own timeout)."""
         return await self.unary(BUNDLES + "RunTool", request, q.RunToolResult, timeout)
+
+    def run_tool_stream(self, request: q.RunToolRequest) -> AbstractAsyncContextManager[Replies[q.RunToolEvent]]:
+        """RunTool, with the tool's log lines as it prints them, then its result (the last reply)."""
+        return self._stream(BUNDLES + "RunToolStream", request, q.RunToolEvent)

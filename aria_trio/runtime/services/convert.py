@@ -12,7 +12,18 @@ from google.protobuf import timestamp_pb2
 from aria_trio.proto.aria.v1 import aria_pb2, container_pb2, session_pb2, task_pb2
 from aria_trio.runtime.agents.sessions import MessageRow, SessionRow
 from aria_trio.runtime.agents.tool_calls import Call, Outcome
-from aria_trio.runtime.agents.turns import Final, MessageStored, ToolCallStarted, ToolResult, TurnEvent, tool_calls_of
+from aria_trio.runtime.agents.turns import (
+    Final,
+    MessageStored,
+    ModelCallStarted,
+    TextDelta,
+    ToolCallStarted,
+    ToolOutput,
+    ToolResult,
+    TurnEvent,
+    Usage,
+    tool_calls_of,
+)
 from aria_trio.runtime.kinds import OutputStream
 from aria_trio.runtime.work.containers import ContainerRow
 from aria_trio.runtime.work.tasks import OutputItem, TaskRow
@@ -99,12 +110,38 @@ def message(row: MessageRow) -> session_pb2.Message:
         tool_calls=[tool_call(c) for c in tool_calls_of(row)],
         tool_call_id=row["tool_call_id"] or "",
         tool_name=row["tool_name"] or "",
+        reasoning=row["reasoning"],
+        truncated=bool(row["truncated"]),
+        usage=_message_usage(row["usage_json"]),
     )
+
+
+def _message_usage(usage_json: str | None) -> session_pb2.TurnUsage | None:
+    """An assistant message's model call, as TurnUsage (model_calls 1); None for other messages."""
+    if not usage_json:
+        return None
+    usage = json.loads(usage_json)
+    return session_pb2.TurnUsage(
+        prompt_tokens=_u32(usage.get("prompt_tokens")),
+        completion_tokens=_u32(usage.get("completion_tokens")),
+        model_calls=1,
+        tool_calls=_u32(usage.get("tool_calls")),
+        duration_seconds=float(usage.get("duration_seconds") or 0),
+    )
+
+
+def _u32(value: object) -> int:
+    """A count as uint32 (a server may report anything: clamped, never a wire error)."""
+    return min(max(value, 0), 0xFFFFFFFF) if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def tool_result(call: Call, outcome: Outcome) -> session_pb2.ToolResult:
     result = session_pb2.ToolResult(
-        tool_name=call.name, result_json=outcome.result_json, success=outcome.ok, call_id=call.call_id
+        tool_name=call.name,
+        result_json=outcome.result_json,
+        success=outcome.ok,
+        call_id=call.call_id,
+        duration_seconds=outcome.duration_seconds,
     )
     if outcome.error is not None:
         result.error_message = outcome.error
@@ -122,6 +159,26 @@ def turn_output(event: TurnEvent) -> session_pb2.TurnOutput:
             return session_pb2.TurnOutput(tool_result=tool_result(call, outcome))
         case Final(text):
             return session_pb2.TurnOutput(final_response=text)
+        case ModelCallStarted(iteration):
+            return session_pb2.TurnOutput(model_call=session_pb2.ModelCallStarted(iteration=iteration))
+        case TextDelta(message_id, text, reasoning):
+            return session_pb2.TurnOutput(
+                text_delta=session_pb2.TextDelta(message_id=message_id, text=text, reasoning=reasoning)
+            )
+        case ToolOutput(call_id, stream, line):
+            if stream == OutputStream.STDOUT:
+                return session_pb2.TurnOutput(tool_output=session_pb2.ToolOutput(call_id=call_id, stdout_line=line))
+            return session_pb2.TurnOutput(tool_output=session_pb2.ToolOutput(call_id=call_id, stderr_line=line))
+        case Usage(prompt, completion, model_calls, tool_calls, seconds):
+            return session_pb2.TurnOutput(
+                usage=session_pb2.TurnUsage(
+                    prompt_tokens=_u32(prompt),
+                    completion_tokens=_u32(completion),
+                    model_calls=model_calls,
+                    tool_calls=tool_calls,
+                    duration_seconds=seconds,
+                )
+            )
         case _:
             assert_never(event)
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
+
+import trio
 
 from aria_trio.proto.aria.v1 import session_grpc
 from aria_trio.proto.aria.v1 import session_pb2 as pb
@@ -42,6 +44,10 @@ class SessionService(session_grpc.SessionServiceServicer):  # type: ignore[misc]
         rows, token = await self.sessions.messages(ctx.user, request.session_id, request.page_size, request.page_token)
         return pb.ListMessagesResponse(messages=[convert.message(r) for r in rows], next_page_token=token)
 
-    async def ExecuteTurn(self, request: pb.ExecuteTurnRequest, ctx: CallContext) -> AsyncIterator[pb.TurnOutput]:
-        async for event in self.turns.execute(ctx.user, request.session_id, request.input):
-            yield convert.turn_output(event)
+    @trio.as_safe_channel
+    async def ExecuteTurn(
+        self, request: pb.ExecuteTurnRequest, ctx: CallContext
+    ) -> AsyncGenerator[pb.TurnOutput, None]:
+        async with self.turns.execute(ctx.user, request.session_id, request.input) as events:
+            async for event in events:
+                yield convert.turn_output(event)

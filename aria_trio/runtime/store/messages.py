@@ -24,6 +24,11 @@ class NewMessage(TypedDict):
     tool_call_id: str | None  # a tool's: the call it answers
     tool_name: str | None
     created_at: int
+    reasoning: str  # an assistant's reasoning text ("" when none): shown, never sent to the model
+    truncated: int  # 1: an assistant's reply cut short as it streamed (the turn was cancelled)
+    usage_json: (
+        str | None
+    )  # an assistant's model call: {"prompt_tokens", "completion_tokens", "tool_calls", "duration_seconds"}
 
 
 class MessageRow(NewMessage):

@@ -218,4 +218,13 @@ CREATE INDEX tools_by_bundle ON tools (bundle_id);
 CREATE INDEX agents_by_bundle ON agents (bundle_id);
 """,
     ),
+    (
+        3,
+        "streamed turns: reasoning, cut-short replies, usage",
+        """
+ALTER TABLE messages ADD COLUMN reasoning TEXT NOT NULL DEFAULT '';      -- an assistant's reasoning text
+ALTER TABLE messages ADD COLUMN truncated INTEGER NOT NULL DEFAULT 0;    -- 1: cut short as it streamed
+ALTER TABLE messages ADD COLUMN usage_json TEXT;                         -- an assistant's model call: tokens, time
+""",
+    ),
 ]

@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from aria_trio.proto.aria.v1 import aria_pb2 as aria_dot_v1_dot_aria__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x61ria/v1/session.proto\x12\x07\x61ria.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x12\x61ria/v1/aria.proto\"\xe5\x01\n\x07Session\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x37\n\x0c\x63ontext_data\x18\x04 \x03(\x0b\x32!.aria.v1.Session.ContextDataEntry\x12\x0e\n\x06status\x18\x05 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x06 \x01(\t\x1a\x32\n\x10\x43ontextDataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa2\x01\n\x14\x43reateSessionRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x44\n\x0c\x63ontext_data\x18\x02 \x03(\x0b\x32..aria.v1.CreateSessionRequest.ContextDataEntry\x1a\x32\n\x10\x43ontextDataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"7\n\x12\x45xecuteTurnRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05input\x18\x02 \x01(\t\"\xa8\x01\n\nTurnOutput\x12#\n\x07message\x18\x01 \x01(\x0b\x32\x10.aria.v1.MessageH\x00\x12&\n\ttool_call\x18\x02 \x01(\x0b\x32\x11.aria.v1.ToolCallH\x00\x12*\n\x0btool_result\x18\x03 \x01(\x0b\x32\x13.aria.v1.ToolResultH\x00\x12\x18\n\x0e\x66inal_response\x18\x04 \x01(\tH\x00\x42\x07\n\x05\x65vent\"\xca\x01\n\x07Message\x12\n\n\x02id\x18\x01 \x01(\t\x12\"\n\x04role\x18\x02 \x01(\x0e\x32\x14.aria.v1.MessageRole\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\t\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12%\n\ntool_calls\x18\x05 \x03(\x0b\x32\x11.aria.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x06 \x01(\t\x12\x11\n\ttool_name\x18\x07 \x01(\t\"G\n\x08ToolCall\x12\x11\n\ttool_name\x18\x01 \x01(\t\x12\x17\n\x0fparameters_json\x18\x02 \x01(\t\x12\x0f\n\x07\x63\x61ll_id\x18\x03 \x01(\t\"\x84\x01\n\nToolResult\x12\x11\n\ttool_name\x18\x01 \x01(\t\x12\x13\n\x0bresult_json\x18\x02 \x01(\t\x12\x0f\n\x07success\x18\x03 \x01(\x08\x12\x1a\n\rerror_message\x18\x04 \x01(\tH\x00\x88\x01\x01\x12\x0f\n\x07\x63\x61ll_id\x18\x05 \x01(\tB\x10\n\x0e_error_message\"\'\n\x11\x45ndSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"<\n\x13ListSessionsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"S\n\x14ListSessionsResponse\x12\"\n\x08sessions\x18\x01 \x03(\x0b\x32\x10.aria.v1.Session\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"P\n\x13ListMessagesRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"S\n\x14ListMessagesResponse\x12\"\n\x08messages\x18\x01 \x03(\x0b\x32\x10.aria.v1.Message\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xa7\x03\n\x0eSessionService\x12@\n\rCreateSession\x12\x1d.aria.v1.CreateSessionRequest\x1a\x10.aria.v1.Session\x12:\n\nGetSession\x12\x1a.aria.v1.GetSessionRequest\x1a\x10.aria.v1.Session\x12\x41\n\x0b\x45xecuteTurn\x12\x1b.aria.v1.ExecuteTurnRequest\x1a\x13.aria.v1.TurnOutput0\x01\x12:\n\nEndSession\x12\x1a.aria.v1.EndSessionRequest\x1a\x10.aria.v1.Session\x12K\n\x0cListSessions\x12\x1c.aria.v1.ListSessionsRequest\x1a\x1d.aria.v1.ListSessionsResponse\x12K\n\x0cListMessages\x12\x1c.aria.v1.ListMessagesRequest\x1a\x1d.aria.v1.ListMessagesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x61ria/v1/session.proto\x12\x07\x61ria.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x12\x61ria/v1/aria.proto\"\xe5\x01\n\x07Session\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x37\n\x0c\x63ontext_data\x18\x04 \x03(\x0b\x32!.aria.v1.Session.ContextDataEntry\x12\x0e\n\x06status\x18\x05 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x06 \x01(\t\x1a\x32\n\x10\x43ontextDataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa2\x01\n\x14\x43reateSessionRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x44\n\x0c\x63ontext_data\x18\x02 \x03(\x0b\x32..aria.v1.CreateSessionRequest.ContextDataEntry\x1a\x32\n\x10\x43ontextDataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"7\n\x12\x45xecuteTurnRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05input\x18\x02 \x01(\t\"\xd4\x02\n\nTurnOutput\x12#\n\x07message\x18\x01 \x01(\x0b\x32\x10.aria.v1.MessageH\x00\x12&\n\ttool_call\x18\x02 \x01(\x0b\x32\x11.aria.v1.ToolCallH\x00\x12*\n\x0btool_result\x18\x03 \x01(\x0b\x32\x13.aria.v1.ToolResultH\x00\x12\x18\n\x0e\x66inal_response\x18\x04 \x01(\tH\x00\x12(\n\ntext_delta\x18\x05 \x01(\x0b\x32\x12.aria.v1.TextDeltaH\x00\x12*\n\x0btool_output\x18\x06 \x01(\x0b\x32\x13.aria.v1.ToolOutputH\x00\x12#\n\x05usage\x18\x07 \x01(\x0b\x32\x12.aria.v1.TurnUsageH\x00\x12/\n\nmodel_call\x18\x08 \x01(\x0b\x32\x19.aria.v1.ModelCallStartedH\x00\x42\x07\n\x05\x65vent\"@\n\tTextDelta\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\treasoning\x18\x03 \x01(\x08\"S\n\nToolOutput\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x15\n\x0bstdout_line\x18\x02 \x01(\tH\x00\x12\x15\n\x0bstderr_line\x18\x03 \x01(\tH\x00\x42\x06\n\x04line\"\x80\x01\n\tTurnUsage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x13\n\x0bmodel_calls\x18\x03 \x01(\r\x12\x12\n\ntool_calls\x18\x04 \x01(\r\x12\x18\n\x10\x64uration_seconds\x18\x05 \x01(\x01\"%\n\x10ModelCallStarted\x12\x11\n\titeration\x18\x01 \x01(\r\"\x93\x02\n\x07Message\x12\n\n\x02id\x18\x01 \x01(\t\x12\"\n\x04role\x18\x02 \x01(\x0e\x32\x14.aria.v1.MessageRole\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\t\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12%\n\ntool_calls\x18\x05 \x03(\x0b\x32\x11.aria.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x06 \x01(\t\x12\x11\n\ttool_name\x18\x07 \x01(\t\x12\x11\n\treasoning\x18\x08 \x01(\t\x12\x11\n\ttruncated\x18\t \x01(\x08\x12!\n\x05usage\x18\n \x01(\x0b\x32\x12.aria.v1.TurnUsage\"G\n\x08ToolCall\x12\x11\n\ttool_name\x18\x01 \x01(\t\x12\x17\n\x0fparameters_json\x18\x02 \x01(\t\x12\x0f\n\x07\x63\x61ll_id\x18\x03 \x01(\t\"\x9e\x01\n\nToolResult\x12\x11\n\ttool_name\x18\x01 \x01(\t\x12\x13\n\x0bresult_json\x18\x02 \x01(\t\x12\x0f\n\x07success\x18\x03 \x01(\x08\x12\x1a\n\rerror_message\x18\x04 \x01(\tH\x00\x88\x01\x01\x12\x0f\n\x07\x63\x61ll_id\x18\x05 \x01(\t\x12\x18\n\x10\x64uration_seconds\x18\x06 \x01(\x01\x42\x10\n\x0e_error_message\"\'\n\x11\x45ndSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"<\n\x13ListSessionsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"S\n\x14ListSessionsResponse\x12\"\n\x08sessions\x18\x01 \x03(\x0b\x32\x10.aria.v1.Session\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"P\n\x13ListMessagesRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"S\n\x14ListMessagesResponse\x12\"\n\x08messages\x18\x01 \x03(\x0b\x32\x10.aria.v1.Message\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xa7\x03\n\x0eSessionService\x12@\n\rCreateSession\x12\x1d.aria.v1.CreateSessionRequest\x1a\x10.aria.v1.Session\x12:\n\nGetSession\x12\x1a.aria.v1.GetSessionRequest\x1a\x10.aria.v1.Session\x12\x41\n\x0b\x45xecuteTurn\x12\x1b.aria.v1.ExecuteTurnRequest\x1a\x13.aria.v1.TurnOutput0\x01\x12:\n\nEndSession\x12\x1a.aria.v1.EndSessionRequest\x1a\x10.aria.v1.Session\x12K\n\x0cListSessions\x12\x1c.aria.v1.ListSessionsRequest\x1a\x1d.aria.v1.ListSessionsResponse\x12K\n\x0cListMessages\x12\x1c.aria.v1.ListMessagesRequest\x1a\x1d.aria.v1.ListMessagesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -51,23 +51,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EXECUTETURNREQUEST']._serialized_start=525
   _globals['_EXECUTETURNREQUEST']._serialized_end=580
   _globals['_TURNOUTPUT']._serialized_start=583
-  _globals['_TURNOUTPUT']._serialized_end=751
-  _globals['_MESSAGE']._serialized_start=754
-  _globals['_MESSAGE']._serialized_end=956
-  _globals['_TOOLCALL']._serialized_start=958
-  _globals['_TOOLCALL']._serialized_end=1029
-  _globals['_TOOLRESULT']._serialized_start=1032
-  _globals['_TOOLRESULT']._serialized_end=1164
-  _globals['_ENDSESSIONREQUEST']._serialized_start=1166
-  _globals['_ENDSESSIONREQUEST']._serialized_end=1205
-  _globals['_LISTSESSIONSREQUEST']._serialized_start=1207
-  _globals['_LISTSESSIONSREQUEST']._serialized_end=1267
-  _globals['_LISTSESSIONSRESPONSE']._serialized_start=1269
-  _globals['_LISTSESSIONSRESPONSE']._serialized_end=1352
-  _globals['_LISTMESSAGESREQUEST']._serialized_start=1354
-  _globals['_LISTMESSAGESREQUEST']._serialized_end=1434
-  _globals['_LISTMESSAGESRESPONSE']._serialized_start=1436
-  _globals['_LISTMESSAGESRESPONSE']._serialized_end=1519
-  _globals['_SESSIONSERVICE']._serialized_start=1522
-  _globals['_SESSIONSERVICE']._serialized_end=1945
+  _globals['_TURNOUTPUT']._serialized_end=923
+  _globals['_TEXTDELTA']._serialized_start=925
+  _globals['_TEXTDELTA']._serialized_end=989
+  _globals['_TOOLOUTPUT']._serialized_start=991
+  _globals['_TOOLOUTPUT']._serialized_end=1074
+  _globals['_TURNUSAGE']._serialized_start=1077
+  _globals['_TURNUSAGE']._serialized_end=1205
+  _globals['_MODELCALLSTARTED']._serialized_start=1207
+  _globals['_MODELCALLSTARTED']._serialized_end=1244
+  _globals['_MESSAGE']._serialized_start=1247
+  _globals['_MESSAGE']._serialized_end=1522
+  _globals['_TOOLCALL']._serialized_start=1524
+  _globals['_TOOLCALL']._serialized_end=1595
+  _globals['_TOOLRESULT']._serialized_start=1598
+  _globals['_TOOLRESULT']._serialized_end=1756
+  _globals['_ENDSESSIONREQUEST']._serialized_start=1758
+  _globals['_ENDSESSIONREQUEST']._serialized_end=1797
+  _globals['_LISTSESSIONSREQUEST']._serialized_start=1799
+  _globals['_LISTSESSIONSREQUEST']._serialized_end=1859
+  _globals['_LISTSESSIONSRESPONSE']._serialized_start=1861
+  _globals['_LISTSESSIONSRESPONSE']._serialized_end=1944
+  _globals['_LISTMESSAGESREQUEST']._serialized_start=1946
+  _globals['_LISTMESSAGESREQUEST']._serialized_end=2026
+  _globals['_LISTMESSAGESRESPONSE']._serialized_start=2028
+  _globals['_LISTMESSAGESRESPONSE']._serialized_end=2111
+  _globals['_SESSIONSERVICE']._serialized_start=2114
+  _globals['_SESSIONSERVICE']._serialized_end=2537
 # @@protoc_insertion_point(module_scope)

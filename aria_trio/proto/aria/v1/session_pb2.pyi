@@ -64,19 +64,67 @@ class ExecuteTurnRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., input: _Optional[str] = ...) -> None: ...
 
 class TurnOutput(_message.Message):
-    __slots__ = ("message", "tool_call", "tool_result", "final_response")
+    __slots__ = ("message", "tool_call", "tool_result", "final_response", "text_delta", "tool_output", "usage", "model_call")
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     TOOL_CALL_FIELD_NUMBER: _ClassVar[int]
     TOOL_RESULT_FIELD_NUMBER: _ClassVar[int]
     FINAL_RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    TEXT_DELTA_FIELD_NUMBER: _ClassVar[int]
+    TOOL_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_CALL_FIELD_NUMBER: _ClassVar[int]
     message: Message
     tool_call: ToolCall
     tool_result: ToolResult
     final_response: str
-    def __init__(self, message: _Optional[_Union[Message, _Mapping]] = ..., tool_call: _Optional[_Union[ToolCall, _Mapping]] = ..., tool_result: _Optional[_Union[ToolResult, _Mapping]] = ..., final_response: _Optional[str] = ...) -> None: ...
+    text_delta: TextDelta
+    tool_output: ToolOutput
+    usage: TurnUsage
+    model_call: ModelCallStarted
+    def __init__(self, message: _Optional[_Union[Message, _Mapping]] = ..., tool_call: _Optional[_Union[ToolCall, _Mapping]] = ..., tool_result: _Optional[_Union[ToolResult, _Mapping]] = ..., final_response: _Optional[str] = ..., text_delta: _Optional[_Union[TextDelta, _Mapping]] = ..., tool_output: _Optional[_Union[ToolOutput, _Mapping]] = ..., usage: _Optional[_Union[TurnUsage, _Mapping]] = ..., model_call: _Optional[_Union[ModelCallStarted, _Mapping]] = ...) -> None: ...
+
+class TextDelta(_message.Message):
+    __slots__ = ("message_id", "text", "reasoning")
+    MESSAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    REASONING_FIELD_NUMBER: _ClassVar[int]
+    message_id: str
+    text: str
+    reasoning: bool
+    def __init__(self, message_id: _Optional[str] = ..., text: _Optional[str] = ..., reasoning: _Optional[bool] = ...) -> None: ...
+
+class ToolOutput(_message.Message):
+    __slots__ = ("call_id", "stdout_line", "stderr_line")
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    STDOUT_LINE_FIELD_NUMBER: _ClassVar[int]
+    STDERR_LINE_FIELD_NUMBER: _ClassVar[int]
+    call_id: str
+    stdout_line: str
+    stderr_line: str
+    def __init__(self, call_id: _Optional[str] = ..., stdout_line: _Optional[str] = ..., stderr_line: _Optional[str] = ...) -> None: ...
+
+class TurnUsage(_message.Message):
+    __slots__ = ("prompt_tokens", "completion_tokens", "model_calls", "tool_calls", "duration_seconds")
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_CALLS_FIELD_NUMBER: _ClassVar[int]
+    TOOL_CALLS_FIELD_NUMBER: _ClassVar[int]
+    DURATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    prompt_tokens: int
+    completion_tokens: int
+    model_calls: int
+    tool_calls: int
+    duration_seconds: float
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., model_calls: _Optional[int] = ..., tool_calls: _Optional[int] = ..., duration_seconds: _Optional[float] = ...) -> None: ...
+
+class ModelCallStarted(_message.Message):
+    __slots__ = ("iteration",)
+    ITERATION_FIELD_NUMBER: _ClassVar[int]
+    iteration: int
+    def __init__(self, iteration: _Optional[int] = ...) -> None: ...
 
 class Message(_message.Message):
-    __slots__ = ("id", "role", "content", "created_at", "tool_calls", "tool_call_id", "tool_name")
+    __slots__ = ("id", "role", "content", "created_at", "tool_calls", "tool_call_id", "tool_name", "reasoning", "truncated", "usage")
     ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     CONTENT_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +132,9 @@ class Message(_message.Message):
     TOOL_CALLS_FIELD_NUMBER: _ClassVar[int]
     TOOL_CALL_ID_FIELD_NUMBER: _ClassVar[int]
     TOOL_NAME_FIELD_NUMBER: _ClassVar[int]
+    REASONING_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
     id: str
     role: _aria_pb2.MessageRole
     content: str
@@ -91,7 +142,10 @@ class Message(_message.Message):
     tool_calls: _containers.RepeatedCompositeFieldContainer[ToolCall]
     tool_call_id: str
     tool_name: str
-    def __init__(self, id: _Optional[str] = ..., role: _Optional[_Union[_aria_pb2.MessageRole, str]] = ..., content: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., tool_calls: _Optional[_Iterable[_Union[ToolCall, _Mapping]]] = ..., tool_call_id: _Optional[str] = ..., tool_name: _Optional[str] = ...) -> None: ...
+    reasoning: str
+    truncated: bool
+    usage: TurnUsage
+    def __init__(self, id: _Optional[str] = ..., role: _Optional[_Union[_aria_pb2.MessageRole, str]] = ..., content: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., tool_calls: _Optional[_Iterable[_Union[ToolCall, _Mapping]]] = ..., tool_call_id: _Optional[str] = ..., tool_name: _Optional[str] = ..., reasoning: _Optional[str] = ..., truncated: _Optional[bool] = ..., usage: _Optional[_Union[TurnUsage, _Mapping]] = ...) -> None: ...
 
 class ToolCall(_message.Message):
     __slots__ = ("tool_name", "parameters_json", "call_id")
@@ -104,18 +158,20 @@ class ToolCall(_message.Message):
     def __init__(self, tool_name: _Optional[str] = ..., parameters_json: _Optional[str] = ..., call_id: _Optional[str] = ...) -> None: ...
 
 class ToolResult(_message.Message):
-    __slots__ = ("tool_name", "result_json", "success", "error_message", "call_id")
+    __slots__ = ("tool_name", "result_json", "success", "error_message", "call_id", "duration_seconds")
     TOOL_NAME_FIELD_NUMBER: _ClassVar[int]
     RESULT_JSON_FIELD_NUMBER: _ClassVar[int]
     SUCCESS_FIELD_NUMBER: _ClassVar[int]
     ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    DURATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
     tool_name: str
     result_json: str
     success: bool
     error_message: str
     call_id: str
-    def __init__(self, tool_name: _Optional[str] = ..., result_json: _Optional[str] = ..., success: _Optional[bool] = ..., error_message: _Optional[str] = ..., call_id: _Optional[str] = ...) -> None: ...
+    duration_seconds: float
+    def __init__(self, tool_name: _Optional[str] = ..., result_json: _Optional[str] = ..., success: _Optional[bool] = ..., error_message: _Optional[str] = ..., call_id: _Optional[str] = ..., duration_seconds: _Optional[float] = ...) -> None: ...
 
 class EndSessionRequest(_message.Message):
     __slots__ = ("session_id",)

@@ -357,6 +357,9 @@ class BundlesServicer(purerpc.Servicer):
     async def RunTool(self, input_message):
         raise NotImplementedError()
 
+    async def RunToolStream(self, input_message):
+        raise NotImplementedError()
+
     @property
     def service(self) -> purerpc.Service:
         service_obj = purerpc.Service(
@@ -416,6 +419,15 @@ class BundlesServicer(purerpc.Servicer):
                 quilt_dot_v1_dot_quilt__pb2.RunToolResult,
             )
         )
+        service_obj.add_method(
+            "RunToolStream",
+            self.RunToolStream,
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_STREAM,
+                quilt_dot_v1_dot_quilt__pb2.RunToolRequest,
+                quilt_dot_v1_dot_quilt__pb2.RunToolEvent,
+            )
+        )
         return service_obj
 
 
@@ -471,6 +483,14 @@ class BundlesStub:
                 purerpc.Cardinality.UNARY_UNARY,
                 quilt_dot_v1_dot_quilt__pb2.RunToolRequest,
                 quilt_dot_v1_dot_quilt__pb2.RunToolResult,
+            )
+        )
+        self.RunToolStream = self._client.get_method_stub(
+            "RunToolStream",
+            purerpc.RPCSignature(
+                purerpc.Cardinality.UNARY_STREAM,
+                quilt_dot_v1_dot_quilt__pb2.RunToolRequest,
+                quilt_dot_v1_dot_quilt__pb2.RunToolEvent,
             )
         )
 

@@ -490,6 +490,14 @@ class RunToolRequest(_message.Message):
     network: bool
     def __init__(self, bundle_id: _Optional[str] = ..., tool_name: _Optional[str] = ..., arguments_json: _Optional[str] = ..., timeout_seconds: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., network: _Optional[bool] = ...) -> None: ...
 
+class RunToolEvent(_message.Message):
+    __slots__ = ("line", "result")
+    LINE_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    line: OutputLine
+    result: RunToolResult
+    def __init__(self, line: _Optional[_Union[OutputLine, _Mapping]] = ..., result: _Optional[_Union[RunToolResult, _Mapping]] = ...) -> None: ...
+
 class RunToolResult(_message.Message):
     __slots__ = ("ok", "result_json", "error", "log", "duration_seconds", "exit_code", "timed_out")
     OK_FIELD_NUMBER: _ClassVar[int]

@@ -15,6 +15,13 @@ CHUNK_TIMEOUT = 60.0  # seconds the stream may stay silent
 MAX_DETAIL = 300  # characters of the server's own error message quoted to clients
 
 
+OnDelta = Callable[[str, bool], Awaitable[None]]  # (a piece of the reply's text, is it reasoning?)
+
+
+class StreamOptionsRefused(Exception):
+    """The server refused `stream_options` (a 400 or 422 whose error names it): ask again without."""
+
+
 class Retry(Exception):
     """An attempt failed in a way another attempt may not: connection, timeout, 429, 5xx."""
 
@@ -30,8 +37,9 @@ class Call:
 
     config: LLMConfig
     where: str  # the base URL as shown in messages and logs (no credentials, no query)
-    on_text: Callable[[str], Awaitable[None]] | None
+    on_delta: OnDelta | None
     attempts: int = 0
+    ask_usage: bool = True  # send stream_options.include_usage (off for a server that refused it)
     emitted: bool = False  # text was passed to on_text: no more retries
     cause: str | None = None  # the last transport error, for the log
     usage: dict[str, int] = field(default_factory=dict)
@@ -51,11 +59,11 @@ class Call:
     def too_large(self) -> errors.Unavailable:
         return self.unavailable("the model's reply is too large", "LLM_REPLY_TOO_LARGE")
 
-    async def emit(self, text: str) -> None:
-        """Show text to the caller: from then on, the call is not retried."""
-        if text and self.on_text is not None:
+    async def emit(self, text: str, reasoning: bool = False) -> None:
+        """Show text (or reasoning) to the caller: from then on, the call is not retried."""
+        if text and self.on_delta is not None:
             self.emitted = True
-            await self.on_text(text)
+            await self.on_delta(text, reasoning)
 
 
 def display_url(url: str) -> str:

@@ -33,6 +33,8 @@ class Message(TypedDict, total=False):
     role: str
     content: str | list[TextPart] | None
     tool_calls: list[ToolCallPart]
+    reasoning_content: str | None  # the model's reasoning (vLLM, DeepSeek, llama.cpp)
+    reasoning: str | None  # the same, as Ollama and OpenRouter name it
 
 
 class Choice(TypedDict, total=False):

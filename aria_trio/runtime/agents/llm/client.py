@@ -1,11 +1,16 @@
 """ChatModel: one call to the model as the runtime makes it: the request, its attempts (retried
-with backoff while nothing has been shown to the caller), and one log line that says how it went."""
+with backoff while nothing has been shown to the caller), and one log line that says how it went.
+
+Usage is asked for in the stream (`stream_options: {"include_usage": true}`, which OpenAI, vLLM,
+Ollama and llama.cpp honour). A server that refuses the option (a 400 or 422 whose error names
+`stream_options`) is asked again at once without it, and its base URL is remembered (for the
+daemon's life, at most NO_USAGE_URLS of them) so that it is not asked with it again."""
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import httpx
 import structlog
@@ -13,7 +18,7 @@ import trio
 
 from aria_trio.runtime.agents.llm import reply as replies
 from aria_trio.runtime.agents.llm import transport
-from aria_trio.runtime.agents.llm.call import Call, Retry, display_url
+from aria_trio.runtime.agents.llm.call import Call, OnDelta, Retry, StreamOptionsRefused, display_url
 from aria_trio.runtime.agents.llm.config import LLMConfig
 from aria_trio.runtime.agents.llm.reply import Reply
 from aria_trio.shared import errors, retry
@@ -21,6 +26,7 @@ from aria_trio.shared import errors, retry
 log = structlog.get_logger("aria.llm")
 
 BACKOFF_FIRST, BACKOFF_MAX = 0.5, 8.0
+NO_USAGE_URLS = 1024  # base URLs remembered as refusing stream_options (then the memory starts again)
 
 JSONObject = Mapping[str, object]  # a message or a tool spec, sent as the caller made it
 
@@ -36,6 +42,7 @@ class ChatModel:
             else httpx.AsyncClient(timeout=httpx.Timeout(None, connect=transport.CONNECT_TIMEOUT))
         )
         self.backoff = backoff  # the first retry's wait, doubled for each next one
+        self.no_usage: set[str] = set()  # base URLs whose server refused stream_options
 
     async def aclose(self) -> None:
         """Close the HTTP client if this object made it (a client passed in belongs to the caller)."""
@@ -47,17 +54,26 @@ class ChatModel:
         config: LLMConfig,
         messages: Sequence[JSONObject],
         tools: Sequence[JSONObject],
-        on_text: Callable[[str], Awaitable[None]] | None = None,
+        on_delta: OnDelta | None = None,
     ) -> Reply:
-        """One assistant turn: the reply's text (passed to `on_text` delta by delta as it streams; in
-        one piece from a server that does not stream) and its tool calls. `config.system_prompt`,
-        when set, is sent as a first system message before `messages`."""
-        call = Call(config, display_url(config.base_url), on_text)
+        """One assistant turn: the reply's text (passed to `on_delta` piece by piece as it streams,
+        reasoning apart; in one piece from a server that does not stream), its tool calls and the
+        usage the server reported. `config.system_prompt`, when set, is sent as a first system
+        message before `messages`."""
+        call = Call(config, display_url(config.base_url), on_delta)
+        call.ask_usage = config.base_url not in self.no_usage
         started = time.monotonic()
         outcome: dict[str, object] = {"outcome": "cancelled"}
         try:
-            request = self._request(call, messages, tools)
-            reply = await self._retrying(call, request)
+            try:
+                reply = await self._retrying(call, self._request(call, messages, tools))
+            except StreamOptionsRefused:
+                if len(self.no_usage) >= NO_USAGE_URLS:
+                    self.no_usage.clear()
+                self.no_usage.add(config.base_url)
+                log.info("the model server refuses stream_options: asking without", base_url=call.where)
+                call.ask_usage = False
+                reply = await self._retrying(call, self._request(call, messages, tools))
             outcome = {"outcome": "ok", "finish_reason": reply.finish_reason, "tool_calls": len(reply.tool_calls)}
             return reply
         except errors.AriaError as exc:
@@ -84,6 +100,8 @@ class ChatModel:
         if config.system_prompt:
             messages = [{"role": "system", "content": config.system_prompt}, *messages]
         body: dict[str, object] = {"model": config.model, "messages": list(messages), "stream": True}
+        if call.ask_usage:
+            body["stream_options"] = {"include_usage": True}
         if tools:
             body["tools"] = list(tools)
         if config.temperature is not None:

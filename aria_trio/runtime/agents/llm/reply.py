@@ -11,7 +11,7 @@ from typing import cast
 
 from aria_trio.runtime.agents.llm import stream
 from aria_trio.runtime.agents.llm.call import Call, Retry, redact, shorten
-from aria_trio.runtime.agents.llm.chunks import Choice, Chunk, ToolCallPart
+from aria_trio.runtime.agents.llm.chunks import Choice, Chunk, Message, ToolCallPart
 from aria_trio.runtime.agents.llm.transport import Body
 from aria_trio.shared import errors, json_input
 
@@ -29,10 +29,20 @@ class ToolCall:
 
 
 @dataclass(frozen=True)
+class Usage:
+    """Tokens of one model call, as the server reported them (0: it reported none)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(frozen=True)
 class Reply:
     content: str  # "" when the model only called tools
     tool_calls: list[ToolCall]
     finish_reason: str | None
+    reasoning: str = ""  # the model's reasoning text (reasoning_content / reasoning), never content
+    usage: Usage = Usage()
 
 
 @dataclass
@@ -52,6 +62,8 @@ class Assembler:
         self.call = call
         self.content: list[str] = []
         self.content_bytes = 0
+        self.reasoning: list[str] = []
+        self.reasoning_bytes = 0
         self.calls: dict[int, _Part] = {}
         self.tool_bytes = 0
         self.finish_reason: str | None = None
@@ -61,6 +73,12 @@ class Assembler:
         if self.content_bytes > MAX_CONTENT:
             raise self.call.too_large()
         self.content.append(piece)
+
+    def thought(self, piece: str) -> None:
+        self.reasoning_bytes += len(piece.encode())
+        if self.reasoning_bytes > MAX_CONTENT:
+            raise self.call.too_large()
+        self.reasoning.append(piece)
 
     def tool_fragment(self, value: object, position: int) -> None:
         if not isinstance(value, dict):
@@ -116,7 +134,14 @@ class Assembler:
                     arguments=arguments if arguments.strip() else "{}",
                 )
             )
-        return Reply("".join(self.content), calls, self.finish_reason)
+        usage = self.call.usage
+        return Reply(
+            "".join(self.content),
+            calls,
+            self.finish_reason,
+            "".join(self.reasoning),
+            Usage(usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)),
+        )
 
 
 async def read_json(call: Call, body: Body) -> Reply:
@@ -134,6 +159,10 @@ async def read_json(call: Call, body: Body) -> Reply:
         raise call.malformed("the answer has no message")
     reply = Assembler(call)
     reply.text(_content(call, message.get("content")))
+    thought = _reasoning(call, message)
+    if thought:
+        reply.thought(thought)
+        await call.emit(thought, reasoning=True)
     tool_calls = message.get("tool_calls") or []
     if not isinstance(tool_calls, list):
         raise call.malformed("tool_calls is not a list")
@@ -169,6 +198,10 @@ async def read_sse(call: Call, body: Body) -> Reply:
             if delta is None:
                 delta = choice.get("message")  # a few servers put the last chunk's text here
             if isinstance(delta, dict):
+                thought = _reasoning(call, delta)
+                if thought:
+                    reply.thought(thought)
+                    await call.emit(thought, reasoning=True)
                 text = _content(call, delta.get("content"))
                 if text:
                     reply.text(text)
@@ -240,3 +273,15 @@ def _content(call: Call, content: object) -> str:
     if isinstance(content, list):
         return "".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
     raise call.malformed("content is not text")
+
+
+def _reasoning(call: Call, delta: Message) -> str:
+    """A delta's reasoning text: `reasoning_content` (vLLM, DeepSeek, llama.cpp) or `reasoning`
+    (Ollama, OpenRouter); a server that sends both means the same text by both."""
+    for key in ("reasoning_content", "reasoning"):
+        value = delta.get(key)
+        if value is not None:
+            if not isinstance(value, str):
+                raise call.malformed(f"{key} is not text")
+            return value
+    return ""

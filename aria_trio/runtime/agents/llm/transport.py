@@ -14,7 +14,7 @@ from typing import Literal, cast
 import httpx
 import trio
 
-from aria_trio.runtime.agents.llm.call import Call, Retry, redact, shorten
+from aria_trio.runtime.agents.llm.call import Call, Retry, StreamOptionsRefused, redact, shorten
 from aria_trio.shared import errors, json_input
 
 CONNECT_TIMEOUT = 15.0  # an unreachable host is reported (and retried) sooner than `timeout`
@@ -99,6 +99,8 @@ async def check_status(call: Call, response: httpx.Response, body: Body) -> None
             metadata={"base_url": call.where, "status": str(status)},
         )
     detail, code = await _error_detail(call, response, body)
+    if status in (400, 422) and call.ask_usage and "stream_options" in detail.lower():
+        raise StreamOptionsRefused(detail)
     quoted = f": {detail}" if detail else ""
     if status in (408, 429) or status >= 500:
         if code == "insufficient_quota":  # a 429 that waiting does not cure
