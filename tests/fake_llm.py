@@ -135,10 +135,14 @@ def text_stream(text: str, pieces: int = 3, usage: dict[str, int] | None = None,
 
 
 def tool_stream(
-    calls: Iterable[tuple[str, dict[str, Any] | str]], text: str = "", piece: int = 7, **options: Any
+    calls: Iterable[tuple[str, dict[str, Any] | str]],
+    text: str = "",
+    piece: int = 7,
+    usage: dict[str, int] | None = None,
+    **options: Any,
 ) -> Stream:
     """Tool calls as OpenAI streams them: per call, a fragment with index, id and name, then the
-    arguments in `piece`-character fragments; finish_reason "tool_calls"."""
+    arguments in `piece`-character fragments; finish_reason "tool_calls" (then `usage` if given)."""
     events: list[dict[str, Any] | str | bytes] = [chunk({"role": "assistant", "content": None})]
     events += [chunk({"content": p}) for p in _pieces(text, 2)]
     for index, (name, args) in enumerate(calls):
@@ -149,6 +153,8 @@ def tool_stream(
             fragment = {"index": index, "function": {"arguments": text_args[i : i + piece]}}
             events.append(chunk({"tool_calls": [fragment]}))
     events.append(chunk({}, "tool_calls"))
+    if usage is not None:
+        events.append({**chunk({}), "choices": [], "usage": usage})
     return Stream(events, **options)
 
 
@@ -275,6 +281,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _chunk(self, data: bytes) -> None:
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.server.fake.written.append((time.monotonic(), data))
 
     def _drop(self) -> None:
         self.close_connection = True
@@ -317,6 +324,7 @@ class FakeLLM:
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self.default: Script | None = None
+        self.written: list[tuple[float, bytes]] = []  # (time.monotonic(), the event) of each chunk written
 
     # -- lifetime
 

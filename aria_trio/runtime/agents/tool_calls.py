@@ -11,9 +11,11 @@ here is removed with force on the way out.
 
 What a running tool prints reaches `on_output` line by line as it prints it (run_command: its
 stdout and stderr, followed in Quilt's task log; a bundle tool: its log, its stderr), each line cut
-at 64 KiB by Quilt, at most LIVE_LINES lines per call (then one line says the rest is not shown).
-`on_output` must not block: the turn drops what its client is too slow for, while the stored
-result is made from Quilt's capture either way, so nothing of it is lost.
+at 64 KiB by Quilt, at most LIVE_LINES lines and LIVE_BYTES per call (then one line says the rest is
+not shown). A slow `on_output` (a client that reads slowly) never slows the tool itself: a
+command's output goes to Quilt's log on disk, which we follow at our pace, and Quilt drops (and
+counts) a bundle tool's lines that its reader is too slow for. The stored result is made from
+Quilt's capture either way, so nothing of it is lost.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Required, TypedDict, cast
 
@@ -42,12 +44,12 @@ log = structlog.get_logger("aria.tool_calls")
 
 OUTPUT_CAP = 64 * 1024  # of each of stdout and stderr returned to the model; the rest is cut (and said)
 RESULT_CAP = 256 * 1024  # of a result's JSON given back to the model
-LIVE_LINES = 10_000  # lines of one call shown live (Quilt cuts each at 64 KiB)
+LIVE_LINES, LIVE_BYTES = 10_000, 1024 * 1024  # of one call's lines shown live (Quilt cuts each at 64 KiB)
 
-OnOutput = Callable[[OutputStream, str], None]  # a running tool's line (must not block)
+OnOutput = Callable[[OutputStream, str], Awaitable[None]]  # a running tool's line
 
 
-def _ignore(stream: OutputStream, line: str) -> None:
+async def _ignore(stream: OutputStream, line: str) -> None:
     pass
 
 
@@ -159,7 +161,8 @@ class ToolCalls:
             async with self.quilt.task_output(q.TaskOutputRequest(id=task.id, follow=True)) as lines:
                 async for line in lines:
                     if line.stream in (q.STDOUT, q.STDERR):
-                        live.line(OutputStream.STDOUT if line.stream == q.STDOUT else OutputStream.STDERR, line.text)
+                        stream = OutputStream.STDOUT if line.stream == q.STDOUT else OutputStream.STDERR
+                        await live.line(stream, line.text)
             done = await self.quilt.task_result(q.TaskResultRequest(id=task.id, wait=True), timeout=timeout + 30)
         finally:
             with trio.CancelScope(shield=True):  # the sandbox never outlives the call
@@ -201,7 +204,7 @@ class ToolCalls:
             async with self.quilt.run_tool_stream(request) as events:
                 async for event in events:
                     if event.HasField("line"):
-                        live.line(OutputStream.STDERR, event.line.text)
+                        await live.line(OutputStream.STDERR, event.line.text)
                     elif event.HasField("result"):
                         r = event.result
         if r is None:
@@ -245,17 +248,22 @@ async def _no_containers(user: str, container_id: str) -> str:
 
 
 class _Live:
-    """One call's live lines, at most LIVE_LINES (then one line says the rest is not shown)."""
+    """One call's live lines: at most LIVE_LINES of them and LIVE_BYTES of text, then one line
+    says the rest is not shown."""
 
     def __init__(self, on_output: OnOutput) -> None:
         self.on_output = on_output
-        self.count = 0
+        self.count = self.size = 0
+        self.cut = False
 
-    def line(self, stream: OutputStream, text: str) -> None:
+    async def line(self, stream: OutputStream, text: str) -> None:
+        if self.cut:
+            return
         self.count += 1
-        if self.count <= LIVE_LINES:
-            self.on_output(stream, text)
-        elif self.count == LIVE_LINES + 1:
-            self.on_output(
-                OutputStream.STDERR, f"[aria] the rest of the output is not shown live (over {LIVE_LINES} lines)"
-            )
+        self.size += len(text)
+        if self.count > LIVE_LINES or self.size > LIVE_BYTES:
+            self.cut = True
+            note = "[aria] the rest of the output is not shown live (over 10,000 lines or 1 MiB)"
+            await self.on_output(OutputStream.STDERR, note)
+            return
+        await self.on_output(stream, text)

@@ -15,10 +15,10 @@ permission and schema checks); any other input is refused with a message that sa
 configure a model.
 
 The turn runs in a task of its own and sends its events into a bounded channel (EVENTS), which
-the caller reads. What must not be lost (deltas, messages, results) waits for room: a slow client
-holds the turn back by at most that buffer. Tool output lines never wait: a line that finds the
-buffer full is dropped, and the next one that goes says how many were, so a slow client never
-slows a running tool (whose stored result is complete either way).
+the caller reads; an event waits for room, so the turn runs ahead of a slow client by at most
+that buffer (and the HTTP/2 window). Such a client never slows a running tool, though: ToolCalls
+reads a tool's output at the turn's pace while the tool runs on (see tool_calls), and a result is
+stored whole however fast its lines were read.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ DEFAULT_MAX_ITERATIONS = 8
 INTERRUPTED = "interrupted: the turn ended before this call did (its client left, or the runtime stopped)"
 DEFAULT_AT_ONCE, DEFAULT_PER_REPLY = 8, 32  # (the settings tool_calls_at_once, max_tool_calls_per_reply)
 HISTORY = 200  # newest messages sent to the model; older ones stay in the store only
-EVENTS = 256  # a turn's events waiting for its client (then deltas wait, tool output lines are dropped)
+EVENTS = 256  # a turn's events waiting for its client (then the turn waits)
 NO_MODEL = (
     "no model is configured: set one with `aria prefs set llm.model NAME` and `aria prefs set llm.base_url URL` "
     "(an OpenAI-compatible server, e.g. http://127.0.0.1:11434/v1 for Ollama), or ARIA_LLM_MODEL and "
@@ -203,8 +203,8 @@ class _Turn:
         self.agent = agent
         self.tools = tools
         self.events = events
-        self.dropped: dict[str, int] = {}  # output lines per call that found the buffer full
         self.failure: Exception | None = None
+        self.pair = trio.Lock()  # a result and its TOOL message go out together
         self.started = time.monotonic()
         self.prompt_tokens = self.completion_tokens = self.model_calls = self.tool_calls = 0
 
@@ -222,18 +222,6 @@ class _Turn:
 
     async def emit(self, event: TurnEvent) -> None:
         await self.events.send(event)
-
-    def output(self, call_id: str, stream: OutputStream, line: str) -> None:
-        """A running tool's line, if the buffer has room (see the module's docstring)."""
-        dropped = self.dropped.get(call_id, 0)
-        try:
-            if dropped:
-                note = f"[aria] {dropped} lines were not shown live (the client reads more slowly than the tool prints)"
-                self.events.send_nowait(ToolOutput(call_id, OutputStream.STDERR, note))
-                del self.dropped[call_id]
-            self.events.send_nowait(ToolOutput(call_id, stream, line))
-        except trio.WouldBlock:
-            self.dropped[call_id] = self.dropped.get(call_id, 0) + 1
 
     async def direct(self, text: str) -> None:
         """`/<tool> <json object>`: run one tool, without a model."""
@@ -331,13 +319,20 @@ class _Turn:
         """One call, its output streamed; its result sent and stored as soon as it is there."""
         self.tool_calls += 1
 
-        def on_output(stream: OutputStream, line: str) -> None:
-            self.output(call.call_id, stream, line)
+        async def on_output(stream: OutputStream, line: str) -> None:
+            await self.emit(ToolOutput(call.call_id, stream, line))
 
         outcome = await self.turns.tool_calls.run(self.user, self.session_id, message_id, self.tools, call, on_output)
-        await self.emit(ToolResult(call, outcome))
-        await self.emit(MessageStored(await self._tool_message(call, outcome)))
+        await self._result(call, outcome)
         return outcome
+
+    async def _result(self, call: Call, outcome: Outcome) -> None:
+        """A call's result and its TOOL message, stored, then sent together (no other event of a
+        concurrent call between the two)."""
+        stored = await self._tool_message(call, outcome)
+        async with self.pair:
+            await self.emit(ToolResult(call, outcome))
+            await self.emit(MessageStored(stored))
 
     async def _run_all(self, message_id: str, calls: list[Call]) -> None:
         """The calls of one reply, concurrently, at most `tool_calls_at_once` at a time (the rest
@@ -361,8 +356,7 @@ class _Turn:
                         f"not run: the reply asked for {len(calls)} tool calls, and at most {per_reply} run per "
                         "reply (the runtime's max_tool_calls_per_reply setting); ask for fewer at a time",
                     )
-                    await self.emit(ToolResult(call, outcome))
-                    await self.emit(MessageStored(await self._tool_message(call, outcome)))
+                    await self._result(call, outcome)
 
     async def _close_interrupted(self) -> None:
         """A turn cut short (its client gone, the runtime killed) may leave tool calls without a

@@ -22,9 +22,10 @@ MAX_EVENTS = 250_000  # events of one streamed reply: each costs ~0.1 ms here, s
 DRAIN_TIMEOUT = 1.0  # after [DONE], read the body's end so that the connection can be reused
 
 
-async def events(call: Call, body: Body) -> AsyncGenerator[str, None]:
-    """The data of each event, until the body ends (close it, with contextlib.aclosing, when
-    stopping early). Each chunk's events are counted before any of them is yielded."""
+async def batches(call: Call, body: Body) -> AsyncGenerator[list[str], None]:
+    """The data of the events of each read of the body (possibly none), until the body ends
+    (close it, with contextlib.aclosing, when stopping early): one read's events together, so that
+    a reply's text can be shown once per read, however finely the server cut it."""
     parser = Parser(call)
     seen = 0
     while True:
@@ -33,8 +34,8 @@ async def events(call: Call, body: Body) -> AsyncGenerator[str, None]:
         seen += len(batch)
         if seen > MAX_EVENTS:
             raise call.too_large()
-        for event in batch:
-            yield event
+        if batch:
+            yield batch
         if data is None:
             return
 
