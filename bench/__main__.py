@@ -29,6 +29,7 @@ from . import (
     runtime_upload,
     soak,
     turn_overhead,
+    turn_stream,
     unary_prefs,
 )
 from .harness import BenchError
@@ -48,6 +49,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "notify_fanout": notify_fanout,
     "runtime_upload": runtime_upload,
     "turn_overhead": turn_overhead,
+    "turn_stream": turn_stream,
     "cpu_spinners": cpu_spinners,
     "soak": soak,
 }

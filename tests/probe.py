@@ -6,7 +6,7 @@ handlers saw, so tests can check that a handler was cancelled, and when.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import grpc
@@ -32,6 +32,7 @@ for name, cs, ss in (
     ("ServerStream", False, True),
     ("ClientStream", True, False),
     ("Bidi", True, True),
+    ("SafeStream", False, True),
 ):
     _svc.method.add(
         name=name, input_type=".probe.v1.Req", output_type=".probe.v1.Resp", client_streaming=cs, server_streaming=ss
@@ -139,6 +140,33 @@ class Probe:
             self._note("Bidi", "cancelled")
             raise
 
+    @trio.as_safe_channel
+    async def SafeStream(self, req: Any, ctx: CallContext) -> AsyncGenerator[Any, None]:
+        """A streaming handler made with trio.as_safe_channel: it yields from inside a nursery,
+        what a background task of its own produces (n messages, `seconds` apart)."""
+        self._note("SafeStream", "start")
+        if req.mode == "not_found":
+            raise errors.NotFound("thing 42 not found")
+        send, receive = trio.open_memory_channel[Any](0)
+
+        async def produce() -> None:
+            try:
+                async with send:
+                    for i in range(req.n):
+                        await send.send(Resp(text=str(i), count=i))
+                        await trio.sleep(req.seconds)
+                if req.mode == "fail_after":
+                    raise errors.FailedPrecondition("stream failed after its messages")
+            except trio.Cancelled:
+                self._note("SafeStream", "producer cancelled")
+                raise
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(produce)
+            async with receive:
+                async for item in receive:
+                    yield item
+
 
 def make_server(probe: Probe, **options: Any) -> Server:
     server = Server(**options)
@@ -167,3 +195,7 @@ def client_stream(channel: grpc.Channel) -> Any:
 
 def bidi(channel: grpc.Channel) -> Any:
     return channel.stream_stream("/probe.v1.Probe/Bidi", Req.SerializeToString, Resp.FromString)
+
+
+def safe_stream(channel: grpc.Channel) -> Any:
+    return channel.unary_stream("/probe.v1.Probe/SafeStream", Req.SerializeToString, Resp.FromString)

@@ -111,3 +111,96 @@ def test_bad_tool_calls(q, calc):
     assert error_of(run, q, "0" * 64, "add", {}).code() == grpc.StatusCode.NOT_FOUND
     request = pb.RunToolRequest(bundle_id=calc, tool_name="add", arguments_json="[1, 2]")
     assert error_of(q.call, B + "RunTool", request, pb.RunToolResult).code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+# -- RunToolStream: what the tool prints, as it prints it ---------------------------------------------
+
+PRINTER = {
+    "implementations/tools/printer.py": (
+        "import sys, time\n"
+        "def printer(lines=2, pause=0.0, big=0):\n"
+        "    for i in range(lines):\n"
+        "        print(f'line {i}')\n"
+        "        time.sleep(pause)\n"
+        "    if big:\n"
+        "        print('x' * big)\n"
+        "    sys.stderr.buffer.write(b'\\xff\\xfebad bytes\\n')\n"
+        "    return lines\n"
+    )
+}
+PRINTER_MANIFEST = {
+    **manifest("printer"),
+    "tools": [
+        {
+            "name": "printer",
+            "inputs": {
+                "type": "object",
+                "properties": {"lines": {"type": "integer"}, "pause": {"type": "number"}, "big": {"type": "integer"}},
+            },
+        }
+    ],
+    "agents": [],
+}
+
+
+@pytest.fixture
+def printer(q):
+    return upload(q, messages(flat(PRINTER_MANIFEST, files=PRINTER))).id
+
+
+def stream_tool(q, bundle, tool, arguments, **kw):
+    """RunToolStream's events, each with the time it arrived."""
+    request = pb.RunToolRequest(bundle_id=bundle, tool_name=tool, arguments_json=json.dumps(arguments), **kw)
+    return [(time.monotonic(), e) for e in q.stream(B + "RunToolStream", request, pb.RunToolEvent, timeout=120)]
+
+
+def test_run_tool_stream_sends_each_line_as_it_is_printed_then_the_result(q, printer):
+    got = stream_tool(q, printer, "printer", {"lines": 3, "pause": 0.5})
+    events = [e for _, e in got]
+    assert [e.WhichOneof("event") for e in events] == ["line"] * 4 + ["result"]
+    assert [e.line.text for e in events[:4]] == ["line 0", "line 1", "line 2", "\ufffd\ufffdbad bytes"]
+    assert [e.line.offset for e in events[:4]] == [0, 1, 2, 3] and all(e.line.stream == pb.STDERR for e in events[:4])
+    assert got[-1][0] - got[0][0] > 1.0, "the first line came only when the tool ended"
+    result = events[-1].result
+    assert result.ok and json.loads(result.result_json) == 3
+    assert result.log.startswith("line 0\nline 1\nline 2\n")  # the log in the result as before
+
+
+def test_run_tool_stream_bounds_what_it_sends(q, printer):
+    events = [e for _, e in stream_tool(q, printer, "printer", {"lines": 20_000})]
+    lines = [e.line.text for e in events if e.WhichOneof("event") == "line"]
+    assert len(lines) == 10_001 and lines[9_999] == "line 9999" and "not shown live" in lines[-1]
+    assert events[-1].result.ok and len(events[-1].result.log) <= 1024 * 1024
+
+    events = [e for _, e in stream_tool(q, printer, "printer", {"lines": 0, "big": 10 * 1024 * 1024})]
+    lines = [e.line.text for e in events if e.WhichOneof("event") == "line"]
+    assert all(len(line) <= 64 * 1024 for line in lines) and "not shown live" in lines[-1]
+    assert sum(map(len, lines)) <= 1024 * 1024 + 100
+    assert events[-1].result.ok
+
+
+def test_run_tool_stream_never_waits_for_a_slow_reader(q, printer):
+    """Nobody reads for 3 s while the tool prints 5,000 lines at once: the tool ends at its own
+    pace (its lines wait for the reader, bounded by the live cap), and every line still comes."""
+    request = pb.RunToolRequest(bundle_id=printer, tool_name="printer", arguments_json=json.dumps({"lines": 5000}))
+    stream = q.stream(B + "RunToolStream", request, pb.RunToolEvent, timeout=60)
+    first = next(stream)
+    time.sleep(3)
+    events = [first, *stream]
+    result = events[-1].result
+    assert result.ok and result.duration_seconds < 3, result.duration_seconds
+    lines = [e.line.text for e in events if e.WhichOneof("event") == "line"]
+    assert lines[:-1] == [f"line {i}" for i in range(5000)]
+    assert result.log.count("\n") == 5001
+
+
+def test_run_tool_stream_refuses_as_run_tool_does(q, calc):
+    def first_event(**kw):
+        request = pb.RunToolRequest(**kw)
+        return list(q.stream(B + "RunToolStream", request, pb.RunToolEvent, timeout=30))
+
+    assert error_of(first_event, bundle_id=calc, tool_name="teleport").code() == grpc.StatusCode.NOT_FOUND
+    bad = error_of(first_event, bundle_id=calc, tool_name="add", arguments_json="[1, 2]")
+    assert bad.code() == grpc.StatusCode.INVALID_ARGUMENT
+    too_long = error_of(first_event, bundle_id=calc, tool_name="add", timeout_seconds=10**9)
+    assert too_long.code() == grpc.StatusCode.INVALID_ARGUMENT

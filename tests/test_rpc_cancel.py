@@ -17,7 +17,7 @@ from purerpc.grpclib.config import GRPCConfiguration
 
 from aria_trio.rpc.protocol import ClientConnection
 
-from probe import Req, bidi, client_stream, grpc_channel, server_stream, unary
+from probe import Req, bidi, client_stream, grpc_channel, safe_stream, server_stream, unary
 
 pytestmark = pytest.mark.serial  # deadlines and cancels measured to 100 ms: alone
 
@@ -202,3 +202,39 @@ async def test_two_hundred_vanishing_clients_leak_nothing(probe_server):
     assert started == ended == 220  # ...and every one of them was ended
     # The probe's own event list grows by 440 tuples (~50 KiB); anything per-call beyond that leaks.
     assert growth < 256 * 1024, f"memory grew by {growth} bytes over 200 vanished clients"
+
+
+# -- a streaming handler made with trio.as_safe_channel ---------------------------------------------
+
+
+async def test_a_safe_channel_handler_streams_fails_and_is_cancelled_with_its_tasks(probe_server):
+    """The adapter serves a handler that returns trio.as_safe_channel's context manager: its
+    messages in order, an error before the first one as the call's status, one after them after
+    them, and a client's cancel cancels the handler's own background task at once."""
+    probe = probe_server.probe
+
+    def calls():
+        with grpc_channel(probe_server.path) as ch:
+            got = [r.count for r in safe_stream(ch)(Req(n=5), timeout=20)]
+            try:
+                list(safe_stream(ch)(Req(mode="not_found"), timeout=20))
+            except grpc.RpcError as err:
+                early = err
+            seen = []
+            try:
+                for r in safe_stream(ch)(Req(n=2, mode="fail_after"), timeout=20):
+                    seen.append(r.count)
+            except grpc.RpcError as err:
+                late = err
+            it = safe_stream(ch)(Req(n=1000, seconds=3), timeout=20)
+            next(it)
+            it.cancel()
+            return got, early, seen, late
+
+    got, early, seen, late = await trio.to_thread.run_sync(calls)
+    assert got == [0, 1, 2, 3, 4]
+    assert early.code() == grpc.StatusCode.NOT_FOUND and "thing 42" in early.details()
+    assert seen == [0, 1] and late.code() == grpc.StatusCode.FAILED_PRECONDITION
+    cancelled_at = await _wait_for(probe, "SafeStream", "producer cancelled")
+    start = [t for m, w, t in probe.events if (m, w) == ("SafeStream", "start")][-1]
+    assert cancelled_at - start < 1.0  # not at its next message, 3 s later

@@ -20,11 +20,10 @@ from aria_trio.quilt.attach import Attachments
 from aria_trio.quilt.bundles import Bundle, BundleStore, Checksum, Metadata
 from aria_trio.quilt.engine import Container, Engine, ExecSpec, Spec, Task
 from aria_trio.quilt.output import Line, OutputLog
-from aria_trio.quilt.tools import ToolResult, ToolRunner
+from aria_trio.quilt.tools import LIVE_LINES, ToolResult, ToolRunner
 from aria_trio.rpc import CallContext
 from aria_trio.shared import errors
 
-LIVE_BUFFER = 256  # a RunToolStream's lines waiting for its reader (then they are dropped, and counted)
 
 
 def _ts(us: int) -> timestamp_pb2.Timestamp:
@@ -310,10 +309,10 @@ class BundlesService(quilt_grpc.BundlesServicer):  # type: ignore[misc]
         self, request: pb.RunToolRequest, ctx: CallContext
     ) -> AsyncGenerator[pb.RunToolEvent, None]:
         """RunTool, with the tool's log lines as it prints them, then the result. The tool runs in
-        a task of this call's own; its lines wait in a bounded channel (LiveLines drops, and
-        says so, what does not fit: a slow reader never slows the tool)."""
+        a task of this call's own; its lines wait for the reader in a channel that holds a run's
+        whole live cap (tools.LiveLines), so a slow reader never slows the tool."""
         errors.seconds(request.timeout_seconds, "timeout_seconds", 24 * 3600)
-        send, receive = trio.open_memory_channel[str](LIVE_BUFFER)
+        send, receive = trio.open_memory_channel[str](LIVE_LINES + 1)
         done: list[ToolResult] = []
 
         async def run() -> None:

@@ -35,15 +35,15 @@ COMMANDS = {
 
 class LiveLines:
     """A tool run's stderr (its log; stdout is its answer) into `lines`, a line at a time as it is
-    printed. The tool is never slowed by whoever reads them: a line that finds the channel full is
-    not sent, and the next line that goes says how many were left out. Lines are cut at
-    output.MAX_LINE; past LIVE_LINES lines or LIVE_BYTES bytes of one run the rest is not sent, and
-    one line says so. The result's log keeps every line (up to its own cap) either way."""
+    printed. Lines are cut at output.MAX_LINE; past LIVE_LINES lines or LIVE_BYTES bytes of one run
+    the rest is not sent, and one line says so (the result's log keeps every line, to its own cap).
+    The channel must hold LIVE_LINES + 1 lines: then a send never waits, so the tool is never slowed
+    by whoever reads them, and what waits in memory for a slow reader is bounded by the same cap."""
 
     def __init__(self, lines: trio.MemorySendChannel[str]) -> None:
         self.channel = lines
         self.lines = Lines()
-        self.sent_lines = self.sent_bytes = self.left_out = 0
+        self.count = self.size = 0
         self.cut = False
 
     async def feed(self, stream: int, data: bytes | bytearray) -> None:
@@ -54,33 +54,20 @@ class LiveLines:
     def close(self) -> None:
         for _, text in self.lines.rest():
             self._send(text)
-        if self.left_out:
-            self._put(f"[quilt] {self.left_out} lines were not shown live (read too slowly)")
 
     def _send(self, text: str) -> None:
         if self.cut:
             return
-        if self.sent_lines >= LIVE_LINES or self.sent_bytes + len(text) > LIVE_BYTES:
+        self.count += 1
+        self.size += len(text)
+        if self.count > LIVE_LINES or self.size > LIVE_BYTES:
             self.cut = True
-            self._put(f"[quilt] the rest of the output is not shown live (over {LIVE_LINES} lines or 1 MiB)")
-            return
-        if self.left_out and self._put(f"[quilt] {self.left_out} lines were not shown live (read too slowly)"):
-            self.left_out = 0
-        if self.left_out or not self._put(text):
-            self.left_out += 1
-            return
-        self.sent_lines += 1
-        self.sent_bytes += len(text)
-
-    def _put(self, text: str) -> bool:
+            text = f"[quilt] the rest of the output is not shown live (over {LIVE_LINES} lines or 1 MiB)"
         try:
             self.channel.send_nowait(text)
-            return True
-        except trio.WouldBlock:
-            return False
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self.cut = True  # nobody reads them any more
-            return False
+        # (trio.WouldBlock cannot happen with a channel of LIVE_LINES + 1: see above)
 
 
 @dataclass

@@ -13,8 +13,8 @@ What a running tool prints reaches `on_output` line by line as it prints it (run
 stdout and stderr, followed in Quilt's task log; a bundle tool: its log, its stderr), each line cut
 at 64 KiB by Quilt, at most LIVE_LINES lines and LIVE_BYTES per call (then one line says the rest is
 not shown). A slow `on_output` (a client that reads slowly) never slows the tool itself: a
-command's output goes to Quilt's log on disk, which we follow at our pace, and Quilt drops (and
-counts) a bundle tool's lines that its reader is too slow for. The stored result is made from
+command's output goes to Quilt's log on disk, which we follow at our pace, and Quilt holds a
+bundle tool's live lines (up to the same cap) until we read them. The stored result is made from
 Quilt's capture either way, so nothing of it is lost.
 """
 
