@@ -25,7 +25,6 @@ from aria_trio.rpc import CallContext
 from aria_trio.shared import errors
 
 
-
 def _ts(us: int) -> timestamp_pb2.Timestamp:
     ts = timestamp_pb2.Timestamp()
     ts.FromNanoseconds(us * 1000)
