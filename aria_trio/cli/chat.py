@@ -96,6 +96,7 @@ class _TurnView:
     last_text: str = ""  # the assistant's last text, not to print it again as the final answer
     writing: str = ""  # what the current line is being written with: "", "text" or "reasoning"
     streamed: str = ""  # the message id whose text came as deltas (not to print it again)
+    usage: str = ""  # the turn's usage line, printed after its final answer
 
     def say(self, line: str, err: bool = False) -> None:
         self.end_line()
@@ -156,12 +157,14 @@ class _TurnView:
             self.say(_result_line(out.tool_result))
         elif kind == "usage":
             self.spinner.pending.clear()
-            self.say(click.style(f"({usage_text(out.usage)})", dim=True), err=True)
+            self.usage = click.style(f"({usage_text(out.usage)})", dim=True)  # (shown under the answer)
         elif kind == "final_response":
             self.spinner.pending.clear()
             if out.final_response != self.last_text:
                 self.say(out.final_response)
             self.end_line()
+            if self.usage:
+                self.say(self.usage, err=True)
 
 
 class _Chat:
