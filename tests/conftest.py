@@ -226,13 +226,17 @@ class _Readiness:
 
 
 _readiness: _Readiness | None = None
+_readiness_made = threading.Lock()
 
 
 def _notify_socket() -> _Readiness:
+    """The one listener of this test process (made once: scenarios start daemons from threads, and
+    two listeners would each miss the other's daemons' READY=1)."""
     global _readiness
-    if _readiness is None:
-        _readiness = _Readiness()
-    return _readiness
+    with _readiness_made:
+        if _readiness is None:
+            _readiness = _Readiness()
+        return _readiness
 
 
 def _spawn(

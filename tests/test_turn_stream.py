@@ -316,7 +316,7 @@ def test_a_slow_reader_of_deltas_gets_them_all(c: AriaClient, llm: FakeLLM) -> N
 
 def test_a_reply_of_100000_tiny_deltas(module_daemon: Any, c: AriaClient, llm: FakeLLM) -> None:
     text = "ab" * 50_000
-    llm.reply_text(text, pieces=100_000)
+    llm.reply_text(text, pieces=100_000, batch=500)  # (500 events a write, as a fast server's would arrive)
     session = c.session()
     before = rss(module_daemon.proc.pid)
     out = turn(c, session.id, "many tiny pieces", timeout=120)

@@ -163,6 +163,8 @@ class ToolCalls:
                     if line.stream in (q.STDOUT, q.STDERR):
                         stream = OutputStream.STDOUT if line.stream == q.STDOUT else OutputStream.STDERR
                         await live.line(stream, line.text)
+                        if live.cut:
+                            break  # (past the live bound: the rest is in the result, or in Quilt's log)
             done = await self.quilt.task_result(q.TaskResultRequest(id=task.id, wait=True), timeout=timeout + 30)
         finally:
             with trio.CancelScope(shield=True):  # the sandbox never outlives the call
