@@ -149,6 +149,17 @@ def quilt_daemons(mark: bytes) -> list[int]:
     return found
 
 
+def born(pid: int) -> int | None:
+    """When the process with this pid started (clock ticks since boot; None if there is none):
+    with it, a pid taken again by a new process (pid_max is 32768 here, and the suite spawns
+    thousands) is not taken for the one that was there."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+        return None
+
+
 def alive(pid: int) -> bool:
     """Is there a process with this pid (not a zombie)?"""
     try:

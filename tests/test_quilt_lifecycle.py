@@ -14,7 +14,7 @@ from waiting import wait_until
 from aria_trio.proto.quilt.v1 import quilt_pb2 as pb
 
 from conftest import give_up_midway, start_quilt, typical_seconds
-from quilt_client import C, QuiltClient, T, alive, error_of
+from quilt_client import C, QuiltClient, T, alive, born, error_of
 
 
 @pytest.fixture
@@ -52,10 +52,17 @@ def tree_of_at_least(pid_of, n: int, timeout: float = 10) -> set[int]:
 
 
 def wait_gone(pids: set[int], timeout: float = 5) -> set[int]:
+    """Those of `pids` still alive after `timeout` (each the process it was when this was called:
+    a pid taken again meanwhile by another process is gone)."""
+    started = {p: born(p) for p in pids}
+
+    def there(p: int) -> bool:
+        return started[p] is not None and born(p) == started[p] and alive(p)
+
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(alive(p) for p in pids):
+    while time.monotonic() < deadline and any(there(p) for p in pids):
         time.sleep(0.02)
-    return {p for p in pids if alive(p)}
+    return {p for p in pids if there(p)}
 
 
 def test_created_running_exited_with_codes_and_signals(q):

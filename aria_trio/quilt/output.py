@@ -101,9 +101,13 @@ class OutputLog:
     async def create(cls, path: Path, cap_bytes: int) -> OutputLog:
         """A log to write; one already there (a container started again) goes on after its lines."""
         log = cls(path, cap_bytes)
-        await trio.to_thread.run_sync(lambda: path.parent.mkdir(parents=True, exist_ok=True))
-        await trio.to_thread.run_sync(lambda: open(path, "ab").close())
-        await trio.to_thread.run_sync(log._scan)
+
+        def prepare() -> None:  # (one worker-thread hop for all three: a task's start waits on it)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600))
+            log._scan()
+
+        await trio.to_thread.run_sync(prepare)
         return log
 
     @classmethod
