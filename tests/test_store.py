@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import sqlite3
 import threading
 
@@ -96,3 +97,38 @@ async def test_reopening_keeps_data_and_schema(tmp_path):
         assert await again.run(lambda db: db.execute("SELECT count(*) FROM user_preferences").fetchone()[0]) == 1
     finally:
         await again.close()
+
+
+async def test_notification_sequences_skip_ahead_only_after_a_run_the_machine_cut_short(tmp_path):
+    """Events commit without an fsync each (synchronous=NORMAL): a killed runtime loses none, a
+    machine that goes down may lose the last ones. So a run that never ended, on a boot that is
+    not this one, makes every sequence skip SEQUENCE_GAP; any other start continues where it was."""
+    from aria_trio.runtime.store import notifications as rows
+
+    store = await open_store(tmp_path / "s.db")
+    try:
+
+        async def publish() -> int:
+            seq, _ = await store.run(rows.append, "ann", secrets.token_hex(4), "task_status", "t", "m", "{}", payload)
+            return seq
+
+        def payload(seq: int, created: int) -> bytes:
+            return str(seq).encode()
+
+        assert await store.run(rows.begin_run, "boot-a") == 0  # a new database
+        assert [await publish(), await publish()] == [1, 2]
+        await store.run(rows.end_run)
+        assert await store.run(rows.begin_run, "boot-b") == 0  # it ended: a reboot since is fine
+        assert await publish() == 3
+        assert await store.run(rows.begin_run, "boot-b") == 0  # killed, same boot: nothing lost
+        assert await publish() == 4
+        assert await store.run(rows.begin_run, "boot-c") == rows.SEQUENCE_GAP  # never ended, new boot
+        assert await publish() == 4 + rows.SEQUENCE_GAP + 1
+        assert await store.run(rows.begin_run, "") == rows.SEQUENCE_GAP  # boot unknown: assume the worst
+        assert await store.run(rows.last_sequence, "ann") == 4 + 2 * rows.SEQUENCE_GAP + 1
+        # what a subscriber resuming after a number it saw gets: every event after it
+        assert await store.run(rows.after, "ann", 4, [], 10) == [str(4 + rows.SEQUENCE_GAP + 1).encode()]
+        synchronous = await store.run(lambda db: db.execute("PRAGMA synchronous").fetchone()[0])
+        assert synchronous == 1  # NORMAL again after each durable write
+    finally:
+        await store.close()

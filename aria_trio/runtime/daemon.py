@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import functools
 import os
+import sqlite3
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import structlog
 import trio
 
 from aria_trio.rpc import Health, Server, add_reflection
@@ -36,6 +38,7 @@ from aria_trio.runtime.services.session import SessionService
 from aria_trio.runtime.services.task import TaskService
 from aria_trio.runtime.services.user_preference import UserPreferenceService
 from aria_trio.runtime.store import containers as containers_table
+from aria_trio.runtime.store import notifications as notification_rows
 from aria_trio.runtime.store import open_store
 from aria_trio.runtime.store import tasks as tasks_table
 from aria_trio.runtime.work.containers import Containers
@@ -46,6 +49,8 @@ from aria_trio.runtime.work.uploads import Uploads
 from aria_trio.shared.config import RuntimeSettings
 from aria_trio.shared.lifecycle import claim, serve_until_signal
 from aria_trio.shared.sqlite import Store
+
+log = structlog.get_logger("aria.daemon")
 
 # Served only while Quilt is reachable (health says NOT_SERVING for them while it is down).
 NEED_QUILT = ("TaskService", "ContainerService", "BundleService")
@@ -59,12 +64,30 @@ async def serve(settings: RuntimeSettings) -> None:
         store = await open_store(data_dir / "runtime.db")
         try:
             os.chmod(store.path, 0o600)
+            gap = await store.run(notification_rows.begin_run, await trio.to_thread.run_sync(_boot_id))
+            if gap:
+                log.warning(
+                    "the last run ended with the machine going down: notification sequences skip ahead",
+                    skipped=gap,
+                )
             await _run(settings, store)
         finally:
             with trio.CancelScope(shield=True):
+                try:
+                    await store.run(notification_rows.end_run)
+                except sqlite3.Error as exc:  # (a full disk: the next start skips ahead, harmlessly)
+                    log.warning("could not record the end of this run", error=str(exc))
                 await store.close()  # last: nothing else uses it by now
     finally:
         os.close(lock_fd)
+
+
+def _boot_id() -> str:
+    """The kernel's id of this boot ("" if it cannot be read)."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
 
 
 async def _stopping(store: Store, grace: float) -> None:

@@ -227,4 +227,15 @@ ALTER TABLE messages ADD COLUMN truncated INTEGER NOT NULL DEFAULT 0;    -- 1: c
 ALTER TABLE messages ADD COLUMN usage_json TEXT;                         -- an assistant's model call: tokens, time
 """,
     ),
+    (
+        4,
+        "how the last run of the runtime ended (notification sequences after a machine crash)",
+        """
+CREATE TABLE runtime_runs (
+    id       INTEGER PRIMARY KEY CHECK (id = 1),
+    boot_id  TEXT NOT NULL,      -- the kernel's boot id while that run ran
+    clean    INTEGER NOT NULL    -- 1: it ended (whatever the cause) before the machine went down
+);
+""",
+    ),
 ]
