@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 from . import (
     cpu_spinners,
+    launch_first_line,
     list_tasks,
     notify_fanout,
     quilt_exec,
@@ -44,6 +45,7 @@ class Benchmark(Protocol):
 BENCHMARKS: dict[str, Benchmark] = {
     "unary_prefs": unary_prefs,
     "quilt_exec": quilt_exec,
+    "launch_first_line": launch_first_line,
     "quilt_upload": quilt_upload,
     "list_tasks": list_tasks,
     "notify_fanout": notify_fanout,
