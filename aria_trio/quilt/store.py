@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -10,7 +9,7 @@ from typing import Generic, TypedDict, TypeVar, cast
 
 import sqlite_utils
 
-from aria_trio.shared.sqlite import PAGE_BYTES, bounded, row_bytes
+from aria_trio.shared.sqlite import PAGE_BYTES, bounded, row_bytes, upsert_row
 
 MIGRATIONS: list[tuple[int, str, str]] = [
     (
@@ -145,18 +144,7 @@ def _query(db: sqlite_utils.Database, table: Table[Row], sql: str, params: Seque
 
 
 def upsert(db: sqlite_utils.Database, table: Table[Row], row: Row) -> None:
-    """Insert the row, or replace the one of its id: one statement (sqlite_utils' upsert reads the
-    table's schema first, every time: most of a task's store time went there)."""
-    columns = tuple(row)
-    db.execute(_upsert_sql(table.name, columns), [row[c] for c in columns])  # type: ignore[literal-required]
-
-
-@functools.lru_cache(maxsize=16)
-def _upsert_sql(table: str, columns: tuple[str, ...]) -> str:
-    """(The names are a TypedDict's keys and a Table's name: ours, never a caller's.)"""
-    updates = ", ".join(f"{c} = excluded.{c}" for c in columns if c != "id")
-    marks = ", ".join("?" * len(columns))
-    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks}) ON CONFLICT (id) DO UPDATE SET {updates}"
+    upsert_row(db, table.name, row)
 
 
 def get(db: sqlite_utils.Database, table: Table[Row], row_id: str) -> Row | None:

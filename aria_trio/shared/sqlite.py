@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -75,6 +76,49 @@ def fits(rows: Sequence[Mapping[str, object]], limit: int, max_bytes: int = PAGE
             break
         keep += 1
     return keep
+
+
+def insert_row(db: sqlite_utils.Database, table: str, row: Mapping[str, object]) -> None:
+    """INSERT one row: a prepared statement per (table, columns). sqlite_utils' insert, update and
+    upsert read the table's schema (PRAGMA table_info) on every call, and its update SELECTs the
+    row first: on a task's path that was most of the store's time."""
+    columns = tuple(row)
+    db.execute(_insert_sql(table, columns), [row[c] for c in columns])
+
+
+def upsert_row(db: sqlite_utils.Database, table: str, row: Mapping[str, object]) -> None:
+    """INSERT one row, or replace the columns given of the one with its `id`."""
+    columns = tuple(row)
+    db.execute(_upsert_sql(table, columns), [row[c] for c in columns])
+
+
+def update_row(db: sqlite_utils.Database, table: str, row_id: str, fields: Mapping[str, object]) -> None:
+    """UPDATE the columns given of the row with this `id` (LookupError if there is none)."""
+    if not fields:
+        return
+    columns = tuple(fields)
+    cursor = db.execute(_update_sql(table, columns), [*(fields[c] for c in columns), row_id])
+    if cursor.rowcount == 0:
+        raise LookupError(f"no row {row_id!r} in {table}")
+
+
+# (the names in these statements are our tables' and their TypedDicts' keys, never a caller's)
+
+
+@functools.lru_cache(maxsize=128)
+def _insert_sql(table: str, columns: tuple[str, ...]) -> str:
+    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+
+
+@functools.lru_cache(maxsize=128)
+def _upsert_sql(table: str, columns: tuple[str, ...]) -> str:
+    updates = ", ".join(f"{c} = excluded.{c}" for c in columns if c != "id")
+    return _insert_sql(table, columns) + f" ON CONFLICT (id) DO UPDATE SET {updates}"
+
+
+@functools.lru_cache(maxsize=128)
+def _update_sql(table: str, columns: tuple[str, ...]) -> str:
+    return f"UPDATE {table} SET {', '.join(f'{c} = ?' for c in columns)} WHERE id = ?"
 
 
 def now_us() -> int:

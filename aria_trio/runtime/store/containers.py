@@ -8,6 +8,7 @@ from typing import TypedDict, cast
 import sqlite_utils
 
 from aria_trio.runtime.kinds import TaskStatus
+from aria_trio.shared.sqlite import insert_row, update_row
 
 
 class ContainerRow(TypedDict):
@@ -43,11 +44,11 @@ def _rows(db: sqlite_utils.Database, sql: str, params: Sequence[str | int]) -> I
 
 
 def insert(db: sqlite_utils.Database, row: ContainerRow) -> None:
-    db.table("containers").insert(dict(row))
+    insert_row(db, "containers", row)
 
 
 def update(db: sqlite_utils.Database, container_id: str, fields: ContainerChange) -> None:
-    db.table("containers").update(container_id, dict(fields))
+    update_row(db, "containers", container_id, fields)
 
 
 def get(db: sqlite_utils.Database, user_id: str, container_id: str) -> ContainerRow | None:

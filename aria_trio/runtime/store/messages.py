@@ -7,7 +7,7 @@ from typing import TypedDict, cast
 
 import sqlite_utils
 
-from aria_trio.shared.sqlite import PAGE_BYTES, bounded, row_bytes, transaction
+from aria_trio.shared.sqlite import PAGE_BYTES, bounded, insert_row, row_bytes, transaction
 
 # Text of the history sent to the model (the newest messages that fit): models take far less.
 HISTORY_BYTES = 2 * 1024 * 1024
@@ -57,7 +57,7 @@ def append(db: sqlite_utils.Database, new: NewMessage) -> MessageRow:
             "SELECT coalesce(max(seq), 0) + 1 FROM messages WHERE session_id = ?", [new["session_id"]]
         ).fetchone()[0]
         row = MessageRow(**new, seq=seq)
-        db.table("messages").insert(dict(row))
+        insert_row(db, "messages", row)
         db.execute("UPDATE sessions SET updated_at = ? WHERE id = ?", [row["created_at"], row["session_id"]])
     return row
 
@@ -80,4 +80,4 @@ def page(db: sqlite_utils.Database, session_id: str, after_seq: int, limit: int)
 
 
 def log_tool_execution(db: sqlite_utils.Database, row: ToolExecutionRow) -> None:
-    db.table("tool_executions").insert(dict(row))
+    insert_row(db, "tool_executions", row)

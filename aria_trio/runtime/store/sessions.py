@@ -7,7 +7,7 @@ from typing import Literal, TypedDict, cast
 
 import sqlite_utils
 
-from aria_trio.shared.sqlite import PAGE_BYTES, bounded, row_bytes
+from aria_trio.shared.sqlite import PAGE_BYTES, bounded, insert_row, row_bytes, update_row
 
 SessionStatus = Literal["active", "completed", "failed"]
 
@@ -23,11 +23,11 @@ class SessionRow(TypedDict):
 
 
 def insert(db: sqlite_utils.Database, row: SessionRow) -> None:
-    db.table("sessions").insert(dict(row))
+    insert_row(db, "sessions", row)
 
 
 def set_status(db: sqlite_utils.Database, session_id: str, status: SessionStatus, at: int) -> None:
-    db.table("sessions").update(session_id, {"status": status, "updated_at": at})
+    update_row(db, "sessions", session_id, {"status": status, "updated_at": at})
 
 
 def get(db: sqlite_utils.Database, user_id: str, session_id: str) -> SessionRow | None:

@@ -8,7 +8,7 @@ from typing import TypedDict, cast
 import sqlite_utils
 
 from aria_trio.runtime.kinds import OutputStream, TaskStatus
-from aria_trio.shared.sqlite import PAGE_BYTES, bounded, now_us, row_bytes, transaction
+from aria_trio.shared.sqlite import PAGE_BYTES, bounded, insert_row, now_us, row_bytes, transaction, update_row
 
 REPLAY_BYTES = 1024 * 1024  # text of the output lines read from the store at a time (replaying a follow)
 
@@ -60,19 +60,19 @@ class TaskChange(TypedDict, total=False):
 
 def insert(db: sqlite_utils.Database, row: TaskRow, message: str) -> None:
     with transaction(db):
-        db.table("tasks").insert(dict(row))
+        insert_row(db, "tasks", row)
         _history(db, row["id"], row["status"], message)
 
 
 def set_status(db: sqlite_utils.Database, task_id: str, status: int, message: str, fields: TaskChange) -> None:
     """A status transition, recorded with its history line, atomically."""
     with transaction(db):
-        db.table("tasks").update(task_id, {**fields, "status": status})
+        update_row(db, "tasks", task_id, {**fields, "status": status})
         _history(db, task_id, status, message)
 
 
 def update(db: sqlite_utils.Database, task_id: str, fields: TaskChange) -> None:
-    db.table("tasks").update(task_id, dict(fields))
+    update_row(db, "tasks", task_id, fields)
 
 
 def _history(db: sqlite_utils.Database, task_id: str, status: int, message: str) -> None:
