@@ -18,8 +18,9 @@ from aria_trio.cli.output import as_dict, call, pages, parse_env, show
 from aria_trio.proto.quilt.v1 import quilt_pb2 as pb
 from aria_trio.rpc import Channel
 from aria_trio.shared.config import QUILT_SETTINGS
+from aria_trio.shared.quilt_api import BUNDLES, CONTAINERS, SYSTEM, TASKS
 
-C, T, B, S = "/quilt.v1.Containers/", "/quilt.v1.Tasks/", "/quilt.v1.Bundles/", "/quilt.v1.System/"
+C, T, B, S = CONTAINERS, TASKS, BUNDLES, SYSTEM
 CHUNK = 1024 * 1024
 STATE = {v: k.removeprefix("CONTAINER_").lower() for k, v in pb.ContainerState.items()}
 TASK_STATE = {v: k.removeprefix("TASK_").lower() for k, v in pb.TaskState.items()}

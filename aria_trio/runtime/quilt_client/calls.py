@@ -22,11 +22,11 @@ from aria_trio.proto.quilt.v1 import quilt_pb2 as q
 from aria_trio.rpc import Channel, RpcError, StatusCode
 from aria_trio.rpc.client import ClientCall
 from aria_trio.shared import errors
+from aria_trio.shared.quilt_api import BUNDLES, CONTAINERS, TASKS
 
 log = structlog.get_logger("aria.quilt_link")
 
 R = TypeVar("R")
-CONTAINERS, TASKS, BUNDLES = "/quilt.v1.Containers/", "/quilt.v1.Tasks/", "/quilt.v1.Bundles/"
 TIMEOUT = 60.0  # seconds, a unary call's default deadline
 
 

@@ -30,6 +30,7 @@ from aria_trio.rpc.health import NOT_SERVING, SERVING
 from aria_trio.runtime.quilt_client.calls import QuiltCalls
 from aria_trio.shared import errors
 from aria_trio.shared.lifecycle import StartupError
+from aria_trio.shared.quilt_api import SYSTEM
 from aria_trio.shared.sqlite import now_us
 
 log = structlog.get_logger("aria.quilt_link")
@@ -198,7 +199,7 @@ class QuiltLink(QuiltCalls):
         connection until it or the attachment goes. False only when adopting and nothing answered."""
         try:
             async with Channel.connect(str(self.socket)) as channel, trio.open_nursery() as extras:
-                async with channel.call("/quilt.v1.System/Attach", q.Attached) as attach:
+                async with channel.call(SYSTEM + "Attach", q.Attached) as attach:
                     await attach.send(q.AttachRequest(runtime_pid=os.getpid()), end=True)
                     try:
                         whose = await attach.receive()
