@@ -1,10 +1,11 @@
 """The bundle store: uploads streamed to disk while hashed, checked, then kept by content hash.
 
-An upload goes to a temporary file chunk by chunk (each chunk written and hashed, blake3 and
-sha256, in a worker thread), so memory stays bounded whatever the size. Only when the declared
-size, the checksums and the archive with its manifest are all right is the file fsynced and
-renamed to objects/<blake3[:2]>/<blake3>.aria; anything else, or an interrupted upload, deletes
-the temporary file. The same bytes uploaded twice are stored once (the id is their blake3).
+An upload goes to a temporary file chunk by chunk (written and hashed, blake3 and sha256, in a
+worker thread, which takes every chunk waiting at once), so memory stays bounded whatever the
+size. Only when the declared size, the checksums and the archive with its manifest are all right
+is the file fsynced and renamed to objects/<blake3[:2]>/<blake3>.aria; anything else, or an
+interrupted upload, deletes the temporary file. The same bytes uploaded twice are stored once
+(the id is their blake3).
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ from aria_trio.shared.sqlite import Store, fits
 log = structlog.get_logger("quilt.bundles")
 
 WRITE_AHEAD = 4  # chunks received but not yet on disk (each at most one gRPC message, 4 MiB)
+PAGE_CACHE_LAG = 8 * 1024 * 1024  # bytes of an upload's end kept in the page cache (see _Upload)
+PAGE_CACHE_STEP = 4 * 1024 * 1024  # ... handed to writeback this many at a time at least
 MAX_PAGE = 1000
 DEFAULT_PAGE = 50
 
@@ -104,25 +107,52 @@ class Bundle:
 
 
 class _Upload:
-    """The temporary file of one upload and its running hashes (used from worker threads)."""
+    """The temporary file of one upload and its running hashes (used from worker threads).
+
+    Page cache: what is written is handed to the kernel's writeback once it is PAGE_CACHE_LAG
+    behind the end, and its pages are dropped once it is twice that behind (both
+    posix_fadvise(DONTNEED), which never blocks: pages still being written back simply stay).
+    So an upload keeps about 2 x PAGE_CACHE_LAG of page cache whatever its size, new pages come
+    from the ones just freed instead of memory never touched (which cost the write more than
+    hashing twice on the development VM: 3.6 against 1.8 ms/MiB), and the final fsync has little
+    left to wait for."""
 
     def __init__(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix="upload-", suffix=".part", dir=folder)
-        self.file = os.fdopen(fd, "wb")
+        self.file = os.fdopen(fd, "wb", buffering=0)  # chunks are large: no copy into a buffer first
         self.path = Path(name)
         self.blake3 = blake3.blake3()
         self.sha256 = hashlib.sha256()
         self.size = 0
+        self._handed = 0  # bytes from the start given to writeback
+        self._dropped = 0  # bytes from the start whose pages were dropped
 
-    def write(self, chunk: bytes) -> None:
-        self.file.write(chunk)
-        self.blake3.update(chunk)
-        self.sha256.update(chunk)
-        self.size += len(chunk)
+    def write(self, chunks: list[bytes]) -> None:
+        """A batch of chunks, in order, each hashed then written while it is in the CPU's cache."""
+        fd = self.file.fileno()
+        for chunk in chunks:
+            self.blake3.update(chunk)
+            self.sha256.update(chunk)
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view) :]  # a full disk raises (ENOSPC); a short write goes on
+            self.size += len(chunk)
+        self._recycle(fd)
+
+    def _recycle(self, fd: int) -> None:
+        behind = self.size - PAGE_CACHE_LAG
+        if behind - self._handed < PAGE_CACHE_STEP:
+            return
+        with contextlib.suppress(OSError, AttributeError):  # advice only (and not on every system)
+            os.posix_fadvise(fd, self._handed, behind - self._handed, os.POSIX_FADV_DONTNEED)  # writeback starts
+            self._handed = behind
+            old = behind - PAGE_CACHE_LAG
+            if old > self._dropped:
+                os.posix_fadvise(fd, self._dropped, old - self._dropped, os.POSIX_FADV_DONTNEED)  # written: dropped
+                self._dropped = old
 
     def finish(self) -> None:
-        self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
 
@@ -227,16 +257,28 @@ class BundleStore:
         self, items: AsyncIterator[Metadata | bytes | Checksum], meta: Metadata, upload: _Upload
     ) -> Checksum:
         """Chunks to the file: one task receives, another writes and hashes (in a worker thread)
-        what the first hands over through a channel of WRITE_AHEAD chunks. At most that many wait
-        in memory; when the disk is slower than the client, the client waits (backpressure)."""
+        what the first hands over. At most WRITE_AHEAD chunks are in memory between the two (waiting
+        or being written): the receiver takes a slot per chunk, and waits for one when all are taken
+        (then the client waits too, for flow-control credit: backpressure when the disk or the
+        hashing is slower than the client). The writer hands all the chunks waiting, up to
+        WRITE_AHEAD, to one worker-thread call, and frees their slots when they are on disk."""
         checksum = Checksum()
         received = 0
-        send, receive = trio.open_memory_channel[bytes](WRITE_AHEAD)
+        slots = trio.Semaphore(WRITE_AHEAD)
+        send, receive = trio.open_memory_channel[bytes](WRITE_AHEAD)  # never full: slots come first
 
         async def write() -> None:
             async with receive:
                 async for chunk in receive:
-                    await trio.to_thread.run_sync(upload.write, chunk)
+                    batch = [chunk]
+                    while len(batch) < WRITE_AHEAD:
+                        try:
+                            batch.append(receive.receive_nowait())
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break
+                    await trio.to_thread.run_sync(upload.write, batch)
+                    for _ in batch:
+                        slots.release()
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(write)
@@ -258,7 +300,8 @@ class BundleStore:
                             reason="SIZE_MISMATCH",
                             fields={"size_bytes": "exceeded"},
                         )
-                    await send.send(item)
+                    await slots.acquire()
+                    send.send_nowait(item)
         return checksum
 
     @staticmethod

@@ -43,6 +43,7 @@ class GracefulH2Connection(h2.connection.H2Connection):  # type: ignore[misc]
     # calls (the soak benchmark saw the runtime grow by it); frames still in flight concern only
     # the last few streams. A frame on one forgotten is answered RST_STREAM(STREAM_CLOSED).
     MAX_CLOSED_STREAMS = 1024
+    _data_to_send: bytearray
 
     def __init__(self, config: h2.config.H2Configuration) -> None:
         super().__init__(config)
@@ -94,12 +95,32 @@ class GracefulH2Connection(h2.connection.H2Connection):  # type: ignore[misc]
             bits = (flags & END_STREAM if n == 0 else 0) | (END_HEADERS if n == len(chunks) - 1 else 0)
             self._data_to_send += frame_header(len(chunk), kind, bits, stream_id) + chunk
 
-    def send_data(self, stream_id: int, data: bytes, end_stream: bool = False, pad_length: int | None = None) -> None:
+    def data_to_send(self, amount: int | None = None) -> bytes | bytearray:
+        """All that is queued, without h2's copy of it into a bytes object: the buffer itself is
+        handed over (the caller only sends it) and a fresh one starts."""
+        if amount is not None:
+            return super().data_to_send(amount)  # type: ignore[no-any-return]
+        data = self._data_to_send
+        self._data_to_send = bytearray()
+        return data
+
+    def send_data(
+        self,
+        stream_id: int,
+        data: bytes | memoryview,
+        end_stream: bool = False,
+        pad_length: int | None = None,
+        *,
+        prefix: bytes = b"",
+    ) -> None:
+        """A DATA frame of `prefix` then `data` (a gRPC message's 5-byte prefix and the message,
+        without first joining them); `data` may be a view (of a message sent in several frames).
+        Each is copied once, into the buffer of what is to send."""
         stream = self.streams.get(stream_id)
         if stream is None or pad_length is not None:
-            super().send_data(stream_id, data, end_stream, pad_length)
+            super().send_data(stream_id, prefix + data if prefix else data, end_stream, pad_length)
             return
-        size = len(data)
+        size = len(prefix) + len(data)
         window = min(self.outbound_flow_control_window, stream.outbound_flow_control_window)
         if size > window:
             raise h2.exceptions.FlowControlError(f"Cannot send {size} bytes, flow control window is {window}.")
@@ -115,7 +136,10 @@ class GracefulH2Connection(h2.connection.H2Connection):  # type: ignore[misc]
             flags = END_STREAM
         stream.outbound_flow_control_window -= size
         self.outbound_flow_control_window -= size
-        self._data_to_send += frame_header(size, DATA, flags, stream_id) + data
+        self._data_to_send += frame_header(size, DATA, flags, stream_id)
+        if prefix:
+            self._data_to_send += prefix
+        self._data_to_send += data
 
     def _receive_window_update_frame(self, frame: hyperframe.frame.WindowUpdateFrame) -> Received:
         # RFC 9113 6.9: a WINDOW_UPDATE may arrive for a stream that is already closed, and must

@@ -29,6 +29,7 @@ All of these touch purerpc and h2 internals, so the exact versions are pinned an
 from __future__ import annotations
 
 import dataclasses
+import struct
 import zlib
 from collections.abc import Callable, Iterable
 from typing import TypeAlias
@@ -99,6 +100,65 @@ Handler: TypeAlias = Callable[[h2.events.Event], list[Event]]  # purerpc's handl
 
 
 class _MessageReadBuffer(MessageReadBuffer):  # type: ignore[misc]
+    """A stream's gRPC messages (gRPC's framing: a flag byte, a 4-byte length, the message) out
+    of its DATA payloads, which come as views of the frames as read (frames.py).
+
+    Each message is copied once, when its last byte is in (purerpc copied each payload into a
+    deque, then sliced and joined it again per message). Bounds: a message whose declared length
+    is above the maximum fails its stream as soon as its 5-byte prefix is in (nothing of it is
+    kept); a compressed one fails when it inflates past the maximum. What waits here is at most
+    one message's worth of views (and the reads they belong to, at most 4x their size: a smaller
+    piece is copied), which the stream's window bounds.
+
+    A message's flow-controlled length is its 5 + length bytes plus the padding of the frames
+    that carried it (credited with the message in progress), so acknowledging every message
+    returns every byte of credit, as purerpc's buffer did."""
+
+    def __init__(self, message_encoding: str | None = None, max_message_length: int = 4 * 1024 * 1024) -> None:
+        super().__init__(message_encoding, max_message_length)
+        self._parts: list[memoryview | bytes] = []  # the pieces of what is being read: a prefix, or a message
+        self._have = 0  # their bytes
+        self._need = 5  # the bytes of what is being read: 5 for a prefix, else the message's length
+        self._in_message = False  # reading a message (its prefix is in)
+        self._credit = 0  # flow-controlled bytes of the message in progress, so far
+
+    def data_received(self, data: bytes | memoryview, flow_controlled_length: int | None = None) -> None:
+        view = data if isinstance(data, memoryview) else memoryview(data)
+        size = len(view)
+        credit = size if flow_controlled_length is None else flow_controlled_length
+        self._credit += credit - size  # the frame's padding, if any
+        pos = 0
+        while pos < size or (self._in_message and self._need == 0):
+            take = min(self._need - self._have, size - pos)
+            if take:
+                self._parts.append(view[pos : pos + take])
+                self._have += take
+                self._credit += take
+                pos += take
+            if self._have < self._need:
+                last = self._parts[-1] if self._parts else None
+                if isinstance(last, memoryview) and 4 * len(last) < len(last.obj):  # type: ignore[arg-type]
+                    # A small piece waiting for the rest of its message would pin its whole read
+                    # (a 256 KiB read for a 5-byte prefix, on each of 1024 streams): copied, so
+                    # what waits pins at most 4x its own size, which the windows bound.
+                    self._parts[-1] = last.tobytes()
+                return
+            parts, self._parts, self._have = self._parts, [], 0
+            if not self._in_message:
+                prefix = parts[0] if len(parts) == 1 else b"".join(parts)
+                self._compressed_flag, length = struct.unpack(">?I", prefix)
+                if length > self._max_message_length:
+                    raise MessageTooLargeError(
+                        f"Received message larger than max: {length} > {self._max_message_length}"
+                    )
+                self._in_message, self._need = True, length
+                continue
+            message = bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
+            if self._compressed_flag:
+                message = self.decompress(message)
+            self._messages.append((message, self._credit))
+            self._in_message, self._need, self._credit = False, 5, 0
+
     def decompress(self, data: bytes) -> bytes:
         encoding = self._message_encoding
         if encoding not in ("gzip", "deflate"):

@@ -391,7 +391,9 @@ class Connection:
         try:
             while True:
                 self._wake = trio.Event()
-                data = self._backlog + self.proto.data_to_send()
+                data = self.proto.data_to_send()
+                if self._backlog:  # (before what came since: the order on the wire is kept)
+                    data = self._backlog + data
                 self._backlog = b""
                 if data:
                     self._writer_busy = True

@@ -152,8 +152,13 @@ class ServerCall:
             )
         if not self._headers_sent:
             self._send_headers()
-        payload = memoryview(struct.pack(">?I", False, len(data)) + data)
+        prefix = struct.pack(">?I", False, len(data))
         proto = self.conn.proto
+        if proto.flow_control_window(self.sid) >= len(prefix) + len(data):  # one frame: no join
+            self.conn.h2.send_data(self.sid, data, prefix=prefix)
+            payload = memoryview(b"")
+        else:
+            payload = memoryview(prefix + data)
         while payload:
             window = proto.flow_control_window(self.sid)
             if window <= 0:
@@ -163,7 +168,7 @@ class ServerCall:
                 self._window = None
                 continue
             chunk, payload = payload[:window], payload[window:]
-            self.conn.h2.send_data(self.sid, bytes(chunk))
+            self.conn.h2.send_data(self.sid, chunk)  # (copied once, into what is to send)
         if not last:
             self.conn.kick()
             await trio.lowlevel.checkpoint()
