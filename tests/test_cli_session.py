@@ -20,7 +20,7 @@ from test_cli_runtime import (
     ok,
 )
 
-from fake_llm import FakeLLM
+from fake_llm import FakeLLM, Stream, chunk
 
 ECHO_HI = '/run_command {"command": ["echo", "hi"]}'
 HI_RESULT = '{"exit_code": 0, "stdout": "hi\\n", "stderr": ""}'
@@ -259,3 +259,24 @@ def test_chat_with_a_scripted_model(daemon):
         "assistant: It printed hi.",
     ]
     assert len(history) == 7  # each model call's usage under its reply
+
+
+def test_chat_shows_the_reasoning_apart_or_hides_it(daemon):
+    """The model's reasoning is written before its answer (dimmed on a terminal), on a line of its
+    own; --no-reasoning leaves it out; the answer is the same either way."""
+    thinking = [
+        chunk({"role": "assistant", "reasoning_content": "Greeting; "}),
+        chunk({"reasoning_content": "be short."}),
+    ]
+    answer = [chunk({"content": "Hello"}), chunk({"content": " there."}, "stop")]
+    with FakeLLM() as llm:
+        ok(daemon, "prefs", "set", "llm.base_url", llm.base_url)
+        ok(daemon, "prefs", "set", "llm.model", "fake-model")
+        llm.push(Stream(thinking + answer, interval=0.05))
+        llm.push(Stream(thinking + answer, interval=0.05))
+        session = new_session(daemon)
+        shown = chat(daemon, session, "-m", "hi")
+        hidden = chat(daemon, session, "--no-reasoning", "-m", "hi again")
+    assert shown.returncode == 0 and hidden.returncode == 0, (shown.stderr, hidden.stderr)
+    assert shown.stdout.splitlines() == ["Greeting; be short.", "Hello there."]
+    assert hidden.stdout.splitlines() == ["Hello there."]
