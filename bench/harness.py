@@ -159,6 +159,12 @@ def start_aria(socket_path: Path, data_dir: Path, workdir: Path, *extra: str) ->
     return ServerProcess.start("aria", argv, socket_path, workdir / "aria.log")
 
 
+def kill(proc: subprocess.Popen[str]) -> None:
+    """Kill a helper process and reap it (for an ExitStack's callback)."""
+    proc.kill()
+    proc.wait()
+
+
 def run_script(argv: list[str], what: str, err_path: Path) -> str:
     """Run a helper script to its end; its stdout, or BenchError with its stderr if it fails."""
     with open(err_path, "wb") as err:

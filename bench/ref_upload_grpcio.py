@@ -61,6 +61,7 @@ class Bundles:
         first = await anext(requests, None)
         if first is None or first.WhichOneof("payload") != "metadata":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be the metadata")
+        assert first is not None  # (abort raised otherwise)
         meta = first.metadata
         upload = await asyncio.to_thread(Upload, self.root / "incoming")
         try:

@@ -77,7 +77,7 @@ from aria_trio.proto.aria.v1 import task_pb2 as tpb
 from aria_trio.proto.aria.v1 import user_preference_pb2 as ppb
 from aria_trio.proto.quilt.v1 import quilt_pb2 as qpb
 
-from .harness import BenchError, ServerProcess, child_env, percentile, progress, start_aria, tail
+from .harness import BenchError, ServerProcess, child_env, kill, percentile, progress, start_aria, tail
 from .turn_overhead import AGENT, _setup, _start_model, make_bundle
 
 SECONDS_ENV = "ARIA_SOAK_SECONDS"
@@ -694,7 +694,7 @@ class _Sampler:
             daemons[name]["rss_mib"] = round(daemons[name]["rss_kib"] / 1024, 1)
             daemons[name]["cpu_s"] = round(_cpu_s(pid), 2)
         qm = self.system_metrics(qpb.GetSystemMetricsRequest(), timeout=30)
-        sample = {
+        sample: dict[str, Any] = {
             "label": label,
             "t_s": round(time.monotonic() - self.t0, 1),
             "aria": daemons["aria"],
@@ -810,7 +810,9 @@ def _seconds() -> float:
 
 def _schedule(seconds: float) -> list[tuple[float, str]]:
     mid = seconds / 2
-    points = {t: f"t={t:.0f} s" for t in range(int(SAMPLE_EVERY_S), int(seconds), int(SAMPLE_EVERY_S))}
+    points: dict[float, str] = {
+        t: f"t={t:.0f} s" for t in range(int(SAMPLE_EVERY_S), int(seconds), int(SAMPLE_EVERY_S))
+    }
     points[mid] = "midpoint"
     points[seconds] = "end"
     return sorted(points.items())
@@ -850,7 +852,7 @@ def run() -> dict[str, Any]:
         data = tmp / "data"
         progress("starting the fake model server")
         model, model_port = _start_model(tmp)
-        stack.callback(lambda: (model.kill(), model.wait()))
+        stack.callback(kill, model)
         metrics_port = _free_port()
         progress("starting aria serve")
         aria = stack.enter_context(start_aria(tmp / "aria.sock", data, tmp, "--metrics-port", str(metrics_port)))

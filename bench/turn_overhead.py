@@ -36,7 +36,7 @@ from aria_trio.proto.aria.v1 import session_pb2 as spb
 from aria_trio.proto.aria.v1 import user_preference_pb2 as ppb
 from aria_trio.proto.quilt.v1 import quilt_pb2 as qpb
 
-from .harness import BenchError, child_env, progress, start_aria, tail
+from .harness import BenchError, child_env, kill, progress, start_aria, tail
 
 RUNS = 100
 WARMUP = 5
@@ -178,7 +178,7 @@ def run() -> dict[str, Any]:
         tmp = Path(name)
         progress("starting the fake model server")
         model, port = _start_model(tmp)
-        stack.callback(lambda: (model.kill(), model.wait()))
+        stack.callback(kill, model)
         progress("starting aria serve")
         aria = stack.enter_context(start_aria(tmp / "aria.sock", tmp / "data", tmp))
         bundle_id = _setup(tmp / "aria.sock", make_bundle(), port)

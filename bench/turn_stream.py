@@ -29,7 +29,7 @@ from google.protobuf import struct_pb2
 from aria_trio.proto.aria.v1 import session_pb2 as spb
 from aria_trio.proto.aria.v1 import user_preference_pb2 as ppb
 
-from .harness import BenchError, child_env, percentile, progress, start_aria, tail
+from .harness import BenchError, child_env, kill, percentile, progress, start_aria, tail
 
 CHUNKS, INTERVAL_MS, TURNS = 200, 10, 5
 LINES = 1000
@@ -131,7 +131,7 @@ def run() -> dict[str, Any]:
         tmp = Path(name)
         progress(f"starting the paced model server ({CHUNKS} chunks, {INTERVAL_MS} ms apart)")
         model, port = _start_model(tmp)
-        stack.callback(lambda: (model.kill(), model.wait()))
+        stack.callback(kill, model)
         progress("starting aria serve")
         aria = stack.enter_context(start_aria(tmp / "aria.sock", tmp / "data", tmp))
         progress(f"{TURNS} streams each (after a warm-up): straight from the model server, and through a turn")
