@@ -159,6 +159,26 @@ def start_aria(socket_path: Path, data_dir: Path, workdir: Path, *extra: str) ->
     return ServerProcess.start("aria", argv, socket_path, workdir / "aria.log")
 
 
+def start_model(script: Path, tmp: Path, what: str, *args: str) -> tuple[subprocess.Popen[str], int]:
+    """A scripted model server (`python SCRIPT ARGS...`, which prints `ready PORT`): the process and
+    its port; its stderr goes to tmp/model.err."""
+    with open(tmp / "model.err", "wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, str(script), *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            env=child_env(),
+            text=True,
+        )
+    assert proc.stdout is not None
+    ready = proc.stdout.readline().split()
+    if len(ready) != 2 or ready[0] != "ready":
+        kill(proc)
+        raise BenchError(f"the {what} did not start: {(tmp / 'model.err').read_text()[-2000:]}")
+    return proc, int(ready[1])
+
+
 def kill(proc: subprocess.Popen[str]) -> None:
     """Kill a helper process and reap it (for an ExitStack's callback)."""
     proc.kill()

@@ -77,8 +77,8 @@ from aria_trio.proto.aria.v1 import task_pb2 as tpb
 from aria_trio.proto.aria.v1 import user_preference_pb2 as ppb
 from aria_trio.proto.quilt.v1 import quilt_pb2 as qpb
 
-from .harness import BenchError, ServerProcess, child_env, kill, percentile, progress, start_aria, tail
-from .turn_overhead import AGENT, _setup, _start_model, make_bundle
+from .harness import BenchError, ServerProcess, child_env, kill, percentile, progress, start_aria, start_model, tail
+from .turn_overhead import AGENT, FAKE_MODEL, _setup, make_bundle
 
 SECONDS_ENV = "ARIA_SOAK_SECONDS"
 DEFAULT_SECONDS = 600.0
@@ -851,7 +851,7 @@ def run() -> dict[str, Any]:
         tmp = Path(name)
         data = tmp / "data"
         progress("starting the fake model server")
-        model, model_port = _start_model(tmp)
+        model, model_port = start_model(FAKE_MODEL, tmp, "fake model server")
         stack.callback(kill, model)
         metrics_port = _free_port()
         progress("starting aria serve")

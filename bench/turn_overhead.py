@@ -36,7 +36,7 @@ from aria_trio.proto.aria.v1 import session_pb2 as spb
 from aria_trio.proto.aria.v1 import user_preference_pb2 as ppb
 from aria_trio.proto.quilt.v1 import quilt_pb2 as qpb
 
-from .harness import BenchError, child_env, kill, progress, start_aria, tail
+from .harness import BenchError, child_env, kill, progress, start_aria, start_model, tail
 
 RUNS = 100
 WARMUP = 5
@@ -114,25 +114,6 @@ def measure(runtime_socket: str, quilt_socket: str, bundle_id: str, runs: int, w
 # -- the benchmark --------------------------------------------------------------------------------
 
 
-def _start_model(tmp: Path) -> tuple[subprocess.Popen[str], int]:
-    with open(tmp / "model.err", "wb") as err:
-        proc = subprocess.Popen(
-            [sys.executable, str(FAKE_MODEL)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=err,
-            env=child_env(),
-            text=True,
-        )
-    assert proc.stdout is not None
-    ready = proc.stdout.readline().split()
-    if len(ready) != 2 or ready[0] != "ready":
-        proc.kill()
-        proc.wait()
-        raise BenchError(f"the fake model server did not start: {(tmp / 'model.err').read_text()[-2000:]}")
-    return proc, int(ready[1])
-
-
 def _setup(socket_path: Path, bundle: bytes, model_port: int) -> str:
     """Upload the bundle and point this user's model settings at the fake model; the bundle's Quilt id."""
     with grpc.insecure_channel(f"unix:{socket_path}") as ch:
@@ -177,7 +158,7 @@ def run() -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="aria-bench-") as name, contextlib.ExitStack() as stack:
         tmp = Path(name)
         progress("starting the fake model server")
-        model, port = _start_model(tmp)
+        model, port = start_model(FAKE_MODEL, tmp, "fake model server")
         stack.callback(kill, model)
         progress("starting aria serve")
         aria = stack.enter_context(start_aria(tmp / "aria.sock", tmp / "data", tmp))

@@ -29,7 +29,7 @@ from google.protobuf import struct_pb2
 from aria_trio.proto.aria.v1 import session_pb2 as spb
 from aria_trio.proto.aria.v1 import user_preference_pb2 as ppb
 
-from .harness import BenchError, child_env, kill, percentile, progress, start_aria, tail
+from .harness import BenchError, child_env, kill, percentile, progress, start_aria, start_model, tail
 
 CHUNKS, INTERVAL_MS, TURNS = 200, 10, 5
 LINES = 1000
@@ -107,30 +107,11 @@ def measure(runtime_socket: str, port: int, turns: int) -> dict[str, Any]:
     }
 
 
-def _start_model(tmp: Path) -> tuple[subprocess.Popen[str], int]:
-    with open(tmp / "model.err", "wb") as err:
-        proc = subprocess.Popen(
-            [sys.executable, str(PACED_MODEL), str(CHUNKS), str(INTERVAL_MS)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=err,
-            env=child_env(),
-            text=True,
-        )
-    assert proc.stdout is not None
-    ready = proc.stdout.readline().split()
-    if len(ready) != 2 or ready[0] != "ready":
-        proc.kill()
-        proc.wait()
-        raise BenchError(f"the paced model server did not start: {(tmp / 'model.err').read_text()[-2000:]}")
-    return proc, int(ready[1])
-
-
 def run() -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="aria-bench-") as name, contextlib.ExitStack() as stack:
         tmp = Path(name)
         progress(f"starting the paced model server ({CHUNKS} chunks, {INTERVAL_MS} ms apart)")
-        model, port = _start_model(tmp)
+        model, port = start_model(PACED_MODEL, tmp, "paced model server", str(CHUNKS), str(INTERVAL_MS))
         stack.callback(kill, model)
         progress("starting aria serve")
         aria = stack.enter_context(start_aria(tmp / "aria.sock", tmp / "data", tmp))
