@@ -20,9 +20,10 @@ from aria_trio.quilt.attach import Attachments
 from aria_trio.quilt.bundles import Bundle, BundleStore, Checksum, Metadata
 from aria_trio.quilt.engine import Container, Engine, ExecSpec, Spec, Task
 from aria_trio.quilt.output import Line, OutputLog
-from aria_trio.quilt.tools import LIVE_LINES, ToolResult, ToolRunner
+from aria_trio.quilt.tools import ToolResult, ToolRunner
 from aria_trio.rpc import CallContext
 from aria_trio.shared import errors
+from aria_trio.shared.live_output import LIVE_LINES
 
 
 def _ts(us: int) -> timestamp_pb2.Timestamp:

@@ -23,9 +23,9 @@ from aria_trio.quilt.output import STDERR, Lines
 from aria_trio.quilt.process import Captured, start_process
 from aria_trio.quilt.sandbox import Sandbox, base_env
 from aria_trio.shared import errors, json_input
+from aria_trio.shared.live_output import LiveBound
 
 RUNNERS = Path(__file__).resolve().parent / "runners"
-LIVE_LINES, LIVE_BYTES = 10_000, 1024 * 1024  # of one run's live lines; past them, one line says so
 SCRATCH_BYTES = 64 * 1024 * 1024  # each of a tool run's /tmp and /workspace (tmpfs: counted as its memory)
 COMMANDS = {
     "python": ["python3", "/runner/python_runner.py"],
@@ -43,8 +43,7 @@ class LiveLines:
     def __init__(self, lines: trio.MemorySendChannel[str]) -> None:
         self.channel = lines
         self.lines = Lines()
-        self.count = self.size = 0
-        self.cut = False
+        self.bound = LiveBound("quilt")
 
     async def feed(self, stream: int, data: bytes | bytearray) -> None:
         if stream == STDERR:
@@ -56,17 +55,13 @@ class LiveLines:
             self._send(text)
 
     def _send(self, text: str) -> None:
-        if self.cut:
+        shown = self.bound.admit(text)
+        if shown is None:
             return
-        self.count += 1
-        self.size += len(text)
-        if self.count > LIVE_LINES or self.size > LIVE_BYTES:
-            self.cut = True
-            text = f"[quilt] the rest of the output is not shown live (over {LIVE_LINES} lines or 1 MiB)"
         try:
-            self.channel.send_nowait(text)
+            self.channel.send_nowait(shown)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            self.cut = True  # nobody reads them any more
+            self.bound.cut = True  # nobody reads them any more
         # (trio.WouldBlock cannot happen with a channel of LIVE_LINES + 1: see above)
 
 

@@ -38,13 +38,13 @@ from aria_trio.runtime.quilt_client import QuiltLink
 from aria_trio.runtime.store import messages as table
 from aria_trio.runtime.work.tasks import Launch, Tasks
 from aria_trio.shared import errors, json_input
+from aria_trio.shared.live_output import LiveBound
 from aria_trio.shared.sqlite import Store, now_us
 
 log = structlog.get_logger("aria.tool_calls")
 
 OUTPUT_CAP = 64 * 1024  # of each of stdout and stderr returned to the model; the rest is cut (and said)
 RESULT_CAP = 256 * 1024  # of a result's JSON given back to the model
-LIVE_LINES, LIVE_BYTES = 10_000, 1024 * 1024  # of one call's lines shown live (Quilt cuts each at 64 KiB)
 
 OnOutput = Callable[[OutputStream, str], Awaitable[None]]  # a running tool's line
 
@@ -250,22 +250,17 @@ async def _no_containers(user: str, container_id: str) -> str:
 
 
 class _Live:
-    """One call's live lines: at most LIVE_LINES of them and LIVE_BYTES of text, then one line
-    says the rest is not shown."""
+    """One call's live lines, bounded (shared.live_output: then one line says the rest is not shown)."""
 
     def __init__(self, on_output: OnOutput) -> None:
         self.on_output = on_output
-        self.count = self.size = 0
-        self.cut = False
+        self.bound = LiveBound("aria")
+
+    @property
+    def cut(self) -> bool:
+        return self.bound.cut
 
     async def line(self, stream: OutputStream, text: str) -> None:
-        if self.cut:
-            return
-        self.count += 1
-        self.size += len(text)
-        if self.count > LIVE_LINES or self.size > LIVE_BYTES:
-            self.cut = True
-            note = "[aria] the rest of the output is not shown live (over 10,000 lines or 1 MiB)"
-            await self.on_output(OutputStream.STDERR, note)
-            return
-        await self.on_output(stream, text)
+        shown = self.bound.admit(text)
+        if shown is not None:
+            await self.on_output(OutputStream.STDERR if self.bound.cut else stream, shown)
