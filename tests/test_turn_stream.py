@@ -439,3 +439,26 @@ def test_the_tool_execution_log_has_each_streamed_call(module_daemon: Any, d: Ar
             "SELECT result_json, duration_ms FROM tool_executions WHERE session_id = ?", [session.id]
         ).fetchall()
     assert json.loads(result_json)["stdout"] == "logged\n" and duration_ms > 0
+
+
+QUIET = "import time\ndef quiet():\n    print('before')\n    time.sleep(12)\n    print('after')\n    return 'done'\n"
+
+
+@pytest.mark.parametrize("tool", ["run_command", "bundle"])
+def test_a_tool_silent_past_every_idle_timeout_still_streams_to_its_end(d: AriaClient, tool: str) -> None:
+    """12 s without a line (trio retires idle worker threads after 10 s; the streams between the
+    client, the runtime and Quilt sit idle meanwhile): the next line and the result still come."""
+    if tool == "bundle":
+        quiet = bundles.manifest(
+            name="quiet",
+            tools=[{"name": "quiet", "description": "Sleeps between two lines", "inputs": {}}],
+            agents=[{"name": "Quiet", "description": "Waits", "tools": ["quiet"]}],
+        )
+        d.upload_bytes(bundles.flat(quiet, files={"implementations/tools/quiet.py": QUIET}), name="quiet.aria")
+        session, text = d.session(agent_id="Quiet"), "/quiet {}"
+    else:
+        session, text = d.session(), run_command(["sh", "-c", "echo before; sleep 12; echo after"])
+    out = turn(d, session.id, text, timeout=120)
+    assert contract_problems(out, model=False) == []
+    assert lines(out) == ["before", "after"]
+    assert only(out, "tool_result").success
